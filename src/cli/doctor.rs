@@ -1,0 +1,114 @@
+//! `threadline doctor`: checks everything a run needs and says what to fix.
+
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::model::RunState;
+use crate::orchestrator::ContainerRuntime;
+use crate::store::Store;
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("ok    {what}");
+    }
+    fn warn(&self, what: &str, fix: &str) {
+        println!("warn  {what}\n      → {fix}");
+    }
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.failures += 1;
+        println!("FAIL  {what}\n      → {fix}");
+    }
+}
+
+pub async fn doctor(config: Config) -> ExitCode {
+    let mut r = Report { failures: 0 };
+    r.ok(&format!(
+        "configuration valid ({} agents: {}; at most {} runs at once)",
+        config.agents.len(),
+        config.agent_names().join(", "),
+        config.max_concurrent_runs
+    ));
+
+    match std::fs::create_dir_all(&config.data_dir).and_then(|_| {
+        let probe = config.data_dir.join(".doctor-probe");
+        std::fs::write(&probe, b"")?;
+        std::fs::remove_file(probe)
+    }) {
+        Ok(()) => r.ok(&format!("data directory {} is writable", config.data_dir.display())),
+        Err(e) => r.fail(
+            &format!("data directory {} is not writable: {e}", config.data_dir.display()),
+            "set data_dir (or --data-dir) to a directory this user can write",
+        ),
+    }
+
+    match Store::open(&config.database_url()).await {
+        Ok(store) => {
+            r.ok("database opens and its schema is up to date");
+            if let Ok(active) = store.runs_in_states(&RunState::ACTIVE).await
+                && !active.is_empty()
+            {
+                r.warn(
+                    &format!("{} run(s) are in progress or were interrupted", active.len()),
+                    "if no Threadline process is running, `threadline serve` finishes them",
+                );
+            }
+        }
+        Err(e) => r.fail(&format!("database: {e}"), "check database_url and the data directory"),
+    }
+
+    let v = git2::Version::get();
+    let (maj, min, rev) = v.libgit2_version();
+    r.ok(&format!(
+        "libgit2 {maj}.{min}.{rev} (https: {}, ssh: {})",
+        v.https(),
+        v.ssh()
+    ));
+    if config.git.token.is_empty() && std::env::var_os("SSH_AUTH_SOCK").is_none() {
+        r.warn(
+            "no git token and no ssh-agent: pushes to remote repositories that need authentication will fail",
+            "set git.token or THREADLINE_GIT_TOKEN, or start ssh-agent with your key (local repositories need neither)",
+        );
+    } else {
+        r.ok("git credentials available (token or ssh-agent)");
+    }
+
+    match ContainerRuntime::connect().await {
+        Err(e) => r.fail(&format!("docker: {e}"), "start Docker, or set DOCKER_HOST"),
+        Ok(runtime) => {
+            match runtime.version().await {
+                Ok(v) => r.ok(&format!("docker engine {v}")),
+                Err(e) => r.fail(&format!("docker: {e}"), "start Docker, or set DOCKER_HOST"),
+            }
+            for (name, agent) in &config.agents {
+                match runtime.ensure_image(&agent.image).await {
+                    Ok(()) => r.ok(&format!("agent {name}: image {} present", agent.image)),
+                    Err(e) if name == &config.default_agent => r.fail(
+                        &format!("agent {name} (the default): {e}"),
+                        "build the image, or pick another default_agent",
+                    ),
+                    Err(e) => r.warn(&format!("agent {name}: {e}"), "build it before using this agent"),
+                }
+                for var in &agent.env {
+                    if std::env::var_os(var).is_none() {
+                        r.warn(
+                            &format!("agent {name}: {var} is not set"),
+                            &format!("export {var} where Threadline runs before using this agent"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    if r.failures == 0 {
+        println!("\nall checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("\n{} check(s) failed", r.failures);
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,390 @@
+//! One typed configuration: built-in defaults, then a TOML file, then `THREADLINE_*`
+//! environment variables; validated at start-up with errors that name the key and file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A secret value: never shown by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "[REDACTED]" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, mirrors, workspaces and logs live.
+    pub data_dir: PathBuf,
+    /// Database URL; empty means a SQLite file in `data_dir`.
+    pub database_url: String,
+    /// Runs executing at once across all pipelines (each pipeline runs one at a time).
+    pub max_concurrent_runs: u32,
+    /// Prefix of every pipeline branch; pipelines only ever push below it.
+    pub branch_prefix: String,
+    pub default_agent: String,
+    pub default_base_branch: String,
+    /// Longest prompt accepted, in bytes.
+    pub max_prompt_bytes: usize,
+    /// Log lines kept in the database per run (the whole log is in a file).
+    pub log_tail_lines: usize,
+    pub git: GitConfig,
+    #[serde(rename = "agents")]
+    pub agents: BTreeMap<String, AgentProfile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GitConfig {
+    pub author_name: String,
+    pub author_email: String,
+    /// Token for HTTPS pushes and fetches; also read from `THREADLINE_GIT_TOKEN`.
+    pub token: Secret,
+    /// The user name sent with the token (`x-access-token` for GitHub, `oauth2` for GitLab).
+    pub token_username: String,
+}
+
+/// How one agent runs: the image, its argv, and the limits of its container.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentProfile {
+    pub image: String,
+    /// The command. An element that is exactly `{prompt}` is replaced by the prompt;
+    /// nothing is ever passed through a shell by Threadline.
+    pub argv: Vec<String>,
+    /// Names of host environment variables passed through (API keys). Each must be set.
+    pub env: Vec<String>,
+    /// Fixed, non-secret environment variables.
+    pub env_set: BTreeMap<String, String>,
+    /// `bridge` (the default, so agents reach their model API), `none`, or a network name.
+    pub network: String,
+    pub memory_mb: u64,
+    pub cpus: f64,
+    pub pids_limit: i64,
+    pub timeout_secs: u64,
+    /// Seconds between SIGTERM and SIGKILL when a run is stopped.
+    pub stop_grace_secs: u64,
+    pub read_only_rootfs: bool,
+    /// `uid:gid` the agent runs as. Empty: the daemon's own, or 1000:1000 when that is root.
+    pub user: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut agents = BTreeMap::new();
+        agents.insert(
+            "claude".into(),
+            AgentProfile {
+                image: "threadline/agent-claude:latest".into(),
+                argv: vec![
+                    "claude".into(),
+                    "--print".into(),
+                    "--dangerously-skip-permissions".into(),
+                    "{prompt}".into(),
+                ],
+                env: vec!["ANTHROPIC_API_KEY".into()],
+                ..AgentProfile::default()
+            },
+        );
+        agents.insert(
+            "codex".into(),
+            AgentProfile {
+                image: "threadline/agent-codex:latest".into(),
+                argv: vec![
+                    "codex".into(),
+                    "exec".into(),
+                    "--full-auto".into(),
+                    "--skip-git-repo-check".into(),
+                    "{prompt}".into(),
+                ],
+                env: vec!["OPENAI_API_KEY".into()],
+                ..AgentProfile::default()
+            },
+        );
+        agents.insert(
+            "aider".into(),
+            AgentProfile {
+                image: "threadline/agent-aider:latest".into(),
+                argv: vec![
+                    "aider".into(),
+                    "--yes-always".into(),
+                    "--no-auto-commits".into(),
+                    "--message-file".into(),
+                    "/threadline/prompt.md".into(),
+                ],
+                env: vec!["OPENAI_API_KEY".into()],
+                ..AgentProfile::default()
+            },
+        );
+        agents.insert(
+            "script".into(),
+            AgentProfile {
+                image: "threadline/agent-script:latest".into(),
+                // The prompt file is the script: `sh` reads it, no interpolation.
+                argv: vec!["sh".into(), "/threadline/prompt.md".into()],
+                network: "none".into(),
+                ..AgentProfile::default()
+            },
+        );
+        Config {
+            data_dir: default_data_dir(),
+            database_url: String::new(),
+            max_concurrent_runs: 2,
+            branch_prefix: "threadline/".into(),
+            default_agent: "claude".into(),
+            default_base_branch: "main".into(),
+            max_prompt_bytes: 32 * 1024,
+            log_tail_lines: 200,
+            git: GitConfig::default(),
+            agents,
+        }
+    }
+}
+
+impl Default for GitConfig {
+    fn default() -> Self {
+        GitConfig {
+            author_name: "Threadline".into(),
+            author_email: "threadline@localhost".into(),
+            token: Secret::default(),
+            token_username: "x-access-token".into(),
+        }
+    }
+}
+
+impl Default for AgentProfile {
+    fn default() -> Self {
+        AgentProfile {
+            image: String::new(),
+            argv: Vec::new(),
+            env: Vec::new(),
+            env_set: BTreeMap::new(),
+            network: "bridge".into(),
+            memory_mb: 4096,
+            cpus: 2.0,
+            pids_limit: 512,
+            timeout_secs: 3600,
+            stop_grace_secs: 10,
+            read_only_rootfs: true,
+            user: String::new(),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("threadline");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/threadline"),
+        None => PathBuf::from("threadline-data"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration{}: `{key}` {reason}", source_hint(.file))]
+    Invalid {
+        key: String,
+        file: Option<PathBuf>,
+        reason: String,
+    },
+}
+
+fn source_hint(file: &Option<PathBuf>) -> String {
+    match file {
+        Some(f) => format!(" in {}", f.display()),
+        None => String::new(),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `THREADLINE_*` variables
+    /// (`THREADLINE_MAX_CONCURRENT_RUNS`, `THREADLINE_GIT__TOKEN`, ...), and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Missing { path: path.to_owned() });
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("THREADLINE_").ignore(&["CONFIG", "LOG"]).split("__"));
+        let mut config: Config = figment.extract().map_err(|e| {
+            // figment names the key path and the file it came from.
+            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        })?;
+        if config.git.token.is_empty()
+            && let Ok(token) = std::env::var("THREADLINE_GIT_TOKEN")
+        {
+            config.git.token = Secret::new(token);
+        }
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, file: Option<&Path>) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            file: file.map(Path::to_owned),
+            reason,
+        };
+        if self.max_concurrent_runs == 0 {
+            return Err(invalid("max_concurrent_runs", "must be at least 1".into()));
+        }
+        if self.branch_prefix.is_empty()
+            || !git2::Reference::is_valid_name(&format!("refs/heads/{}x", self.branch_prefix))
+        {
+            return Err(invalid(
+                "branch_prefix",
+                format!("{:?} does not make a valid git branch name", self.branch_prefix),
+            ));
+        }
+        if self.max_prompt_bytes == 0 {
+            return Err(invalid("max_prompt_bytes", "must be at least 1".into()));
+        }
+        if !self.agents.contains_key(&self.default_agent) {
+            return Err(invalid(
+                "default_agent",
+                format!(
+                    "names {:?}, which is not an agent profile (known: {})",
+                    self.default_agent,
+                    self.agent_names().join(", ")
+                ),
+            ));
+        }
+        for (name, agent) in &self.agents {
+            let key = |field: &str| format!("agents.{name}.{field}");
+            if agent.image.trim().is_empty() {
+                return Err(invalid(&key("image"), "must name a docker image".into()));
+            }
+            if agent.argv.is_empty() {
+                return Err(invalid(&key("argv"), "must name the command to run".into()));
+            }
+            if agent.timeout_secs == 0 {
+                return Err(invalid(&key("timeout_secs"), "must be at least 1".into()));
+            }
+            if agent.cpus.is_nan() || agent.cpus <= 0.0 {
+                return Err(invalid(&key("cpus"), "must be greater than 0".into()));
+            }
+            if agent.memory_mb < 16 {
+                return Err(invalid(&key("memory_mb"), "must be at least 16".into()));
+            }
+            if agent.pids_limit < 8 {
+                return Err(invalid(&key("pids_limit"), "must be at least 8".into()));
+            }
+            if !agent.user.is_empty() && parse_user(&agent.user).is_none() {
+                return Err(invalid(
+                    &key("user"),
+                    format!("{:?} is not of the form uid:gid", agent.user),
+                ));
+            }
+            if agent.user.starts_with("0:") || agent.user == "0" {
+                return Err(invalid(&key("user"), "agents never run as root".into()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn agent_names(&self) -> Vec<String> {
+        self.agents.keys().cloned().collect()
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentProfile> {
+        self.agents.get(name)
+    }
+
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}?mode=rwc", self.data_dir.join("threadline.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// Every secret value the configuration knows of, for redaction: the git token and
+    /// the values of all passed-through environment variables.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut values = Vec::new();
+        if !self.git.token.is_empty() {
+            values.push(self.git.token.expose().to_owned());
+        }
+        for agent in self.agents.values() {
+            for name in &agent.env {
+                if let Ok(v) = std::env::var(name) {
+                    values.push(v);
+                }
+            }
+        }
+        values
+    }
+
+    /// The configuration as TOML, for `threadline config --print-default`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+/// Parses `uid:gid`.
+pub fn parse_user(s: &str) -> Option<(u32, u32)> {
+    let (u, g) = s.split_once(':')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate(None).unwrap();
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "[REDACTED] [REDACTED]");
+        let mut c = Config::default();
+        c.git.token = s;
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn root_agents_are_refused() {
+        let mut c = Config::default();
+        c.agents.get_mut("script").unwrap().user = "0:0".into();
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.contains("agents.script.user"), "{err}");
+    }
+}

@@ -1,0 +1,316 @@
+//! Domain types shared by the orchestrator, the store and the front ends: pipelines,
+//! runs, and the run lifecycle state machine. Free of any storage or chat types.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Milliseconds since the Unix epoch; how every time is stored.
+pub type Millis = i64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The lifecycle of a run. Transitions are only those `can_transition_to` allows;
+/// the store refuses any other, so two processes can never move a run twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Queued,
+    Preparing,
+    Running,
+    Saving,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 8] = [
+        RunState::Queued,
+        RunState::Preparing,
+        RunState::Running,
+        RunState::Saving,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::TimedOut,
+        RunState::Cancelled,
+    ];
+    /// States in which a run holds a slot of the concurrency limit.
+    pub const ACTIVE: [RunState; 3] = [RunState::Preparing, RunState::Running, RunState::Saving];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Preparing => "preparing",
+            RunState::Running => "running",
+            RunState::Saving => "saving",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::TimedOut => "timed_out",
+            RunState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::TimedOut | RunState::Cancelled
+        )
+    }
+
+    pub fn is_active(self) -> bool {
+        Self::ACTIVE.contains(&self)
+    }
+
+    /// Cancel is accepted in every state that is not terminal.
+    pub fn can_cancel(self) -> bool {
+        !self.is_terminal()
+    }
+
+    /// Retry makes sense once a run has ended without success.
+    pub fn can_retry(self) -> bool {
+        matches!(self, RunState::Failed | RunState::TimedOut | RunState::Cancelled)
+    }
+
+    pub fn can_transition_to(self, next: RunState) -> bool {
+        use RunState::*;
+        match self {
+            Queued => matches!(next, Preparing | Cancelled),
+            // Preparation can fail (diverged branch, missing image) or be cancelled
+            // before any container exists; nothing is left to save then.
+            Preparing => matches!(next, Running | Saving | Failed | Cancelled),
+            Running => matches!(next, Saving),
+            Saving => matches!(next, Succeeded | Failed | TimedOut | Cancelled),
+            Succeeded | Failed | TimedOut | Cancelled => false,
+        }
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown run state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for RunState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// Why the agent's container stopped; decides the terminal state after saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The agent exited on its own (exit code says how).
+    Exited,
+    TimedOut,
+    Cancelled,
+    /// The container vanished (removed by hand, engine reset).
+    Lost,
+    /// The run never reached a container (preparation failed).
+    NotStarted,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Exited => "exited",
+            EndReason::TimedOut => "timed_out",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Lost => "lost",
+            EndReason::NotStarted => "not_started",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            EndReason::Exited,
+            EndReason::TimedOut,
+            EndReason::Cancelled,
+            EndReason::Lost,
+            EndReason::NotStarted,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// Where a pipeline was started from, so front ends can find their own threads again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Origin {
+    /// `cli`, `web`, `slack`, `discord`.
+    pub surface: String,
+    /// The thread on that surface (channel and thread ids); empty for the CLI.
+    pub thread: String,
+}
+
+impl Origin {
+    pub fn cli() -> Self {
+        Origin {
+            surface: "cli".into(),
+            thread: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Pipeline {
+    pub id: String,
+    /// The repository as the user named it (path or URL).
+    pub repo: String,
+    /// Where the mirror fetches from and the branch is pushed to.
+    pub remote_url: String,
+    /// True when the repo is a local checkout with no remote: the branch then lives
+    /// only in Threadline's mirror and the checkout is never written to.
+    pub local_only: bool,
+    pub base_branch: String,
+    pub branch: String,
+    pub agent: String,
+    pub title: String,
+    pub origin: Origin,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Diffstat {
+    pub files_changed: i64,
+    pub insertions: i64,
+    pub deletions: i64,
+}
+
+impl fmt::Display for Diffstat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: i64, one: &str, many: &str| {
+            if n == 1 { one.to_owned() } else { many.to_owned() }
+        };
+        write!(
+            f,
+            "{} {} changed, {} {}(+), {} {}(-)",
+            self.files_changed,
+            plural(self.files_changed, "file", "files"),
+            self.insertions,
+            plural(self.insertions, "insertion", "insertions"),
+            self.deletions,
+            plural(self.deletions, "deletion", "deletions"),
+        )
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    pub id: String,
+    pub pipeline_id: String,
+    /// 1 for the first prompt, then one more per follow-up or retry.
+    pub seq: i64,
+    pub prompt: String,
+    pub agent: String,
+    pub requested_by: String,
+    pub state: RunState,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub exit_code: Option<i64>,
+    pub end_reason: Option<EndReason>,
+    /// What went wrong, in words for the user (already redacted).
+    pub error: Option<String>,
+    /// The commit the run started from.
+    pub start_commit: Option<String>,
+    /// The branch head after the run was saved.
+    pub head_commit: Option<String>,
+    /// True when the run left a change (its own commit or commits by the agent).
+    pub changed: bool,
+    pub diffstat: Option<Diffstat>,
+    pub pushed: bool,
+    pub push_error: Option<String>,
+    pub container_id: Option<String>,
+    pub cancel_requested: bool,
+    /// The summary the agent left in `$THREADLINE_SUMMARY_FILE`, if any.
+    pub summary: Option<String>,
+    /// The last lines of the log, redacted.
+    pub log_tail: String,
+}
+
+impl Run {
+    pub fn duration_millis(&self) -> Option<Millis> {
+        Some(self.finished_at? - self.started_at.unwrap_or(self.created_at))
+    }
+}
+
+/// One persisted state transition.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunEvent {
+    pub run_id: String,
+    pub state: RunState,
+    pub at: Millis,
+    pub detail: String,
+}
+
+/// Formats a duration as `m:ss` (or `h:mm:ss`).
+pub fn format_duration(millis: Millis) -> String {
+    let secs = millis.max(0) / 1000;
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    if h > 0 {
+        format!("{h}:{m:02}:{s:02}")
+    } else {
+        format!("{m}:{s:02}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_round_trip() {
+        for st in RunState::ALL {
+            assert_eq!(st.as_str().parse::<RunState>().unwrap(), st);
+        }
+        assert!("bogus".parse::<RunState>().is_err());
+    }
+
+    #[test]
+    fn terminal_states_have_no_way_out() {
+        for st in RunState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for next in RunState::ALL {
+                assert!(!st.can_transition_to(next), "{st} -> {next}");
+            }
+            assert!(!st.can_cancel());
+        }
+    }
+
+    #[test]
+    fn every_non_terminal_state_can_end_cancelled() {
+        // Running and saving reach `cancelled` through `saving` (the work is saved first).
+        assert!(RunState::Queued.can_transition_to(RunState::Cancelled));
+        assert!(RunState::Preparing.can_transition_to(RunState::Cancelled));
+        assert!(RunState::Running.can_transition_to(RunState::Saving));
+        assert!(RunState::Saving.can_transition_to(RunState::Cancelled));
+        assert!(!RunState::Queued.can_transition_to(RunState::Running));
+    }
+
+    #[test]
+    fn durations_and_diffstats_read_well() {
+        assert_eq!(format_duration(65_000), "1:05");
+        assert_eq!(format_duration(3_726_000), "1:02:06");
+        let d = Diffstat {
+            files_changed: 1,
+            insertions: 2,
+            deletions: 0,
+        };
+        assert_eq!(d.to_string(), "1 file changed, 2 insertions(+), 0 deletions(-)");
+    }
+}

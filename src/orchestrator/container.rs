@@ -1,0 +1,336 @@
+//! The container runtime: starts agents in hardened containers and follows them.
+//! **The only module that names bollard**; everything else speaks in agents and runs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use futures_util::{Stream, StreamExt};
+
+/// Where the workspace is mounted inside every agent container.
+pub const WORKSPACE_MOUNT: &str = "/workspace";
+/// Where the read-only context (prompt, history) is mounted.
+pub const CONTEXT_MOUNT: &str = "/threadline";
+pub const LABEL_RUN: &str = "threadline.run";
+pub const LABEL_PIPELINE: &str = "threadline.pipeline";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(
+        "cannot reach the Docker engine ({detail}); check that it is running and that this user may use it \
+         (the docker group, or DOCKER_HOST)"
+    )]
+    Unreachable { detail: String },
+    #[error("the image {image} is not on this machine; build it with: {hint}")]
+    ImageMissing { image: String, hint: String },
+    #[error("docker refused to {action}: {detail}")]
+    Docker { action: &'static str, detail: String },
+}
+
+fn docker_err(action: &'static str) -> impl FnOnce(DockerError) -> ContainerError {
+    move |e| ContainerError::Docker {
+        action,
+        detail: e.to_string(),
+    }
+}
+
+/// Everything needed to start one agent container.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub image: String,
+    pub argv: Vec<String>,
+    /// `KEY=value` pairs. May hold API keys: never log this.
+    pub env: Vec<String>,
+    /// `uid:gid`, never root.
+    pub user: String,
+    pub workspace: PathBuf,
+    pub context: PathBuf,
+    pub labels: HashMap<String, String>,
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub pids_limit: i64,
+    pub network: String,
+    pub read_only_rootfs: bool,
+}
+
+impl AgentSpec {
+    fn host_config(&self) -> HostConfig {
+        let bind = |source: &PathBuf, target: &str, read_only: bool| Mount {
+            typ: Some(MountType::BIND),
+            source: Some(source.display().to_string()),
+            target: Some(target.to_owned()),
+            read_only: Some(read_only),
+            ..Default::default()
+        };
+        HostConfig {
+            // The only host paths: the workspace, and the context read-only.
+            mounts: Some(vec![
+                bind(&self.workspace, WORKSPACE_MOUNT, false),
+                bind(&self.context, CONTEXT_MOUNT, true),
+            ]),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            privileged: Some(false),
+            pids_limit: Some(self.pids_limit),
+            memory: Some(self.memory_bytes),
+            memory_swap: Some(self.memory_bytes),
+            nano_cpus: Some(self.nano_cpus),
+            network_mode: Some(self.network.clone()),
+            readonly_rootfs: Some(self.read_only_rootfs),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                "rw,nosuid,nodev,size=1g,mode=1777".to_owned(),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    /// The same container as `docker run` arguments, for `threadline shell`.
+    pub fn docker_run_args(&self) -> Vec<String> {
+        let hc = self.host_config();
+        let mut args = vec![
+            "run".into(),
+            "--rm".into(),
+            "--interactive".into(),
+            "--tty".into(),
+            "--name".into(),
+            self.name.clone(),
+            "--user".into(),
+            self.user.clone(),
+            "--workdir".into(),
+            WORKSPACE_MOUNT.into(),
+            "--cap-drop".into(),
+            "ALL".into(),
+            "--security-opt".into(),
+            "no-new-privileges:true".into(),
+            format!("--pids-limit={}", self.pids_limit),
+            format!("--memory={}", self.memory_bytes),
+            format!("--memory-swap={}", self.memory_bytes),
+            format!("--cpus={}", self.nano_cpus as f64 / 1e9),
+            format!("--network={}", self.network),
+            "--tmpfs".into(),
+            "/tmp:rw,nosuid,nodev,size=1g,mode=1777".into(),
+        ];
+        if self.read_only_rootfs {
+            args.push("--read-only".into());
+        }
+        for m in hc.mounts.unwrap_or_default() {
+            let mut spec = format!(
+                "type=bind,source={},target={}",
+                m.source.unwrap_or_default(),
+                m.target.unwrap_or_default()
+            );
+            if m.read_only == Some(true) {
+                spec.push_str(",readonly");
+            }
+            args.push("--mount".into());
+            args.push(spec);
+        }
+        for (k, v) in &self.labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.push("--env".into());
+        args.push("HOME=/tmp".into());
+        args.push(self.image.clone());
+        args.push("sh".into());
+        args
+    }
+}
+
+/// What Docker says of a run's container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerStatus {
+    /// Created or running: it may still produce work.
+    Running,
+    Exited(i64),
+}
+
+#[derive(Clone)]
+pub struct ContainerRuntime {
+    docker: Docker,
+}
+
+impl ContainerRuntime {
+    /// Connects to the engine named by `DOCKER_HOST` or the default socket.
+    pub async fn connect() -> Result<Self, ContainerError> {
+        let unreachable = |e: DockerError| ContainerError::Unreachable { detail: e.to_string() };
+        let docker = Docker::connect_with_defaults()
+            .map_err(unreachable)?
+            .negotiate_version()
+            .await
+            .map_err(unreachable)?;
+        Ok(ContainerRuntime { docker })
+    }
+
+    /// The engine's version and API version.
+    pub async fn version(&self) -> Result<String, ContainerError> {
+        let v = self
+            .docker
+            .version()
+            .await
+            .map_err(|e| ContainerError::Unreachable { detail: e.to_string() })?;
+        Ok(format!(
+            "{} (API {})",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default()
+        ))
+    }
+
+    /// Fails with a message naming the image and how to build it when it is missing.
+    pub async fn ensure_image(&self, image: &str) -> Result<(), ContainerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Err(ContainerError::ImageMissing {
+                image: image.to_owned(),
+                hint: build_hint(image),
+            }),
+            Err(e) => Err(docker_err("inspect the image")(e)),
+        }
+    }
+
+    /// Creates and starts the agent's container. If a container of that name exists
+    /// already (a crash between start and recording it), that one is used: a run never
+    /// gets a second container.
+    pub async fn start_agent(&self, spec: &AgentSpec) -> Result<String, ContainerError> {
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: Some(spec.argv.clone()),
+            // The image's entrypoint would wrap argv in ways the profile cannot see.
+            entrypoint: Some(Vec::new()),
+            env: Some(spec.env.clone()),
+            user: Some(spec.user.clone()),
+            working_dir: Some(WORKSPACE_MOUNT.into()),
+            labels: Some(spec.labels.clone()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            host_config: Some(spec.host_config()),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(&spec.name).build();
+        let id = match self.docker.create_container(Some(options), body).await {
+            Ok(created) => created.id,
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                match self.status(&spec.name).await? {
+                    Some(_) => spec.name.clone(),
+                    None => {
+                        return Err(ContainerError::Docker {
+                            action: "create the container",
+                            detail: format!("a container named {} is in the way", spec.name),
+                        });
+                    }
+                }
+            }
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) if message.contains("image") => {
+                return Err(ContainerError::ImageMissing {
+                    image: spec.image.clone(),
+                    hint: build_hint(&spec.image),
+                });
+            }
+            Err(e) => return Err(docker_err("create the container")(e)),
+        };
+        match self.docker.start_container(&id, None).await {
+            Ok(()) => Ok(id),
+            // 304: already started (the adopted case above).
+            Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(id),
+            Err(e) => {
+                let _ = self.remove(&id).await;
+                Err(docker_err("start the container")(e))
+            }
+        }
+    }
+
+    /// The state of a container by id or name; None when there is no such container.
+    pub async fn status(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, ContainerError> {
+        match self.docker.inspect_container(id_or_name, None).await {
+            Ok(info) => {
+                let state = info.state.unwrap_or_default();
+                let running = state.running.unwrap_or(false)
+                    || matches!(
+                        state.status,
+                        Some(bollard::models::ContainerStateStatusEnum::CREATED)
+                            | Some(bollard::models::ContainerStateStatusEnum::RESTARTING)
+                    );
+                Ok(Some(if running {
+                    ContainerStatus::Running
+                } else {
+                    ContainerStatus::Exited(state.exit_code.unwrap_or(-1))
+                }))
+            }
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(docker_err("inspect the container")(e)),
+        }
+    }
+
+    /// The container's output from its start, following until it exits.
+    pub fn logs(&self, id: &str) -> impl Stream<Item = Result<bytes::Bytes, ContainerError>> + Send + 'static {
+        let options = LogsOptionsBuilder::new().follow(true).stdout(true).stderr(true).build();
+        self.docker
+            .logs(id, Some(options))
+            .map(|item| item.map(|out| out.into_bytes()).map_err(docker_err("stream the logs")))
+    }
+
+    /// Waits for the container to exit; returns its exit code, or None when it is gone.
+    pub async fn wait(&self, id: &str) -> Result<Option<i64>, ContainerError> {
+        let mut stream = self.docker.wait_container(id, None);
+        match stream.next().await {
+            Some(Ok(resp)) => Ok(Some(resp.status_code)),
+            // bollard reports a non-zero exit as an error.
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(Some(code)),
+            Some(Err(DockerError::DockerResponseServerError { status_code: 404, .. })) => Ok(None),
+            Some(Err(e)) => Err(docker_err("wait for the container")(e)),
+            None => Ok(self.status(id).await?.and_then(|s| match s {
+                ContainerStatus::Exited(code) => Some(code),
+                ContainerStatus::Running => None,
+            })),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), ContainerError> {
+        let options = StopContainerOptionsBuilder::new().t(grace.as_secs() as i32).build();
+        match self.docker.stop_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 304 | 404, ..
+            }) => Ok(()),
+            Err(e) => Err(docker_err("stop the container")(e)),
+        }
+    }
+
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            // 409: removal already in progress.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(docker_err("remove the container")(e)),
+        }
+    }
+}
+
+/// How to build an image that is missing: ours come from `docker/`.
+pub fn build_hint(image: &str) -> String {
+    let name = image.split(':').next().unwrap_or(image);
+    match name.strip_prefix("threadline/") {
+        Some(dir) => format!("docker build -t {image} docker/{dir}   (from the Threadline source tree)"),
+        None => format!("docker pull {image}   (or build it yourself)"),
+    }
+}
+
+/// The container name of a run: unique per run, so Docker itself refuses a second one.
+pub fn container_name(run_id: &str) -> String {
+    format!("threadline-run-{run_id}")
+}

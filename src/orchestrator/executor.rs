@@ -1,0 +1,704 @@
+//! Executes one run through its states: prepare the workspace, run the agent's container,
+//! save and push its work. Every step is persisted first, so a run interrupted anywhere
+//! resumes from its stored state (see `scheduler::recover`).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::container::{AgentSpec, CONTEXT_MOUNT, LABEL_PIPELINE, LABEL_RUN, container_name};
+use super::workspace::{self, CommitInfo, SUMMARY_FILE, chown_tree};
+use super::{Inner, RunUpdate, run_dir};
+use crate::config::{AgentProfile, parse_user};
+use crate::model::{EndReason, Pipeline, Run, RunState, format_duration, now_millis};
+use crate::store::{RunPatch, StoreError};
+
+/// How often an executing run checks for a cancel request made by another process.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("run {0} lost its pipeline")]
+    NoPipeline(String),
+    #[error("run {id} was moved to {state} by someone else")]
+    Raced { id: String, state: RunState },
+}
+
+/// Drives `run` to a terminal state (or until shutdown detaches it).
+pub(super) async fn execute(inner: Arc<Inner>, run: Run) {
+    let run_id = run.id.clone();
+    if let Err(e) = drive(&inner, run).await {
+        tracing::error!(run_id = %run_id, error = %e, "run stopped unexpectedly; the next start resumes it");
+    }
+    inner.executing.lock().unwrap().remove(&run_id);
+    inner.wake.notify_one();
+}
+
+async fn drive(inner: &Arc<Inner>, mut run: Run) -> Result<(), ExecError> {
+    let pipeline = inner
+        .store
+        .pipeline(&run.pipeline_id)
+        .await?
+        .ok_or_else(|| ExecError::NoPipeline(run.id.clone()))?;
+    loop {
+        let before = run.state;
+        match run.state {
+            RunState::Preparing => prepare(inner, &pipeline, &run).await?,
+            RunState::Running => {
+                if !follow(inner, &run).await? {
+                    return Ok(()); // shutting down: the container keeps running
+                }
+            }
+            RunState::Saving => save(inner, &pipeline, &run).await?,
+            RunState::Queued => return Ok(()),
+            _ => return Ok(()),
+        }
+        run = inner
+            .store
+            .run(&run.id)
+            .await?
+            .ok_or_else(|| ExecError::NoPipeline(run.id.clone()))?;
+        if run.state == before {
+            return Err(ExecError::Raced {
+                id: run.id,
+                state: run.state,
+            });
+        }
+    }
+}
+
+/// Moves the run and tells watchers. Returns false if someone else moved it first.
+async fn transition(
+    inner: &Inner,
+    run_id: &str,
+    from: RunState,
+    to: RunState,
+    detail: &str,
+) -> Result<bool, StoreError> {
+    let moved = inner.store.transition(run_id, from, to, detail).await?;
+    if moved {
+        tracing::info!(run_id, from = %from, state = %to, detail, "run state");
+        if let Some(run) = inner.store.run(run_id).await? {
+            let _ = inner.events.send(RunUpdate::State(Box::new(run)));
+        }
+    }
+    Ok(moved)
+}
+
+async fn fail_preparing(inner: &Inner, run: &Run, message: String) -> Result<(), StoreError> {
+    let message = inner.redactor.redact(&message);
+    inner
+        .store
+        .update_run(
+            &run.id,
+            &RunPatch {
+                error: Some(message.clone()),
+                end_reason: Some(EndReason::NotStarted),
+                ..Default::default()
+            },
+        )
+        .await?;
+    transition(inner, &run.id, RunState::Preparing, RunState::Failed, &message).await?;
+    Ok(())
+}
+
+async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
+    let name = container_name(&run.id);
+    // A container already exists when the last process died right after starting it.
+    if let Ok(Some(_)) = inner.runtime.status(&name).await {
+        inner
+            .store
+            .update_run(
+                &run.id,
+                &RunPatch {
+                    container_id: Some(name),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        transition(
+            inner,
+            &run.id,
+            RunState::Preparing,
+            RunState::Running,
+            "container found again",
+        )
+        .await?;
+        return Ok(());
+    }
+    if inner.store.cancel_requested(&run.id).await? {
+        transition(
+            inner,
+            &run.id,
+            RunState::Preparing,
+            RunState::Cancelled,
+            "cancelled before the agent started",
+        )
+        .await?;
+        return Ok(());
+    }
+    let Some(profile) = inner.config.agent(&run.agent).cloned() else {
+        let known = inner.config.agent_names().join(", ");
+        fail_preparing(
+            inner,
+            run,
+            format!(
+                "the agent {:?} is no longer configured (known: {known}); retry with another agent",
+                run.agent
+            ),
+        )
+        .await?;
+        return Ok(());
+    };
+    if let Err(e) = inner.runtime.ensure_image(&profile.image).await {
+        fail_preparing(inner, run, e.to_string()).await?;
+        return Ok(());
+    }
+    let env = match agent_env(&profile, pipeline, run) {
+        Ok(env) => env,
+        Err(missing) => {
+            fail_preparing(
+                inner,
+                run,
+                format!(
+                    "the agent {:?} needs {missing} in Threadline's environment; set it where Threadline runs and retry",
+                    run.agent
+                ),
+            )
+            .await?;
+            return Ok(());
+        }
+    };
+    let (uid, gid) = match agent_user(&profile, inner.me) {
+        Ok(ids) => ids,
+        Err(msg) => {
+            fail_preparing(inner, run, msg).await?;
+            return Ok(());
+        }
+    };
+
+    let prepared = {
+        let lock = mirror_lock(inner, &pipeline.remote_url);
+        let _guard = lock.lock().await;
+        let git = inner.git.clone();
+        let p = pipeline.clone();
+        tokio::task::spawn_blocking(move || with_lock_retries(|| git.prepare(&p)))
+            .await
+            .expect("git prepare does not panic")
+    };
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            fail_preparing(inner, run, e.to_string()).await?;
+            return Ok(());
+        }
+    };
+    inner
+        .store
+        .update_run(
+            &run.id,
+            &RunPatch {
+                start_commit: Some(prepared.start_commit.clone()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let context = match write_context(inner, pipeline, run).await {
+        Ok(dir) => dir,
+        Err(e) => {
+            fail_preparing(inner, run, format!("cannot write the run's context files: {e}")).await?;
+            return Ok(());
+        }
+    };
+    if (uid, gid) != inner.me
+        && let Err(e) = chown_blocking(prepared.workspace.clone(), uid, gid).await
+    {
+        fail_preparing(
+            inner,
+            run,
+            format!("cannot hand the workspace to the agent's user {uid}:{gid}: {e}"),
+        )
+        .await?;
+        return Ok(());
+    }
+    if inner.store.cancel_requested(&run.id).await? {
+        give_back_workspace(inner, pipeline).await;
+        transition(
+            inner,
+            &run.id,
+            RunState::Preparing,
+            RunState::Cancelled,
+            "cancelled before the agent started",
+        )
+        .await?;
+        return Ok(());
+    }
+    let spec = AgentSpec {
+        name: name.clone(),
+        image: profile.image.clone(),
+        argv: profile
+            .argv
+            .iter()
+            .map(|a| if a == "{prompt}" { run.prompt.clone() } else { a.clone() })
+            .collect(),
+        env,
+        user: format!("{uid}:{gid}"),
+        workspace: prepared.workspace.clone(),
+        context,
+        labels: HashMap::from([
+            (LABEL_RUN.to_owned(), run.id.clone()),
+            (LABEL_PIPELINE.to_owned(), pipeline.id.clone()),
+        ]),
+        memory_bytes: (profile.memory_mb * 1024 * 1024) as i64,
+        nano_cpus: (profile.cpus * 1e9) as i64,
+        pids_limit: profile.pids_limit,
+        network: profile.network.clone(),
+        read_only_rootfs: profile.read_only_rootfs,
+    };
+    match inner.runtime.start_agent(&spec).await {
+        Ok(id) => {
+            inner
+                .store
+                .update_run(
+                    &run.id,
+                    &RunPatch {
+                        container_id: Some(id),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            transition(
+                inner,
+                &run.id,
+                RunState::Preparing,
+                RunState::Running,
+                prepared.note.as_deref().unwrap_or(""),
+            )
+            .await?;
+        }
+        Err(e) => {
+            give_back_workspace(inner, pipeline).await;
+            fail_preparing(inner, run, e.to_string()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Follows the agent until it exits, is timed out or cancelled. Returns false when the
+/// process is shutting down (the run stays `running`, to be followed again).
+async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
+    let id = run.container_id.clone().unwrap_or_else(|| container_name(&run.id));
+    let profile = inner.config.agent(&run.agent).cloned().unwrap_or_default();
+    let grace = Duration::from_secs(profile.stop_grace_secs);
+    // The deadline counts from when the agent started, also across a restart.
+    let started = inner
+        .store
+        .events(&run.id)
+        .await?
+        .iter()
+        .rev()
+        .find(|e| e.state == RunState::Running)
+        .map(|e| e.at)
+        .unwrap_or_else(now_millis);
+    let deadline_ms = started + (profile.timeout_secs as i64) * 1000;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis((deadline_ms - now_millis()).max(0) as u64);
+
+    let logs = tokio::spawn(stream_logs(inner.clone(), run.id.clone(), id.clone()));
+    let wait = inner.runtime.wait(&id);
+    tokio::pin!(wait);
+    let mut poll = tokio::time::interval(CANCEL_POLL);
+    let mut reason = EndReason::Exited;
+    let mut stopping = false;
+    let exit = loop {
+        tokio::select! {
+            code = &mut wait => break code,
+            _ = tokio::time::sleep_until(deadline), if !stopping => {
+                reason = EndReason::TimedOut;
+                stopping = true;
+                stop(inner, &id, grace).await;
+            }
+            _ = poll.tick(), if !stopping => {
+                if inner.store.cancel_requested(&run.id).await? {
+                    reason = EndReason::Cancelled;
+                    stopping = true;
+                    stop(inner, &id, grace).await;
+                }
+            }
+            _ = inner.shutdown.cancelled() => {
+                logs.abort();
+                return Ok(false);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    let (exit_code, reason) = match exit {
+        Ok(Some(code)) => (Some(code), reason),
+        Ok(None) => (None, EndReason::Lost),
+        Err(e) => {
+            tracing::warn!(run_id = %run.id, error = %e, "lost track of the container");
+            (None, EndReason::Lost)
+        }
+    };
+    // A cancel that stopped the container from another process ends here as an exit.
+    let reason = if reason == EndReason::Exited && inner.store.cancel_requested(&run.id).await? {
+        EndReason::Cancelled
+    } else {
+        reason
+    };
+    inner
+        .store
+        .update_run(
+            &run.id,
+            &RunPatch {
+                exit_code,
+                end_reason: Some(reason),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let detail = match exit_code {
+        Some(code) => format!("{} with exit code {code}", reason.as_str()),
+        None => reason.as_str().to_owned(),
+    };
+    transition(inner, &run.id, RunState::Running, RunState::Saving, &detail).await?;
+    Ok(true)
+}
+
+async fn stop(inner: &Inner, id: &str, grace: Duration) {
+    if let Err(e) = inner.runtime.stop(id, grace).await {
+        tracing::warn!(container = id, error = %e, "could not stop the container");
+    }
+}
+
+/// Copies the container's output, redacted, into the run's log file, the stored tail and
+/// the event channel. Starts from the container's first line, so a restart rewrites the
+/// file whole instead of duplicating it.
+async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
+    let path = run_dir(&inner.config.data_dir, &run_id).join("agent.log");
+    let file = match tokio::fs::File::create(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(run_id, error = %e, "cannot write the log file");
+            return;
+        }
+    };
+    let mut file = tokio::io::BufWriter::new(file);
+    let cap = inner.config.log_tail_lines.max(1);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(cap);
+    let mut pending = String::new();
+    let mut last_flush = tokio::time::Instant::now();
+    let mut dirty = false;
+    let mut stream = Box::pin(inner.runtime.logs(&container));
+    loop {
+        let chunk = stream.next().await;
+        let done = !matches!(chunk, Some(Ok(_)));
+        if let Some(Ok(bytes)) = chunk {
+            pending.push_str(&String::from_utf8_lossy(&bytes));
+        }
+        if done && !pending.is_empty() && !pending.ends_with('\n') {
+            pending.push('\n');
+        }
+        while let Some(pos) = pending.find('\n') {
+            let line: String = pending.drain(..=pos).collect();
+            let line = inner.redactor.redact(line.trim_end_matches(['\n', '\r']));
+            let _ = file.write_all(line.as_bytes()).await;
+            let _ = file.write_all(b"\n").await;
+            if tail.len() == cap {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+            dirty = true;
+            let _ = inner.events.send(RunUpdate::Log {
+                run_id: run_id.clone(),
+                line,
+            });
+        }
+        let _ = file.flush().await;
+        if dirty && (done || last_flush.elapsed() >= Duration::from_secs(1)) {
+            let text = tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
+            if let Err(e) = inner.store.set_log_tail(&run_id, &text).await {
+                tracing::warn!(run_id, error = %e, "cannot store the log tail");
+            }
+            dirty = false;
+            last_flush = tokio::time::Instant::now();
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
+    give_back_workspace(inner, pipeline).await;
+    let reason = run.end_reason.unwrap_or(EndReason::Lost);
+    let outcome = match (reason, run.exit_code) {
+        (EndReason::Exited, Some(code)) => format!("exited {code}"),
+        (EndReason::TimedOut, _) => "timed out".to_owned(),
+        (EndReason::Cancelled, _) => "cancelled".to_owned(),
+        _ => "container lost".to_owned(),
+    };
+    let mut patch = RunPatch::default();
+    let mut save_error = None;
+    let saved = if run.start_commit.is_none() {
+        None // never got as far as a workspace: nothing to save
+    } else {
+        let git = inner.git.clone();
+        let p = pipeline.clone();
+        let start = run.start_commit.clone().unwrap_or_default();
+        let prompt = inner.redactor.redact(&run.prompt);
+        let (run_id, agent, outcome) = (run.id.clone(), run.agent.clone(), outcome.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let saved = git.save(
+                &p,
+                &start,
+                &CommitInfo {
+                    run_id: &run_id,
+                    prompt: &prompt,
+                    agent: &agent,
+                    outcome: &outcome,
+                },
+            )?;
+            let push = if git.needs_push(&p)? { Some(git.push(&p)) } else { None };
+            Ok::<_, workspace::GitError>((saved, push))
+        })
+        .await
+        .expect("git save does not panic");
+        match result {
+            Ok((saved, push)) => {
+                patch.head_commit = Some(saved.head.clone());
+                patch.changed = Some(saved.changed);
+                patch.diffstat = Some(saved.diffstat.clone());
+                patch.summary = saved.summary.clone().map(|s| inner.redactor.redact(&s));
+                match push {
+                    Some(Ok(())) | None => {
+                        patch.pushed = Some(push.is_some() || run.pushed);
+                        patch.push_error = Some(None);
+                    }
+                    Some(Err(e)) => patch.push_error = Some(Some(inner.redactor.redact(&e.to_string()))),
+                }
+                Some(saved)
+            }
+            Err(e) => {
+                save_error = Some(format!(
+                    "saving the run's work failed: {e}. The changes are still in the workspace and the next run commits them"
+                ));
+                None
+            }
+        }
+    };
+    let push_error = patch.push_error.clone().flatten();
+    let (to, error) = match (reason, run.exit_code) {
+        _ if save_error.is_some() => (RunState::Failed, save_error),
+        (EndReason::Cancelled, _) => (RunState::Cancelled, None),
+        (EndReason::TimedOut, _) => (
+            RunState::TimedOut,
+            Some(format!(
+                "the agent ran past its limit of {} and was stopped; its work so far is saved",
+                format_duration(
+                    inner
+                        .config
+                        .agent(&run.agent)
+                        .map(|a| a.timeout_secs as i64 * 1000)
+                        .unwrap_or(0)
+                )
+            )),
+        ),
+        (EndReason::Exited, Some(0)) => match push_error {
+            None => (RunState::Succeeded, None),
+            Some(e) => (
+                RunState::Failed,
+                Some(format!(
+                    "the agent finished and its work is committed in the workspace, but the push failed: {e}. \
+                     Fix the cause and retry; the next run pushes it too"
+                )),
+            ),
+        },
+        (EndReason::Exited, Some(code)) => (
+            RunState::Failed,
+            Some(format!(
+                "the agent exited with code {code}; its work so far is saved. `threadline logs {}` shows why",
+                run.id
+            )),
+        ),
+        _ => (
+            RunState::Failed,
+            Some("the agent's container disappeared before it finished; whatever it left is saved".to_owned()),
+        ),
+    };
+    if let Some(e) = &error {
+        patch.error = Some(inner.redactor.redact(e));
+    }
+    inner.store.update_run(&run.id, &patch).await?;
+    let detail = match &saved {
+        Some(s) if s.changed => format!("{} at {}", s.diffstat, workspace::short(&s.head)),
+        Some(_) => "no changes".to_owned(),
+        None => String::new(),
+    };
+    if let Some(id) = &run.container_id
+        && let Err(e) = inner.runtime.remove(id).await
+    {
+        tracing::warn!(run_id = %run.id, error = %e, "could not remove the container");
+    }
+    let context = run_dir(&inner.config.data_dir, &run.id).join("context");
+    let _ = tokio::fs::remove_dir_all(context).await;
+    transition(inner, &run.id, RunState::Saving, to, &detail).await?;
+    Ok(())
+}
+
+/// Gives the workspace back to the daemon's user after an agent of another uid used it.
+async fn give_back_workspace(inner: &Inner, pipeline: &Pipeline) {
+    let ws = inner.git.workspace_path(&pipeline.id);
+    let (uid, gid) = inner.me;
+    use std::os::unix::fs::MetadataExt;
+    let owned = std::fs::metadata(&ws)
+        .map(|m| (m.uid(), m.gid()) == (uid, gid))
+        .unwrap_or(true);
+    if !owned && let Err(e) = chown_blocking(ws, uid, gid).await {
+        tracing::warn!(pipeline_id = %pipeline.id, error = %e, "cannot take the workspace back");
+    }
+}
+
+async fn chown_blocking(path: PathBuf, uid: u32, gid: u32) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || chown_tree(&path, uid, gid))
+        .await
+        .expect("chown does not panic")
+}
+
+/// The uid:gid an agent runs as: the profile's, else the daemon's own, else (when the
+/// daemon is root) 1000:1000. Never root.
+fn agent_user(profile: &AgentProfile, me: (u32, u32)) -> Result<(u32, u32), String> {
+    let ids = if profile.user.is_empty() {
+        if me.0 == 0 { (1000, 1000) } else { me }
+    } else {
+        parse_user(&profile.user).ok_or_else(|| format!("{:?} is not uid:gid", profile.user))?
+    };
+    if ids != me && me.0 != 0 {
+        return Err(format!(
+            "the agent is configured to run as {}:{}, which needs Threadline to run as root; remove `user` from the agent's profile to run it as your own user",
+            ids.0, ids.1
+        ));
+    }
+    Ok(ids)
+}
+
+/// The container's environment: Threadline's variables, the profile's fixed ones, and
+/// the passed-through ones (which must be set). Returns the first missing name.
+fn agent_env(profile: &AgentProfile, pipeline: &Pipeline, run: &Run) -> Result<Vec<String>, String> {
+    let mut env = vec![
+        format!("THREADLINE_PROMPT={}", run.prompt),
+        format!("THREADLINE_PROMPT_FILE={CONTEXT_MOUNT}/prompt.md"),
+        format!("THREADLINE_CONTEXT_DIR={CONTEXT_MOUNT}"),
+        format!("THREADLINE_SUMMARY_FILE=/workspace/{SUMMARY_FILE}"),
+        format!("THREADLINE_RUN_ID={}", run.id),
+        format!("THREADLINE_PIPELINE_ID={}", pipeline.id),
+        format!("THREADLINE_BRANCH={}", pipeline.branch),
+    ];
+    if !profile.env_set.contains_key("HOME") {
+        env.push("HOME=/tmp".to_owned());
+    }
+    for (k, v) in &profile.env_set {
+        env.push(format!("{k}={v}"));
+    }
+    for name in &profile.env {
+        match std::env::var(name) {
+            Ok(v) if !v.is_empty() => env.push(format!("{name}={v}")),
+            _ => return Err(name.clone()),
+        }
+    }
+    Ok(env)
+}
+
+/// Writes the read-only context the agent sees at /threadline: the prompt and what the
+/// pipeline's earlier runs did.
+async fn write_context(inner: &Inner, pipeline: &Pipeline, run: &Run) -> std::io::Result<PathBuf> {
+    let dir = run_dir(&inner.config.data_dir, &run.id).join("context");
+    tokio::fs::create_dir_all(&dir).await?;
+    let earlier: Vec<Run> = inner
+        .store
+        .runs(&pipeline.id)
+        .await
+        .map_err(std::io::Error::other)?
+        .into_iter()
+        .filter(|r| r.seq < run.seq)
+        .collect();
+    let mut md = format!(
+        "# Pipeline {} on branch {} (base {}) of {}\n\nThis is run {} of the pipeline.\n",
+        pipeline.id, pipeline.branch, pipeline.base_branch, pipeline.repo, run.seq
+    );
+    let mut json = Vec::new();
+    for r in &earlier {
+        md.push_str(&format!("\n## Run {}: {}\n\nPrompt:\n\n", r.seq, r.state));
+        for line in r.prompt.lines() {
+            md.push_str(&format!("> {line}\n"));
+        }
+        if let Some(code) = r.exit_code {
+            md.push_str(&format!("\nExit code: {code}\n"));
+        }
+        if let Some(c) = &r.head_commit {
+            md.push_str(&format!("Commit: {c}\n"));
+        }
+        if let Some(d) = &r.diffstat {
+            md.push_str(&format!("Changes: {d}\n"));
+        }
+        if let Some(s) = &r.summary {
+            md.push_str(&format!("Summary: {s}\n"));
+        }
+        if let Some(e) = &r.error {
+            md.push_str(&format!("Error: {e}\n"));
+        }
+        json.push(serde_json::json!({
+            "seq": r.seq, "prompt": r.prompt, "state": r.state, "exit_code": r.exit_code,
+            "commit": r.head_commit, "diffstat": r.diffstat, "summary": r.summary, "error": r.error,
+        }));
+    }
+    tokio::fs::write(dir.join("prompt.md"), &run.prompt).await?;
+    tokio::fs::write(dir.join("history.md"), md).await?;
+    tokio::fs::write(
+        dir.join("history.json"),
+        serde_json::to_string_pretty(&json).unwrap_or_default(),
+    )
+    .await?;
+    Ok(dir)
+}
+
+fn mirror_lock(inner: &Inner, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let path = inner.git.mirror_path(remote_url);
+    inner.mirror_locks.lock().unwrap().entry(path).or_default().clone()
+}
+
+/// Another process fetching into the same mirror holds libgit2's lock files for a moment.
+fn with_lock_retries<T>(mut f: impl FnMut() -> Result<T, workspace::GitError>) -> Result<T, workspace::GitError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if tries < 10 && e.to_string().contains("lock") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100 * tries));
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_never_run_as_root() {
+        let p = AgentProfile::default();
+        assert_eq!(agent_user(&p, (0, 0)).unwrap(), (1000, 1000));
+        assert_eq!(agent_user(&p, (1234, 99)).unwrap(), (1234, 99));
+        let fixed = AgentProfile {
+            user: "2000:2000".into(),
+            ..AgentProfile::default()
+        };
+        assert!(agent_user(&fixed, (1234, 99)).is_err());
+    }
+}

@@ -1,0 +1,436 @@
+//! The orchestrator: turns prompts into runs on pipelines, schedules them, executes each
+//! in a container and saves its work to git. **It never names Slack, Discord or HTTP**;
+//! front ends call it with domain words and render what it reports.
+
+pub mod container;
+mod executor;
+mod scheduler;
+pub mod workspace;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::model::{Origin, Pipeline, Run, RunState, now_millis};
+use crate::redact::Redactor;
+use crate::store::{NewRun, Store, StoreError};
+
+pub use container::{ContainerError, ContainerRuntime};
+pub use scheduler::Scope;
+pub use workspace::{Git, GitError};
+
+/// What happened to a run, for whoever is watching in this process.
+#[derive(Debug, Clone)]
+pub enum RunUpdate {
+    /// The run moved to a new state (the run as stored after the move).
+    State(Box<Run>),
+    /// A line the agent printed (redacted).
+    Log { run_id: String, line: String },
+}
+
+/// A prompt that starts a new pipeline.
+#[derive(Debug, Clone)]
+pub struct NewPipeline {
+    pub repo: String,
+    pub base_branch: Option<String>,
+    pub agent: Option<String>,
+    pub prompt: String,
+    pub requested_by: String,
+    pub origin: Origin,
+    /// Makes the request safe to deliver twice (a chat event id, a CLI flag).
+    pub idempotency_key: Option<String>,
+}
+
+/// A prompt that continues a pipeline.
+#[derive(Debug, Clone)]
+pub struct FollowUp {
+    pub pipeline_id: String,
+    pub prompt: String,
+    pub agent: Option<String>,
+    pub requested_by: String,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub pipeline: Pipeline,
+    pub run: Run,
+    /// False when the idempotency key found an earlier run: nothing new was started.
+    pub created: bool,
+    /// Runs ahead of this one in its pipeline (0: it is next).
+    pub ahead: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prompt is empty: say what the agent should do")]
+    EmptyPrompt,
+    #[error("the prompt is {len} bytes, over the limit of {max}; shorten it or put the details in a file in the repo")]
+    PromptTooLong { len: usize, max: usize },
+    #[error("there is no agent named {name:?}; the configured agents are: {}", .known.join(", "))]
+    UnknownAgent { name: String, known: Vec<String> },
+    #[error("no pipeline {0:?}; `threadline pipelines` lists them")]
+    UnknownPipeline(String),
+    #[error("no run {0:?}; `threadline runs <PIPELINE>` lists them")]
+    UnknownRun(String),
+    #[error("run {id} is {state}; only a failed, timed out or cancelled run can be retried")]
+    NotRetryable { id: String, state: RunState },
+    #[error(transparent)]
+    Repo(#[from] GitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a cancel request did.
+#[derive(Debug, Clone, Default)]
+pub struct Cancelled {
+    /// Runs cancelled while still queued.
+    pub dequeued: Vec<String>,
+    /// Active runs asked to stop; they save their work and end `cancelled`.
+    pub stopping: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    config: Arc<Config>,
+    store: Store,
+    runtime: ContainerRuntime,
+    git: Git,
+    redactor: Redactor,
+    events: broadcast::Sender<RunUpdate>,
+    wake: Notify,
+    instance_id: String,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    /// Runs executing in this process.
+    executing: Mutex<HashSet<String>>,
+    /// One git fetch into a mirror at a time.
+    mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The daemon's own uid and gid.
+    me: (u32, u32),
+}
+
+impl Orchestrator {
+    pub fn new(config: Arc<Config>, store: Store, runtime: ContainerRuntime) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let redactor = Redactor::new(config.secret_values());
+        Orchestrator {
+            inner: Arc::new(Inner {
+                git: Git::new(&config),
+                me: own_ids(&config.data_dir),
+                config,
+                store,
+                runtime,
+                redactor,
+                events,
+                wake: Notify::new(),
+                instance_id: uuid::Uuid::new_v4().simple().to_string(),
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                executing: Mutex::new(HashSet::new()),
+                mirror_locks: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn redactor(&self) -> &Redactor {
+        &self.inner.redactor
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<RunUpdate> {
+        self.inner.events.subscribe()
+    }
+
+    /// The full log of a run (redacted when written).
+    pub fn log_path(&self, run_id: &str) -> PathBuf {
+        run_dir(&self.inner.config.data_dir, run_id).join("agent.log")
+    }
+
+    pub fn workspace_path(&self, pipeline_id: &str) -> PathBuf {
+        self.inner.git.workspace_path(pipeline_id)
+    }
+
+    /// Starts a pipeline with its first run, queued.
+    pub async fn submit_pipeline(&self, req: NewPipeline) -> Result<Submitted, SubmitError> {
+        let config = &self.inner.config;
+        let prompt = self.check_prompt(&req.prompt)?;
+        let agent = self.check_agent(req.agent.as_deref())?;
+        if let Some(key) = &req.idempotency_key
+            && let Some(run) = self.inner.store.run_for_idempotency_key(Some(key)).await?
+        {
+            return self.submitted(run, false).await;
+        }
+        let source = {
+            let repo = req.repo.clone();
+            tokio::task::spawn_blocking(move || workspace::resolve_repo(&repo))
+                .await
+                .expect("resolve_repo does not panic")?
+        };
+        let id = new_pipeline_id();
+        // Branch names and titles are pushed and shown: never made from a secret.
+        let shown = self.inner.redactor.redact(&prompt);
+        let pipeline = Pipeline {
+            branch: workspace::branch_name(&config.branch_prefix, &shown, &id),
+            id,
+            repo: source.repo,
+            remote_url: source.remote_url,
+            local_only: source.local_only,
+            base_branch: req.base_branch.unwrap_or_else(|| config.default_base_branch.clone()),
+            agent: agent.clone(),
+            title: shown.lines().next().unwrap_or_default().chars().take(120).collect(),
+            origin: req.origin,
+            created_at: now_millis(),
+        };
+        let new_run = NewRun {
+            prompt,
+            agent,
+            requested_by: req.requested_by,
+            idempotency_key: req.idempotency_key,
+        };
+        let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
+        self.after_insert(inserted.run, inserted.created).await
+    }
+
+    /// Queues a follow-up on a pipeline; it runs after the runs before it.
+    pub async fn submit_follow_up(&self, req: FollowUp) -> Result<Submitted, SubmitError> {
+        let prompt = self.check_prompt(&req.prompt)?;
+        let pipeline = self
+            .inner
+            .store
+            .find_pipeline(&req.pipeline_id)
+            .await?
+            .ok_or_else(|| SubmitError::UnknownPipeline(req.pipeline_id.clone()))?;
+        let agent = self.check_agent(Some(req.agent.as_deref().unwrap_or(&pipeline.agent)))?;
+        let new_run = NewRun {
+            prompt,
+            agent,
+            requested_by: req.requested_by,
+            idempotency_key: req.idempotency_key,
+        };
+        let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
+        self.after_insert(inserted.run, inserted.created).await
+    }
+
+    /// Queues a new run with the prompt and agent of a run that did not succeed.
+    pub async fn retry(
+        &self,
+        run_id: &str,
+        requested_by: &str,
+        idempotency_key: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        let run = self.find_run(run_id).await?;
+        if let Some(key) = &idempotency_key
+            && let Some(found) = self.inner.store.run_for_idempotency_key(Some(key)).await?
+        {
+            return self.submitted(found, false).await;
+        }
+        if !run.state.can_retry() {
+            return Err(SubmitError::NotRetryable {
+                id: run.id,
+                state: run.state,
+            });
+        }
+        self.submit_follow_up(FollowUp {
+            pipeline_id: run.pipeline_id,
+            prompt: run.prompt,
+            agent: Some(run.agent),
+            requested_by: requested_by.to_owned(),
+            idempotency_key,
+        })
+        .await
+    }
+
+    /// Cancels a run, or every unfinished run of a pipeline.
+    pub async fn cancel(&self, target: &str) -> Result<Cancelled, SubmitError> {
+        let store = &self.inner.store;
+        let runs = match store.run(target).await? {
+            Some(run) => vec![run],
+            None => match store.find_pipeline(target).await? {
+                Some(p) => store.runs(&p.id).await?,
+                None => return Err(SubmitError::UnknownRun(target.to_owned())),
+            },
+        };
+        let mut out = Cancelled::default();
+        // Queued ones first, so none of them starts while the active one stops.
+        for run in runs.iter().rev().filter(|r| r.state.can_cancel()) {
+            if store.request_cancel(&run.id).await? {
+                out.dequeued.push(run.id.clone());
+                self.publish_state(&run.id).await;
+            } else if let Some(now) = store.run(&run.id).await?
+                && now.state.is_active()
+            {
+                out.stopping.push(run.id.clone());
+                if now.state == RunState::Running {
+                    self.stop_container_soon(&now);
+                }
+            }
+        }
+        out.dequeued.reverse();
+        self.inner.wake.notify_one();
+        Ok(out)
+    }
+
+    /// Resolves a run id; a pipeline id means its latest run.
+    pub async fn find_run(&self, id: &str) -> Result<Run, SubmitError> {
+        if let Some(run) = self.inner.store.run(id).await? {
+            return Ok(run);
+        }
+        if let Some(p) = self.inner.store.find_pipeline(id).await?
+            && let Some(run) = self.inner.store.runs(&p.id).await?.pop()
+        {
+            return Ok(run);
+        }
+        Err(SubmitError::UnknownRun(id.to_owned()))
+    }
+
+    /// Runs ahead of `run` in its pipeline.
+    pub async fn runs_ahead(&self, run: &Run) -> Result<usize, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .runs(&run.pipeline_id)
+            .await?
+            .iter()
+            .filter(|r| r.seq < run.seq && !r.state.is_terminal())
+            .count())
+    }
+
+    fn check_prompt(&self, prompt: &str) -> Result<String, SubmitError> {
+        let prompt = prompt.trim();
+        if prompt.is_empty() {
+            return Err(SubmitError::EmptyPrompt);
+        }
+        let max = self.inner.config.max_prompt_bytes;
+        if prompt.len() > max {
+            return Err(SubmitError::PromptTooLong { len: prompt.len(), max });
+        }
+        Ok(prompt.to_owned())
+    }
+
+    fn check_agent(&self, name: Option<&str>) -> Result<String, SubmitError> {
+        let config = &self.inner.config;
+        let name = name.unwrap_or(&config.default_agent);
+        if config.agent(name).is_none() {
+            return Err(SubmitError::UnknownAgent {
+                name: name.to_owned(),
+                known: config.agent_names(),
+            });
+        }
+        Ok(name.to_owned())
+    }
+
+    async fn after_insert(&self, run: Run, created: bool) -> Result<Submitted, SubmitError> {
+        if created {
+            tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "queued", "run queued");
+            let _ = self.inner.events.send(RunUpdate::State(Box::new(run.clone())));
+            self.inner.wake.notify_one();
+        }
+        self.submitted(run, created).await
+    }
+
+    async fn submitted(&self, run: Run, created: bool) -> Result<Submitted, SubmitError> {
+        let pipeline = self
+            .inner
+            .store
+            .pipeline(&run.pipeline_id)
+            .await?
+            .ok_or_else(|| SubmitError::UnknownPipeline(run.pipeline_id.clone()))?;
+        let ahead = self.runs_ahead(&run).await?;
+        Ok(Submitted {
+            pipeline,
+            run,
+            created,
+            ahead,
+        })
+    }
+
+    async fn publish_state(&self, run_id: &str) {
+        if let Ok(Some(run)) = self.inner.store.run(run_id).await {
+            let _ = self.inner.events.send(RunUpdate::State(Box::new(run)));
+        }
+    }
+
+    /// Stops a run's container now rather than at its owner's next check.
+    fn stop_container_soon(&self, run: &Run) {
+        let runtime = self.inner.runtime.clone();
+        let grace = self
+            .inner
+            .config
+            .agent(&run.agent)
+            .map(|a| a.stop_grace_secs)
+            .unwrap_or(10);
+        let name = container::container_name(&run.id);
+        self.inner.tracker.spawn(async move {
+            if let Err(e) = runtime.stop(&name, std::time::Duration::from_secs(grace)).await {
+                tracing::warn!(container = %name, error = %e, "could not stop the container");
+            }
+        });
+    }
+
+    /// Waits until nothing in `scope` is queued or executing here.
+    pub async fn wait_until_idle(&self, scope: &Scope) -> Result<(), StoreError> {
+        loop {
+            let pending = self
+                .inner
+                .store
+                .runs_in_states(&[RunState::Queued])
+                .await?
+                .into_iter()
+                .any(|r| scope.includes(&r.pipeline_id));
+            let executing = !self.inner.executing.lock().unwrap().is_empty();
+            if !pending && !executing {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops scheduling, lets saving runs finish, and leaves running containers to be
+    /// adopted by the next start.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(std::time::Duration::from_secs(120), self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("runs still saving after 2 minutes; the next start finishes them");
+        }
+        let _ = self.inner.store.remove_instance(&self.inner.instance_id).await;
+    }
+}
+
+/// Everything Threadline keeps about one run besides the database.
+pub fn run_dir(data_dir: &Path, run_id: &str) -> PathBuf {
+    data_dir.join("runs").join(run_id)
+}
+
+fn new_pipeline_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// The daemon's uid and gid, from a file it owns.
+fn own_ids(data_dir: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .or_else(|_| std::fs::metadata(data_dir))
+        .map(|m| (m.uid(), m.gid()))
+        .unwrap_or((1000, 1000))
+}

@@ -1,0 +1,196 @@
+//! Scheduling and recovery: claims queued runs within the concurrency limit, keeps this
+//! process's lease alive, and adopts runs whose owning process died, resuming each from
+//! its stored state. A run is claimed or adopted by one atomic update, so it runs once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::container::ContainerStatus;
+use super::{Inner, Orchestrator, executor};
+use crate::model::{Millis, now_millis};
+use crate::store::{Instance, StoreError};
+
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A process silent this long is dead; its runs are adopted.
+const LEASE_MILLIS: Millis = 30_000;
+/// How often a daemon looks for runs orphaned by other processes.
+const RECOVERY_EVERY: Duration = Duration::from_secs(15);
+
+/// Which runs this process schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every pipeline (`threadline serve`).
+    All,
+    /// One pipeline (`threadline run`, `follow-up`): the CLI runs its own work.
+    Pipeline(String),
+}
+
+impl Scope {
+    pub fn includes(&self, pipeline_id: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Pipeline(id) => id == pipeline_id,
+        }
+    }
+    fn pipeline(&self) -> Option<&str> {
+        match self {
+            Scope::All => None,
+            Scope::Pipeline(id) => Some(id),
+        }
+    }
+}
+
+impl Orchestrator {
+    /// Registers this process, adopts orphaned runs, and starts scheduling.
+    pub async fn start(&self, scope: Scope) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .store
+            .register_instance(
+                &inner.instance_id,
+                &gethostname::gethostname().to_string_lossy(),
+                std::process::id() as i64,
+            )
+            .await?;
+        recover(inner, &scope).await?;
+        let me = inner.clone();
+        inner.tracker.spawn(heartbeat_loop(me));
+        let me = inner.clone();
+        inner.tracker.spawn(scheduler_loop(me, scope));
+        Ok(())
+    }
+}
+
+async fn heartbeat_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = inner.store.heartbeat(&inner.instance_id).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+async fn scheduler_loop(inner: Arc<Inner>, scope: Scope) {
+    let mut last_recovery = tokio::time::Instant::now();
+    loop {
+        if let Err(e) = claim_all(&inner, &scope).await {
+            tracing::warn!(error = %e, "scheduling failed; retrying");
+        }
+        if scope == Scope::All && last_recovery.elapsed() >= RECOVERY_EVERY {
+            if let Err(e) = recover(&inner, &scope).await {
+                tracing::warn!(error = %e, "recovery failed; retrying");
+            }
+            last_recovery = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = inner.wake.notified() => {}
+            // Other processes queue and finish runs too.
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+async fn claim_all(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
+    while !inner.shutdown.is_cancelled() {
+        let Some(run) = inner
+            .store
+            .claim_next(&inner.instance_id, inner.config.max_concurrent_runs, scope.pipeline())
+            .await?
+        else {
+            return Ok(());
+        };
+        tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "preparing", "run claimed");
+        if let Some(r) = inner.store.run(&run.id).await? {
+            let _ = inner.events.send(super::RunUpdate::State(Box::new(r)));
+        }
+        spawn_executor(inner, run);
+    }
+    Ok(())
+}
+
+fn spawn_executor(inner: &Arc<Inner>, run: crate::model::Run) {
+    inner.executing.lock().unwrap().insert(run.id.clone());
+    inner.tracker.spawn(executor::execute(inner.clone(), run));
+}
+
+/// Adopts every active run in scope whose owner is gone and resumes it from its state.
+/// Queued runs need nothing: the scheduler takes them.
+async fn recover(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
+    for (run, owner) in inner.store.active_runs_with_owner().await? {
+        if !scope.includes(&run.pipeline_id) || owner.as_deref() == Some(inner.instance_id.as_str()) {
+            continue;
+        }
+        let owner_row = match &owner {
+            Some(id) => inner.store.instance(id).await?,
+            None => None,
+        };
+        if !owner_is_dead(owner_row.as_ref(), now_millis()) {
+            continue;
+        }
+        if !inner.store.adopt(&run.id, owner.as_deref(), &inner.instance_id).await? {
+            continue; // another process adopted it first
+        }
+        if let Some(dead) = &owner {
+            let _ = inner.store.remove_instance(dead).await;
+        }
+        let container = match inner.runtime.status(&super::container::container_name(&run.id)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(run_id = %run.id, error = %e, "cannot ask Docker about the run's container");
+                None
+            }
+        };
+        tracing::info!(
+            run_id = %run.id,
+            state = %run.state,
+            container = ?container.map(|c| match c { ContainerStatus::Running => "running".to_owned(), ContainerStatus::Exited(c) => format!("exited {c}") }),
+            "resuming a run whose process is gone"
+        );
+        spawn_executor(inner, run);
+    }
+    Ok(())
+}
+
+/// An owner is dead when its lease row is gone, its heartbeat is stale, or it lived on
+/// this host and its process no longer exists.
+fn owner_is_dead(owner: Option<&Instance>, now: Millis) -> bool {
+    let Some(owner) = owner else { return true };
+    if now - owner.heartbeat_at > LEASE_MILLIS {
+        return true;
+    }
+    let this_host = gethostname::gethostname().to_string_lossy() == owner.hostname;
+    let proc_visible = std::path::Path::new("/proc/self").exists();
+    this_host
+        && proc_visible
+        && owner.pid != std::process::id() as i64
+        && !std::path::Path::new(&format!("/proc/{}", owner.pid)).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_die_by_missing_lease_or_silence() {
+        let now = 1_000_000;
+        assert!(owner_is_dead(None, now));
+        let stale = Instance {
+            id: "a".into(),
+            hostname: "elsewhere".into(),
+            pid: 1,
+            heartbeat_at: now - LEASE_MILLIS - 1,
+        };
+        assert!(owner_is_dead(Some(&stale), now));
+        let fresh = Instance {
+            heartbeat_at: now,
+            ..stale
+        };
+        assert!(!owner_is_dead(Some(&fresh), now));
+    }
+}

@@ -1,0 +1,46 @@
+//! Embedded migrations, one folder per backend. Released migrations are never edited,
+//! only appended to.
+
+use std::borrow::Cow;
+
+use futures_util::future::BoxFuture;
+use sqlx::AnyPool;
+use sqlx::error::BoxDynError;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+
+const SQLITE: &[(i64, &str, &str)] = &[(1, "init", include_str!("migrations/sqlite/0001_init.sql"))];
+
+#[derive(Debug)]
+struct Embedded(&'static [(i64, &'static str, &'static str)]);
+
+impl MigrationSource<'static> for Embedded {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
+        Box::pin(async move {
+            Ok(self
+                .0
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(name),
+                        MigrationType::Simple,
+                        Cow::Borrowed(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+pub async fn run(pool: &AnyPool, backend: &str) -> Result<(), sqlx::migrate::MigrateError> {
+    let migrations = match backend {
+        "sqlite" => SQLITE,
+        other => {
+            return Err(sqlx::migrate::MigrateError::Source(
+                format!("no migrations for the {other:?} backend yet (supported: sqlite)").into(),
+            ));
+        }
+    };
+    Migrator::new(Embedded(migrations)).await?.run(pool).await
+}

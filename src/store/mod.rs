@@ -1,0 +1,709 @@
+//! Persistence: pipelines, runs, their state transitions, idempotency keys and process
+//! leases. **All SQL lives here.** It runs on `sqlx::any`, so a PostgreSQL backend is a
+//! driver and a migrations folder away; callers see only domain types.
+
+mod migrations;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::model::{Diffstat, EndReason, Millis, Origin, Pipeline, Run, RunEvent, RunState, now_millis};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database {url}: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("the stored value {value:?} in {column} is not valid")]
+    Corrupt { column: &'static str, value: String },
+    #[error("a run cannot go from {from} to {to}")]
+    InvalidTransition { from: RunState, to: RunState },
+    #[error("{kind} {prefix:?} is ambiguous: it matches {}", .matches.join(", "))]
+    Ambiguous {
+        kind: &'static str,
+        prefix: String,
+        matches: Vec<String>,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What inserting a run produced: the run, and whether it is new or was found again
+/// through its idempotency key.
+#[derive(Debug, Clone)]
+pub struct Inserted {
+    pub run: Run,
+    pub created: bool,
+}
+
+/// A run to insert.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub prompt: String,
+    pub agent: String,
+    pub requested_by: String,
+    pub idempotency_key: Option<String>,
+}
+
+/// One line of `threadline pipelines`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PipelineSummary {
+    pub pipeline: Pipeline,
+    pub runs: i64,
+    pub latest_state: Option<RunState>,
+}
+
+/// Fields of a run set together with (or apart from) a transition.
+#[derive(Debug, Default, Clone)]
+pub struct RunPatch {
+    pub exit_code: Option<i64>,
+    pub end_reason: Option<EndReason>,
+    pub error: Option<String>,
+    pub start_commit: Option<String>,
+    pub head_commit: Option<String>,
+    pub changed: Option<bool>,
+    pub diffstat: Option<Diffstat>,
+    pub pushed: Option<bool>,
+    /// `Some(None)` clears a previous push error.
+    pub push_error: Option<Option<String>>,
+    pub container_id: Option<String>,
+    pub summary: Option<String>,
+}
+
+/// A live Threadline process, as recorded in the store.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub hostname: String,
+    pub pid: i64,
+    pub heartbeat_at: Millis,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, \
+     started_at, finished_at, exit_code, end_reason, error, start_commit, head_commit, changed, \
+     files_changed, insertions, deletions, pushed, push_error, container_id, cancel_requested, \
+     summary, log_tail";
+const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
+     title, origin_surface, origin_thread, created_at";
+const ACTIVE_STATES: &str = "('preparing', 'running', 'saving')";
+const TERMINAL_STATES: &str = "('succeeded', 'failed', 'timed_out', 'cancelled')";
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = url.split(':').next().unwrap_or_default().to_owned();
+        if backend == "sqlite"
+            && let Some(path) = sqlite_path(url)
+            && let Some(dir) = Path::new(&path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let is_sqlite = backend == "sqlite";
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 4 } else { 10 })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if is_sqlite {
+                        // WAL lets readers (the CLI, the dashboard) run beside the daemon.
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: url.to_owned(),
+                source,
+            })?;
+        migrations::run(&pool, &backend).await?;
+        Ok(Store { pool })
+    }
+
+    // ---- pipelines and runs -------------------------------------------------------
+
+    /// Inserts a new pipeline with its first run. With an idempotency key already used,
+    /// nothing is inserted and the earlier run is returned.
+    pub async fn insert_pipeline(&self, pipeline: &Pipeline, run: &NewRun) -> Result<Inserted> {
+        if let Some(found) = self.run_for_idempotency_key(run.idempotency_key.as_deref()).await? {
+            return Ok(Inserted {
+                run: found,
+                created: false,
+            });
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO pipelines (id, repo, remote_url, local_only, base_branch, branch, agent, \
+             title, origin_surface, origin_thread, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&pipeline.id)
+        .bind(&pipeline.repo)
+        .bind(&pipeline.remote_url)
+        .bind(pipeline.local_only as i64)
+        .bind(&pipeline.base_branch)
+        .bind(&pipeline.branch)
+        .bind(&pipeline.agent)
+        .bind(&pipeline.title)
+        .bind(&pipeline.origin.surface)
+        .bind(&pipeline.origin.thread)
+        .bind(pipeline.created_at)
+        .execute(&mut *tx)
+        .await?;
+        let inserted = insert_run_in(&mut tx, &pipeline.id, run).await?;
+        if inserted.created {
+            tx.commit().await?;
+        }
+        // A concurrent redelivery won the key: the pipeline insert is rolled back with it.
+        Ok(inserted)
+    }
+
+    /// Appends a run to a pipeline (a follow-up or a retry).
+    pub async fn insert_run(&self, pipeline_id: &str, run: &NewRun) -> Result<Inserted> {
+        if let Some(found) = self.run_for_idempotency_key(run.idempotency_key.as_deref()).await? {
+            return Ok(Inserted {
+                run: found,
+                created: false,
+            });
+        }
+        let mut tx = self.pool.begin().await?;
+        let inserted = insert_run_in(&mut tx, pipeline_id, run).await?;
+        if inserted.created {
+            tx.commit().await?;
+        }
+        Ok(inserted)
+    }
+
+    pub async fn run_for_idempotency_key(&self, key: Option<&str>) -> Result<Option<Run>> {
+        let Some(key) = key else { return Ok(None) };
+        let row = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE id = (SELECT run_id FROM requests WHERE idempotency_key = $1)"
+        ))
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| run_from_row(&r)).transpose()
+    }
+
+    pub async fn pipeline(&self, id: &str) -> Result<Option<Pipeline>> {
+        let row = sqlx::query(&format!("SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| pipeline_from_row(&r)).transpose()
+    }
+
+    /// Finds a pipeline by its id or a unique prefix of it.
+    pub async fn find_pipeline(&self, prefix: &str) -> Result<Option<Pipeline>> {
+        if let Some(p) = self.pipeline(prefix).await? {
+            return Ok(Some(p));
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id LIKE $1 ORDER BY id LIMIT 6"
+        ))
+        .bind(format!("{}%", escape_like(prefix)))
+        .fetch_all(&self.pool)
+        .await?;
+        match rows.len() {
+            0 => Ok(None),
+            1 => pipeline_from_row(&rows[0]).map(Some),
+            _ => Err(StoreError::Ambiguous {
+                kind: "pipeline",
+                prefix: prefix.to_owned(),
+                matches: rows.iter().filter_map(|r| r.try_get("id").ok()).collect(),
+            }),
+        }
+    }
+
+    pub async fn pipeline_by_origin(&self, origin: &Origin) -> Result<Option<Pipeline>> {
+        let row = sqlx::query(&format!(
+            "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE origin_surface = $1 AND origin_thread = $2 \
+             ORDER BY created_at DESC LIMIT 1"
+        ))
+        .bind(&origin.surface)
+        .bind(&origin.thread)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| pipeline_from_row(&r)).transpose()
+    }
+
+    /// Pipelines, newest first, with their number of runs and latest run state.
+    pub async fn pipelines(&self, limit: i64) -> Result<Vec<PipelineSummary>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PIPELINE_COLUMNS}, \
+               (SELECT COUNT(*) FROM runs r WHERE r.pipeline_id = pipelines.id) AS run_count, \
+               (SELECT r.state FROM runs r WHERE r.pipeline_id = pipelines.id ORDER BY r.seq DESC LIMIT 1) AS latest \
+             FROM pipelines ORDER BY created_at DESC, id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let latest: Option<String> = r.try_get("latest")?;
+                Ok(PipelineSummary {
+                    pipeline: pipeline_from_row(r)?,
+                    runs: r.try_get("run_count")?,
+                    latest_state: latest.map(|s| parse_state(&s)).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn runs(&self, pipeline_id: &str) -> Result<Vec<Run>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE pipeline_id = $1 ORDER BY seq"
+        ))
+        .bind(pipeline_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<Run>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| run_from_row(&r)).transpose()
+    }
+
+    /// Runs in any of `states`, oldest first.
+    pub async fn runs_in_states(&self, states: &[RunState]) -> Result<Vec<Run>> {
+        if states.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = states
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ({list}) ORDER BY created_at, seq"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    pub async fn events(&self, run_id: &str) -> Result<Vec<RunEvent>> {
+        let rows = sqlx::query("SELECT run_id, state, at, detail FROM run_events WHERE run_id = $1 ORDER BY id")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RunEvent {
+                    run_id: r.try_get("run_id")?,
+                    state: parse_state(&r.try_get::<String, _>("state")?)?,
+                    at: r.try_get("at")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- the lifecycle ------------------------------------------------------------
+
+    /// Takes the oldest queued run that may start now: its pipeline has no active run and
+    /// no older queued run, and fewer than `limit` runs are active everywhere. One
+    /// statement, so two processes can never take the same run or exceed the limit.
+    pub async fn claim_next(&self, owner: &str, limit: u32, pipeline: Option<&str>) -> Result<Option<Run>> {
+        let now = now_millis();
+        let scope = if pipeline.is_some() {
+            "AND r.pipeline_id = $4"
+        } else {
+            ""
+        };
+        let mut tx = self.pool.begin().await?;
+        let claimed: Option<String> = sqlx::query_scalar(&format!(
+            "UPDATE runs SET state = 'preparing', owner = $1, started_at = $3 \
+             WHERE state = 'queued' AND id = ( \
+                 SELECT r.id FROM runs r WHERE r.state = 'queued' {scope} \
+                 AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.pipeline_id = r.pipeline_id AND a.state IN {ACTIVE_STATES}) \
+                 AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.pipeline_id = r.pipeline_id AND q.state = 'queued' AND q.seq < r.seq) \
+                 ORDER BY r.created_at, r.seq LIMIT 1) \
+             AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {ACTIVE_STATES}) < $2 \
+             RETURNING id"
+        ))
+        .bind(owner)
+        .bind(limit as i64)
+        .bind(now)
+        .bind(pipeline.unwrap_or_default())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = claimed else {
+            return Ok(None);
+        };
+        insert_event(&mut tx, &id, RunState::Preparing, now, "").await?;
+        tx.commit().await?;
+        self.run(&id).await
+    }
+
+    /// Moves a run from `from` to `to` if it is still in `from`; records the event.
+    /// Returns false when another actor moved it first.
+    pub async fn transition(&self, run_id: &str, from: RunState, to: RunState, detail: &str) -> Result<bool> {
+        if !from.can_transition_to(to) {
+            return Err(StoreError::InvalidTransition { from, to });
+        }
+        let now = now_millis();
+        let mut tx = self.pool.begin().await?;
+        let finished = if to.is_terminal() { Some(now) } else { None };
+        let done = sqlx::query(
+            "UPDATE runs SET state = $1, finished_at = COALESCE($2, finished_at) WHERE id = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(finished)
+        .bind(run_id)
+        .bind(from.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if done {
+            insert_event(&mut tx, run_id, to, now, detail).await?;
+            tx.commit().await?;
+        }
+        Ok(done)
+    }
+
+    pub async fn update_run(&self, run_id: &str, patch: &RunPatch) -> Result<()> {
+        let mut sets: Vec<(&str, Bind)> = Vec::new();
+        if let Some(v) = patch.exit_code {
+            sets.push(("exit_code", Bind::Int(Some(v))));
+        }
+        if let Some(v) = patch.end_reason {
+            sets.push(("end_reason", Bind::Text(Some(v.as_str().to_owned()))));
+        }
+        if let Some(v) = &patch.error {
+            sets.push(("error", Bind::Text(Some(v.clone()))));
+        }
+        if let Some(v) = &patch.start_commit {
+            sets.push(("start_commit", Bind::Text(Some(v.clone()))));
+        }
+        if let Some(v) = &patch.head_commit {
+            sets.push(("head_commit", Bind::Text(Some(v.clone()))));
+        }
+        if let Some(v) = patch.changed {
+            sets.push(("changed", Bind::Int(Some(v as i64))));
+        }
+        if let Some(d) = &patch.diffstat {
+            sets.push(("files_changed", Bind::Int(Some(d.files_changed))));
+            sets.push(("insertions", Bind::Int(Some(d.insertions))));
+            sets.push(("deletions", Bind::Int(Some(d.deletions))));
+        }
+        if let Some(v) = patch.pushed {
+            sets.push(("pushed", Bind::Int(Some(v as i64))));
+        }
+        if let Some(v) = &patch.push_error {
+            sets.push(("push_error", Bind::Text(v.clone())));
+        }
+        if let Some(v) = &patch.container_id {
+            sets.push(("container_id", Bind::Text(Some(v.clone()))));
+        }
+        if let Some(v) = &patch.summary {
+            sets.push(("summary", Bind::Text(Some(v.clone()))));
+        }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let assignments = sets
+            .iter()
+            .enumerate()
+            .map(|(i, (col, _))| format!("{col} = ${}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("UPDATE runs SET {assignments} WHERE id = ${}", sets.len() + 1);
+        let mut q = sqlx::query(&sql);
+        for (_, b) in sets {
+            q = match b {
+                Bind::Int(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
+        }
+        q.bind(run_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Marks a run for cancellation. A queued run is cancelled at once (returns true);
+    /// an active one is stopped by whichever process owns it.
+    pub async fn request_cancel(&self, run_id: &str) -> Result<bool> {
+        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = $1")
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        self.transition(run_id, RunState::Queued, RunState::Cancelled, "cancelled while queued")
+            .await
+    }
+
+    pub async fn cancel_requested(&self, run_id: &str) -> Result<bool> {
+        let v: Option<i64> = sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(v.unwrap_or(0) != 0)
+    }
+
+    pub async fn set_log_tail(&self, run_id: &str, tail: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET log_tail = $1 WHERE id = $2")
+            .bind(tail)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- process leases -----------------------------------------------------------
+
+    pub async fn register_instance(&self, id: &str, hostname: &str, pid: i64) -> Result<()> {
+        let now = now_millis();
+        sqlx::query("INSERT INTO instances (id, hostname, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)")
+            .bind(id)
+            .bind(hostname)
+            .bind(pid)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn heartbeat(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE instances SET heartbeat_at = $1 WHERE id = $2")
+            .bind(now_millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn remove_instance(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn instance(&self, id: &str) -> Result<Option<Instance>> {
+        let row = sqlx::query("SELECT id, hostname, pid, heartbeat_at FROM instances WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(Instance {
+                id: r.try_get("id")?,
+                hostname: r.try_get("hostname")?,
+                pid: r.try_get("pid")?,
+                heartbeat_at: r.try_get("heartbeat_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Active runs and the instance that owns each (None when never owned).
+    pub async fn active_runs_with_owner(&self) -> Result<Vec<(Run, Option<String>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLUMNS}, owner FROM runs WHERE state IN {ACTIVE_STATES} ORDER BY created_at, seq"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((run_from_row(r)?, r.try_get("owner")?)))
+            .collect()
+    }
+
+    /// Takes over a run from a dead owner, unless another process did first.
+    pub async fn adopt(&self, run_id: &str, dead_owner: Option<&str>, owner: &str) -> Result<bool> {
+        let rows = sqlx::query(&format!(
+            "UPDATE runs SET owner = $1 WHERE id = $2 AND state NOT IN {TERMINAL_STATES} \
+             AND (owner = $3 OR (owner IS NULL AND $3 = ''))"
+        ))
+        .bind(owner)
+        .bind(run_id)
+        .bind(dead_owner.unwrap_or_default())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(rows == 1)
+    }
+}
+
+enum Bind {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &str, run: &NewRun) -> Result<Inserted> {
+    let now = now_millis();
+    let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs WHERE pipeline_id = $1")
+        .bind(pipeline_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    let id = format!("{pipeline_id}-{seq}");
+    sqlx::query(
+        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)",
+    )
+    .bind(&id)
+    .bind(pipeline_id)
+    .bind(seq)
+    .bind(&run.prompt)
+    .bind(&run.agent)
+    .bind(&run.requested_by)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    if let Some(key) = &run.idempotency_key {
+        let fresh = sqlx::query(
+            "INSERT INTO requests (idempotency_key, run_id, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(key)
+        .bind(&id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !fresh {
+            let existing: String = sqlx::query_scalar("SELECT run_id FROM requests WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut **tx)
+                .await?;
+            let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+                .bind(existing)
+                .fetch_one(&mut **tx)
+                .await?;
+            return Ok(Inserted {
+                run: run_from_row(&row)?,
+                created: false,
+            });
+        }
+    }
+    insert_event(tx, &id, RunState::Queued, now, "").await?;
+    let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+        .bind(&id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(Inserted {
+        run: run_from_row(&row)?,
+        created: true,
+    })
+}
+
+async fn insert_event(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    run_id: &str,
+    state: RunState,
+    at: Millis,
+    detail: &str,
+) -> Result<()> {
+    sqlx::query("INSERT INTO run_events (run_id, state, at, detail) VALUES ($1, $2, $3, $4)")
+        .bind(run_id)
+        .bind(state.as_str())
+        .bind(at)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn parse_state(s: &str) -> Result<RunState> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        column: "state",
+        value: s.to_owned(),
+    })
+}
+
+fn pipeline_from_row(r: &AnyRow) -> Result<Pipeline> {
+    Ok(Pipeline {
+        id: r.try_get("id")?,
+        repo: r.try_get("repo")?,
+        remote_url: r.try_get("remote_url")?,
+        local_only: r.try_get::<i64, _>("local_only")? != 0,
+        base_branch: r.try_get("base_branch")?,
+        branch: r.try_get("branch")?,
+        agent: r.try_get("agent")?,
+        title: r.try_get("title")?,
+        origin: Origin {
+            surface: r.try_get("origin_surface")?,
+            thread: r.try_get("origin_thread")?,
+        },
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn run_from_row(r: &AnyRow) -> Result<Run> {
+    let end_reason: Option<String> = r.try_get("end_reason")?;
+    let files_changed: Option<i64> = r.try_get("files_changed")?;
+    Ok(Run {
+        id: r.try_get("id")?,
+        pipeline_id: r.try_get("pipeline_id")?,
+        seq: r.try_get("seq")?,
+        prompt: r.try_get("prompt")?,
+        agent: r.try_get("agent")?,
+        requested_by: r.try_get("requested_by")?,
+        state: parse_state(&r.try_get::<String, _>("state")?)?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        exit_code: r.try_get("exit_code")?,
+        end_reason: end_reason
+            .map(|s| {
+                EndReason::parse(&s).ok_or(StoreError::Corrupt {
+                    column: "end_reason",
+                    value: s,
+                })
+            })
+            .transpose()?,
+        error: r.try_get("error")?,
+        start_commit: r.try_get("start_commit")?,
+        head_commit: r.try_get("head_commit")?,
+        changed: r.try_get::<i64, _>("changed")? != 0,
+        diffstat: match files_changed {
+            Some(files_changed) => Some(Diffstat {
+                files_changed,
+                insertions: r.try_get::<Option<i64>, _>("insertions")?.unwrap_or(0),
+                deletions: r.try_get::<Option<i64>, _>("deletions")?.unwrap_or(0),
+            }),
+            None => None,
+        },
+        pushed: r.try_get::<i64, _>("pushed")? != 0,
+        push_error: r.try_get("push_error")?,
+        container_id: r.try_get("container_id")?,
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        summary: r.try_get("summary")?,
+        log_tail: r.try_get("log_tail")?,
+    })
+}
+
+fn escape_like(s: &str) -> String {
+    s.replace(['%', '_'], "")
+}
+
+fn sqlite_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| path.to_owned())
+}

@@ -1,0 +1,202 @@
+//! A test environment: a bare origin repository, a data directory, a configuration with
+//! a busybox "sh" agent whose prompt is its script, and an orchestrator started on them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use threadline::config::{AgentProfile, Config};
+use threadline::model::{Origin, Run};
+use threadline::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted};
+use threadline::store::Store;
+
+pub const IMAGE: &str = "threadline-test-agent:1";
+
+/// Builds the test image once per test process.
+pub fn ensure_image() {
+    static BUILT: OnceLock<Mutex<bool>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(|| Mutex::new(false)).lock().unwrap();
+    if *built {
+        return;
+    }
+    let ctx = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/agent-image/Dockerfile");
+    std::fs::copy(&src, ctx.path().join("Dockerfile")).unwrap();
+    std::fs::copy("/bin/busybox", ctx.path().join("busybox"))
+        .expect("the tests need a static busybox at /bin/busybox: apt-get install busybox-static");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", IMAGE])
+        .arg(ctx.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    *built = true;
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Tester")
+        .env("GIT_AUTHOR_EMAIL", "tester@example.com")
+        .env("GIT_COMMITTER_NAME", "Tester")
+        .env("GIT_COMMITTER_EMAIL", "tester@example.com")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub origin: PathBuf,
+    pub config: Config,
+}
+
+impl TestEnv {
+    /// A bare origin with `main` holding a README and a .gitignore.
+    pub fn new() -> TestEnv {
+        ensure_image();
+        let dir = tempfile::tempdir().unwrap();
+        let origin = dir.path().join("origin.git");
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", "-b", "main", origin.to_str().unwrap()],
+        );
+        git(&seed, &["init", "-q", "-b", "main"]);
+        std::fs::write(seed.join("README.md"), "# demo\n").unwrap();
+        std::fs::write(seed.join(".gitignore"), "*.tmp\n").unwrap();
+        git(&seed, &["add", "."]);
+        git(&seed, &["commit", "-q", "-m", "initial"]);
+        git(&seed, &["push", "-q", origin.to_str().unwrap(), "main"]);
+
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            max_concurrent_runs: 2,
+            default_agent: "sh".into(),
+            agents: BTreeMap::new(),
+            ..Config::default()
+        };
+        config.agents.insert("sh".into(), sh_agent());
+        TestEnv { dir, origin, config }
+    }
+
+    pub fn origin_url(&self) -> String {
+        self.origin.display().to_string()
+    }
+
+    pub fn agent_mut(&mut self) -> &mut AgentProfile {
+        self.config.agents.get_mut("sh").unwrap()
+    }
+
+    pub async fn orchestrator(&self) -> Orchestrator {
+        let orch = self.orchestrator_unstarted().await;
+        orch.start(Scope::All).await.unwrap();
+        orch
+    }
+
+    pub async fn orchestrator_unstarted(&self) -> Orchestrator {
+        self.config.validate(None).unwrap();
+        let store = Store::open(&self.config.database_url()).await.unwrap();
+        let runtime = ContainerRuntime::connect().await.unwrap();
+        Orchestrator::new(Arc::new(self.config.clone()), store, runtime)
+    }
+
+    pub async fn start(&self, orch: &Orchestrator, prompt: &str) -> Submitted {
+        orch.submit_pipeline(NewPipeline {
+            repo: self.origin_url(),
+            base_branch: None,
+            agent: None,
+            prompt: prompt.into(),
+            requested_by: "tester".into(),
+            origin: Origin::cli(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The content of `path` on `branch` in the origin, if both exist.
+    pub fn origin_file(&self, branch: &str, path: &str) -> Option<String> {
+        let repo = git2::Repository::open_bare(&self.origin).unwrap();
+        let commit = repo
+            .find_reference(&format!("refs/heads/{branch}"))
+            .ok()?
+            .peel_to_commit()
+            .ok()?;
+        let entry = commit.tree().ok()?.get_path(Path::new(path)).ok()?;
+        let blob = entry.to_object(&repo).ok()?.peel_to_blob().ok()?;
+        Some(String::from_utf8_lossy(blob.content()).into_owned())
+    }
+
+    pub fn origin_head(&self, branch: &str) -> Option<String> {
+        let repo = git2::Repository::open_bare(&self.origin).unwrap();
+        repo.refname_to_id(&format!("refs/heads/{branch}"))
+            .ok()
+            .map(|o| o.to_string())
+    }
+
+    pub fn origin_message(&self, branch: &str) -> String {
+        git(&self.origin, &["log", "-1", "--format=%B", branch])
+    }
+}
+
+pub fn follow_up(pipeline: &str, prompt: &str) -> FollowUp {
+    FollowUp {
+        pipeline_id: pipeline.into(),
+        prompt: prompt.into(),
+        agent: None,
+        requested_by: "tester".into(),
+        idempotency_key: None,
+    }
+}
+
+/// The "sh" agent: busybox sh runs the prompt file as its script.
+pub fn sh_agent() -> AgentProfile {
+    AgentProfile {
+        image: IMAGE.into(),
+        argv: vec!["sh".into(), "/threadline/prompt.md".into()],
+        network: "none".into(),
+        memory_mb: 256,
+        cpus: 1.0,
+        pids_limit: 64,
+        timeout_secs: 120,
+        stop_grace_secs: 1,
+        ..AgentProfile::default()
+    }
+}
+
+/// Waits until the run reaches a state for which `done` holds.
+pub async fn wait_for(store: &Store, run_id: &str, what: &str, done: impl Fn(&Run) -> bool) -> Run {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let run = store.run(run_id).await.unwrap().expect("run exists");
+        if done(&run) {
+            return run;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {run_id} never became {what}; it is {} ({:?})",
+            run.state,
+            run.error
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn finished(store: &Store, run_id: &str) -> Run {
+    wait_for(store, run_id, "finished", |r| r.state.is_terminal()).await
+}

@@ -1,0 +1,6 @@
+//! Integration tests: one binary (each links the whole crate; on 2 cores that matters).
+//! Real Docker with an image the tests build, real git with a local bare origin, a real
+//! SQLite file.
+
+mod core;
+mod harness;
