@@ -192,6 +192,17 @@ pub struct Diffstat {
     pub deletions: i64,
 }
 
+impl Diffstat {
+    /// `3 files +10 -2`, for tables.
+    pub fn short(&self) -> String {
+        let files = if self.files_changed == 1 { "file" } else { "files" };
+        format!(
+            "{} {files} +{} -{}",
+            self.files_changed, self.insertions, self.deletions
+        )
+    }
+}
+
 impl fmt::Display for Diffstat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let plural = |n: i64, one: &str, many: &str| {

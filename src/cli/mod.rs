@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::model::{Origin, Run, RunState, format_duration, now_millis};
+use crate::model::{Origin, Run, RunEvent, RunState, format_duration, now_millis};
 use crate::orchestrator::container::{AgentSpec, container_name};
 use crate::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted, run_dir};
 use crate::store::Store;
@@ -217,7 +217,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 p.id, p.repo, p.branch, p.base_branch
             );
             println!(
-                "{:<12} {:<10} {:>4} {:>8}  {:<10} {:<40} PROMPT",
+                "{:<12} {:<10} {:>4} {:>8}  {:<10} {:<20} PROMPT",
                 "RUN", "STATE", "EXIT", "TIME", "COMMIT", "CHANGES"
             );
             for r in runs {
@@ -225,13 +225,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let time = r.duration_millis().map(format_duration).unwrap_or_else(|| "-".into());
                 let commit = r.head_commit.as_deref().map(|c| &c[..10.min(c.len())]).unwrap_or("-");
                 let changes = match (&r.diffstat, r.changed) {
-                    (Some(d), true) => d.to_string(),
+                    (Some(d), true) => d.short(),
                     (Some(_), false) => "no changes".into(),
                     _ => "-".into(),
                 };
                 let prompt: String = r.prompt.lines().next().unwrap_or_default().chars().take(50).collect();
                 println!(
-                    "{:<12} {:<10} {:>4} {:>8}  {:<10} {:<40} {}",
+                    "{:<12} {:<10} {:>4} {:>8}  {:<10} {:<20} {}",
                     r.id, r.state, exit, time, commit, changes, prompt
                 );
                 if let Some(e) = &r.error {
@@ -372,21 +372,22 @@ async fn execute_and_watch(orch: Orchestrator, submitted: Submitted, detach: boo
     }
     orch.start(Scope::Pipeline(pipeline.id.clone())).await?;
     let run_id = run.id.clone();
+    let created_at = run.created_at;
     let watcher = {
         let orch = orch.clone();
         let run_id = run_id.clone();
         async move {
-            let started = now_millis();
+            let started = created_at;
             watch(
                 orch.store(),
                 &orch.log_path(&run_id),
                 &run_id,
-                move |r: &Run| {
-                    let detail = match r.state {
-                        RunState::Running => format!("in {}", short_container(r)),
-                        _ => String::new(),
+                move |e: &RunEvent| {
+                    let detail = match e.state {
+                        RunState::Running if e.detail.is_empty() => format!("in {}", container_name(&e.run_id)),
+                        _ => e.detail.clone(),
                     };
-                    println!("[{}] {} {}", format_duration(now_millis() - started), r.state, detail);
+                    println!("[{}] {} {}", format_duration(e.at - started), e.state, detail);
                 },
                 |line| println!("  │ {line}"),
             )
@@ -415,10 +416,6 @@ async fn execute_and_watch(orch: Orchestrator, submitted: Submitted, detach: boo
     Ok(exit_for(&end))
 }
 
-fn short_container(r: &Run) -> String {
-    container_name(&r.id)
-}
-
 fn exit_for(run: &Run) -> ExitCode {
     if run.state == RunState::Succeeded {
         ExitCode::SUCCESS
@@ -439,8 +436,9 @@ async fn print_outcome(orch: &Orchestrator, run: &Run) {
     if let Some(p) = pipeline {
         let place = if p.local_only {
             format!(
-                "kept in Threadline's mirror {}",
-                orch.config().data_dir.join("mirrors").display()
+                "kept in Threadline's mirror; to get it: git fetch {} {}",
+                orch.mirror_path(&p).display(),
+                p.branch
             )
         } else {
             format!("on {}", p.remote_url)
@@ -472,18 +470,25 @@ pub async fn watch(
     store: &Store,
     path: &std::path::Path,
     run_id: &str,
-    mut on_state: impl FnMut(&Run),
+    mut on_event: impl FnMut(&RunEvent),
     mut on_line: impl FnMut(&str),
 ) -> anyhow::Result<Run> {
     let mut offset = 0usize;
     let mut partial = String::new();
-    let mut last_state = None;
+    let mut seen = 0;
     let mut quiet_since = tokio::time::Instant::now();
     loop {
         let run = find_run(store, run_id).await?;
-        if last_state != Some(run.state) {
-            on_state(&run);
-            last_state = Some(run.state);
+        // Every transition, even those quicker than a poll; log lines belong after
+        // `running` and before `saving`.
+        let events = store.events(&run.id).await?;
+        let fresh = events.get(seen..).unwrap_or_default();
+        seen = events.len();
+        let (early, late): (Vec<&RunEvent>, Vec<&RunEvent>) = fresh
+            .iter()
+            .partition(|e| matches!(e.state, RunState::Queued | RunState::Preparing | RunState::Running));
+        early.into_iter().for_each(&mut on_event);
+        if !fresh.is_empty() {
             quiet_since = tokio::time::Instant::now();
         }
         if let Ok(bytes) = std::fs::read(path) {
@@ -500,6 +505,7 @@ pub async fn watch(
                 quiet_since = tokio::time::Instant::now();
             }
         }
+        late.into_iter().for_each(&mut on_event);
         if run.state.is_terminal() {
             if !partial.is_empty() {
                 on_line(&partial);
@@ -583,7 +589,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         p.branch
     );
     let status = std::process::Command::new("docker")
-        .args(spec.docker_run_args())
+        .args(spec.docker_run_args(std::io::stdin().is_terminal()))
         .status();
     if user != me {
         crate::orchestrator::workspace::chown_tree(&ws, me.0, me.1)?;

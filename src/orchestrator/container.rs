@@ -93,13 +93,12 @@ impl AgentSpec {
     }
 
     /// The same container as `docker run` arguments, for `threadline shell`.
-    pub fn docker_run_args(&self) -> Vec<String> {
+    pub fn docker_run_args(&self, tty: bool) -> Vec<String> {
         let hc = self.host_config();
         let mut args = vec![
             "run".into(),
             "--rm".into(),
             "--interactive".into(),
-            "--tty".into(),
             "--name".into(),
             self.name.clone(),
             "--user".into(),
@@ -118,6 +117,9 @@ impl AgentSpec {
             "--tmpfs".into(),
             "/tmp:rw,nosuid,nodev,size=1g,mode=1777".into(),
         ];
+        if tty {
+            args.push("--tty".into());
+        }
         if self.read_only_rootfs {
             args.push("--read-only".into());
         }

@@ -362,9 +362,11 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
             },
         )
         .await?;
-    let detail = match exit_code {
-        Some(code) => format!("{} with exit code {code}", reason.as_str()),
-        None => reason.as_str().to_owned(),
+    let detail = match (reason, exit_code) {
+        (EndReason::Exited, Some(code)) => format!("agent exited with code {code}"),
+        (EndReason::TimedOut, _) => "timed out: agent stopped".to_owned(),
+        (EndReason::Cancelled, _) => "cancelled: agent stopped".to_owned(),
+        _ => "container lost".to_owned(),
     };
     transition(inner, &run.id, RunState::Running, RunState::Saving, &detail).await?;
     Ok(true)

@@ -163,6 +163,12 @@ impl Orchestrator {
         run_dir(&self.inner.config.data_dir, run_id).join("agent.log")
     }
 
+    /// Threadline's bare mirror of the pipeline's repository (where a local-only
+    /// pipeline's branch lives).
+    pub fn mirror_path(&self, pipeline: &Pipeline) -> PathBuf {
+        self.inner.git.mirror_path(&pipeline.remote_url)
+    }
+
     pub fn workspace_path(&self, pipeline_id: &str) -> PathBuf {
         self.inner.git.workspace_path(pipeline_id)
     }

@@ -557,23 +557,20 @@ enum Bind {
 
 async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &str, run: &NewRun) -> Result<Inserted> {
     let now = now_millis();
-    let seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM runs WHERE pipeline_id = $1")
-        .bind(pipeline_id)
-        .fetch_one(&mut **tx)
-        .await?;
-    let id = format!("{pipeline_id}-{seq}");
-    sqlx::query(
+    // The write comes first: a SQLite transaction that reads before writing cannot wait
+    // for another writer and fails with "database is locked".
+    let id: String = sqlx::query_scalar(
         "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued', $7)",
+         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5 \
+         FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM runs WHERE pipeline_id = $1) AS next \
+         RETURNING id",
     )
-    .bind(&id)
     .bind(pipeline_id)
-    .bind(seq)
     .bind(&run.prompt)
     .bind(&run.agent)
     .bind(&run.requested_by)
     .bind(now)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
     if let Some(key) = &run.idempotency_key {
         let fresh = sqlx::query(

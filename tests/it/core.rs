@@ -581,55 +581,94 @@ fn a_bad_config_names_the_key_and_the_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_killed_mid_run_finishes_the_run_on_restart_once() {
+async fn a_failed_push_keeps_the_commit_and_a_retry_pushes_it() {
     let env = TestEnv::new();
-    let config_path = env.dir.path().join("threadline.toml");
-    std::fs::write(
-        &config_path,
-        format!(
-            "data_dir = {:?}\ndefault_agent = \"sh\"\n[agents.sh]\nimage = {:?}\nargv = [\"sh\", \"/threadline/prompt.md\"]\nnetwork = \"none\"\nstop_grace_secs = 1\n",
-            env.config.data_dir,
-            crate::harness::IMAGE
-        ),
-    )
-    .unwrap();
-    let bin = env!("CARGO_BIN_EXE_threadline");
-    let cli = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.arg("--config").arg(&config_path).args(args);
-        c
-    };
-    let mut child = cli(&[
-        "run",
-        "--repo",
-        &env.origin_url(),
-        "echo started > a.txt\nsleep 4\necho finished > b.txt",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "echo one > one.txt\nsleep 2").await;
+    wait_for(orch.store(), &sub.run.id, "running", |r| r.state == RunState::Running).await;
+    // The origin goes away while the agent works.
+    let away = env.dir.path().join("origin-away.git");
+    std::fs::rename(&env.origin, &away).unwrap();
+    let run = finished(orch.store(), &sub.run.id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert!(!run.pushed);
+    let error = run.error.clone().unwrap();
+    assert!(error.contains("push failed") && error.contains("retry"), "{error}");
+    let ws = orch.workspace_path(&sub.pipeline.id);
+    assert_eq!(
+        Some(git(&ws, &["rev-parse", &sub.pipeline.branch])),
+        run.head_commit,
+        "the commit is kept"
+    );
 
+    std::fs::rename(&away, &env.origin).unwrap();
+    let retry = orch.retry(&run.id, "tester", None).await.unwrap();
+    let again = finished(orch.store(), &retry.run.id).await;
+    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    assert!(again.pushed);
+    assert_eq!(
+        env.origin_file(&sub.pipeline.branch, "one.txt").as_deref(),
+        Some("one\n")
+    );
+    assert_eq!(
+        env.origin_head(&sub.pipeline.branch),
+        run.head_commit,
+        "the earlier commit is what got pushed"
+    );
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_run_finishes_its_runs_on_restart_once() {
+    let env = TestEnv::new();
+    let config_path = crate::harness::write_cli_config(&env, "");
+    let cli = |args: &[&str]| crate::harness::cli(&config_path, args);
+    let mut daemon = cli(&["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let store = Store::open(&env.config.database_url()).await.unwrap();
-    let run_id = loop {
-        if let Some(p) = store.pipelines(1).await.unwrap().pop() {
-            break format!("{}-1", p.pipeline.id);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let submit = |prompt: &str| {
+        let out = cli(&["run", "--detach", "--repo", &env.origin_url(), prompt])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("run      "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_owned()
     };
-    let running = wait_for(&store, &run_id, "running", |r| r.state == RunState::Running).await;
+    // One agent exits while the daemon is dead; the other is still running at restart.
+    let short = submit("echo a > a.txt\nsleep 1\necho a2 > a2.txt");
+    let long = submit("echo b > b.txt\nsleep 8\necho b2 > b2.txt");
+    for id in [&short, &long] {
+        wait_for(&store, id, "running", |r| r.state == RunState::Running).await;
+    }
+    let long_pipeline = store.run(&long).await.unwrap().unwrap().pipeline_id;
     // A follow-up queued meanwhile must still run after the restart.
-    let out = cli(&["follow-up", "--detach", &running.pipeline_id, "echo again > c.txt"])
+    let out = cli(&["follow-up", "--detach", &long_pipeline, "echo again > c.txt"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    while docker_inspect(&format!("threadline-run-{short}")).unwrap()["State"]["Running"] == true {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
-        store.run(&run_id).await.unwrap().unwrap().state,
-        RunState::Running,
-        "killed mid-run"
+        docker_inspect(&format!("threadline-run-{long}")).unwrap()["State"]["Running"],
+        true
     );
+    for id in [&short, &long] {
+        assert_eq!(
+            store.run(id).await.unwrap().unwrap().state,
+            RunState::Running,
+            "killed mid-run"
+        );
+    }
 
     let mut serve = cli(&["serve", "--until-idle"])
         .stdout(Stdio::null())
@@ -640,46 +679,127 @@ async fn a_daemon_killed_mid_run_finishes_the_run_on_restart_once() {
     while serve.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             serve.kill().unwrap();
-            panic!("`serve --until-idle` never finished the interrupted run");
+            panic!("`serve --until-idle` never finished the interrupted runs");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(serve.wait().unwrap().success());
-    let run = store.run(&run_id).await.unwrap().unwrap();
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
-    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
-    assert_eq!(env.origin_file(&pipeline.branch, "a.txt").as_deref(), Some("started\n"));
-    assert_eq!(
-        env.origin_file(&pipeline.branch, "b.txt").as_deref(),
-        Some("finished\n"),
-        "the agent ran to its end"
-    );
+    for (id, files) in [(&short, ["a.txt", "a2.txt"]), (&long, ["b.txt", "b2.txt"])] {
+        let run = store.run(id).await.unwrap().unwrap();
+        assert_eq!(run.state, RunState::Succeeded, "{id}: {:?}", run.error);
+        let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+        for f in files {
+            assert!(env.origin_file(&pipeline.branch, f).is_some(), "{f} pushed for {id}");
+        }
+        let events = store.events(id).await.unwrap();
+        let count = |s: RunState| events.iter().filter(|e| e.state == s).count();
+        assert_eq!(
+            (count(RunState::Running), count(RunState::Succeeded)),
+            (1, 1),
+            "ran once: {events:?}"
+        );
+    }
+    let pipeline = store.pipeline(&long_pipeline).await.unwrap().unwrap();
     assert_eq!(
         env.origin_file(&pipeline.branch, "c.txt").as_deref(),
         Some("again\n"),
         "the queued follow-up ran"
     );
-    let events = store.events(&run_id).await.unwrap();
-    let count = |s: RunState| events.iter().filter(|e| e.state == s).count();
-    assert_eq!(
-        (count(RunState::Running), count(RunState::Succeeded)),
-        (1, 1),
-        "ran once: {events:?}"
-    );
-    // One commit for the run, one for the follow-up, on top of main.
-    let log = git(
+    let commits = git(
         &env.origin,
         &["rev-list", "--count", &format!("main..{}", pipeline.branch)],
     );
-    assert_eq!(log, "2");
-    assert_eq!(store.runs(&pipeline.id).await.unwrap().len(), 2);
+    assert_eq!(commits, "2", "one commit per run, none twice");
 
     let out = cli(&["runs", &pipeline.id]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains(&run_id) && table.contains("succeeded") && table.contains("1 file changed"),
+        table.contains(&long) && table.contains("succeeded") && table.contains("2 files +2 -0"),
         "{table}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_runs_a_pipeline_shows_its_config_and_opens_a_shell() {
+    let env = TestEnv::new();
+    let config_path = crate::harness::write_cli_config(&env, "[git]\ntoken = \"supersecret-xyz-123\"\n");
+    let cli = |args: &[&str]| crate::harness::cli(&config_path, args);
+
+    let out = cli(&["config"])
+        .env("THREADLINE_MAX_CONCURRENT_RUNS", "7")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("max_concurrent_runs = 7"),
+        "environment overrides the file:\n{text}"
+    );
+    assert!(
+        !text.contains("supersecret-xyz-123") && text.contains("[REDACTED]"),
+        "{text}"
+    );
+
+    let out = cli(&[
+        "run",
+        "--repo",
+        &env.origin_url(),
+        "echo hello > hello.txt\necho working",
+    ])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "preparing",
+        "running",
+        "│ working",
+        "succeeded",
+        "branch  threadline/",
+        "commit  ",
+        "changes 1 file changed",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    let out = cli(&["run", "--repo", &env.origin_url(), "exit 4"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "a failed run exits 1");
+
+    let store = Store::open(&env.config.database_url()).await.unwrap();
+    let first = store.pipelines(10).await.unwrap().pop().unwrap().pipeline;
+    let mut shell = cli(&["shell", &first.id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    shell
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"cat hello.txt\nid -u\ntouch /etc/x || echo no-etc\n")
+        .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("hello") && text.contains("no-etc") && !text.lines().any(|l| l == "0"),
+        "{text}"
+    );
+    // The workspace is the daemon's again afterwards.
+    use std::os::unix::fs::MetadataExt;
+    let ws = env.config.data_dir.join("workspaces").join(&first.id);
+    assert_eq!(
+        std::fs::metadata(&ws).unwrap().uid(),
+        std::fs::metadata(&env.config.data_dir).unwrap().uid()
+    );
+
+    let out = cli(&["logs", &first.id]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("working"));
 }
 
 /// `docker inspect` of a container, or None when it does not exist.

@@ -200,3 +200,25 @@ pub async fn wait_for(store: &Store, run_id: &str, what: &str, done: impl Fn(&Ru
 pub async fn finished(store: &Store, run_id: &str) -> Run {
     wait_for(store, run_id, "finished", |r| r.state.is_terminal()).await
 }
+
+/// Writes a TOML config for the binary: this environment's data directory and "sh" agent.
+pub fn write_cli_config(env: &TestEnv, extra: &str) -> PathBuf {
+    let path = env.dir.path().join("threadline.toml");
+    let agent = sh_agent();
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = {:?}\ndefault_agent = \"sh\"\n{extra}\n[agents.sh]\nimage = {:?}\nargv = {:?}\nnetwork = \"none\"\nstop_grace_secs = 1\n",
+            env.config.data_dir, agent.image, agent.argv
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The `threadline` binary with that config.
+pub fn cli(config: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_threadline"));
+    c.arg("--config").arg(config).args(args);
+    c
+}
