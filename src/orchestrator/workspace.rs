@@ -305,10 +305,14 @@ impl Git {
             });
         }
         let ws = self.workspace_path(&pipeline.id);
-        if !ws.join(".git").exists() {
+        let fresh = !ws.join(".git").exists();
+        if fresh {
             self.clone_workspace(&mirror, &ws)?;
         }
         let repo = Repository::open(&ws)?;
+        // Handing the workspace to the agent's user and back changes every file's ctime;
+        // trusting it would make staging re-hash every file of the repository.
+        repo.config()?.set_bool("core.trustctime", false)?;
         let branch_ref = format!("refs/heads/{}", pipeline.branch);
         let tracking = format!("refs/remotes/origin/{}", pipeline.branch);
         {
@@ -352,7 +356,15 @@ impl Git {
         let commit = repo.find_commit(start)?;
         if local_head != Some(start) {
             // Check the target out before moving the branch, so a failure moves nothing.
-            repo.checkout_tree(commit.as_object(), Some(CheckoutBuilder::new().safe()))?;
+            // A fresh clone's empty work tree holds nothing to protect: `force` skips the
+            // per-file comparison that `safe` needs for a work tree in use.
+            let mut how = CheckoutBuilder::new();
+            if fresh {
+                how.force();
+            } else {
+                how.safe();
+            }
+            repo.checkout_tree(commit.as_object(), Some(&mut how))?;
             repo.reference(&branch_ref, start, true, "threadline: start of run")?;
         }
         repo.set_head(&branch_ref)?;
@@ -563,10 +575,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Changes the owner of a tree (symlinks themselves, never their targets).
+/// Changes the owner of a tree (symlinks themselves, never their targets), skipping
+/// entries that already have it.
 pub fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(path)?;
+    if (meta.uid(), meta.gid()) != (uid, gid) {
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    }
     if meta.is_dir() {
         for entry in fs::read_dir(path)? {
             chown_tree(&entry?.path(), uid, gid)?;

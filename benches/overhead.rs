@@ -1,0 +1,452 @@
+//! Threadline's overhead against the bare floor, measured side by side in one run:
+//! `cargo bench --bench overhead` (set BENCH_REPS to change the repetitions).
+//!
+//! 1. A whole run with a trivial agent against `docker run` (CLI and bollard) plus a
+//!    `git clone --local`, commit and push of the same change.
+//! 2. Follow-ups, which reuse the workspace.
+//! 3. 50 pipelines at once at two concurrency limits against 50 bare `docker run`s under
+//!    the same limit, with the acknowledgment latency of new prompts meanwhile.
+//! 4. Resident memory idle and at 50 pipelines.
+//! 5. Workspace preparation in a 20,000-file repository against `git clone --local`.
+
+#[path = "../tests/it/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::ContainerCreateBody;
+use futures_util::StreamExt;
+use harness::{IMAGE, TestEnv, follow_up, git};
+use threadline::model::{Run, RunState};
+use threadline::orchestrator::Orchestrator;
+use threadline::store::Store;
+
+/// The trivial agent's work: one small change, the same the floor commits.
+const AGENT: &str = "echo change > bench.txt";
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    // BENCH_ONLY=1,3,5 runs some sections (1 includes 2, 3 includes 4).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |n: &str| only.is_empty() || only.split(',').any(|s| s.trim() == n);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    println!("# Threadline overhead benchmark");
+    println!("machine: {cores} cores, {}; docker {}", mem_total(), docker_version());
+    println!("repetitions: {reps} (medians and p95 over them)\n");
+
+    let env = TestEnv::new();
+    let docker = Docker::connect_with_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let rss_before = rss_mb();
+
+    if wanted("1") {
+        single_runs(&env, &docker, reps).await;
+    }
+    if wanted("3") {
+        concurrent_runs(cores, rss_before).await;
+    }
+    if wanted("5") {
+        large_repo(reps.min(5)).await;
+    }
+}
+
+/// Sections 1 and 2: one run at a time against the floor.
+async fn single_runs(env: &TestEnv, docker: &Docker, reps: usize) {
+    let orch = env.orchestrator().await;
+    let mut floor_cli = Vec::new();
+    let mut floor_bollard = Vec::new();
+    let mut floor_git = Vec::new();
+    let mut first = Phases::default();
+    let mut follow = Phases::default();
+    for i in 0..reps {
+        // Interleaved, so drift on this shared machine hits all series alike.
+        floor_cli.push(time(docker_run_cli));
+        floor_bollard.push(docker_run_bollard(docker).await);
+        floor_git.push(git_floor(env, i));
+        let sub = env.start(&orch, AGENT).await;
+        first.add(&orch, &sub.run.id).await;
+        let next = orch
+            .submit_follow_up(follow_up(&sub.pipeline.id, &format!("echo {i} >> bench.txt")))
+            .await
+            .unwrap();
+        follow.add(&orch, &next.run.id).await;
+    }
+    let floor: Vec<f64> = floor_cli.iter().zip(&floor_git).map(|(d, g)| d + g).collect();
+    println!("## 1. One run with a trivial agent (ms)\n");
+    println!("| series | median | p95 |");
+    println!("|---|---:|---:|");
+    row("floor: `docker run --rm` (CLI)", &floor_cli);
+    row("floor: create/start/wait/remove (bollard)", &floor_bollard);
+    row("floor: `git clone --local` + commit + push", &floor_git);
+    row("**floor total** (CLI docker run + git)", &floor);
+    first.rows("first run");
+    follow.rows("follow-up");
+    let (tl, fl) = (median(&first.total), median(&floor));
+    println!(
+        "\nfirst run / floor: **{:.2}×** at the median, {:+.0} ms (target ≤ 1.5× and ≤ +300 ms: {})",
+        tl / fl,
+        tl - fl,
+        verdict(tl / fl <= 1.5 && tl - fl <= 300.0)
+    );
+    let (fu, _) = (median(&follow.total), ());
+    println!(
+        "follow-up / floor: **{:.2}×**, {:+.0} ms; follow-up overhead {:+.0} ms vs first run {:+.0} ms (target: lower: {})\n",
+        fu / fl,
+        fu - fl,
+        fu - fl,
+        tl - fl,
+        verdict(fu < tl)
+    );
+    orch.shutdown().await;
+}
+
+/// Sections 3 and 4: 50 pipelines at once, acknowledgments meanwhile, memory.
+async fn concurrent_runs(cores: usize, rss_before: f64) {
+    let rss_idle = {
+        let env = TestEnv::new();
+        let orch = env.orchestrator().await;
+        let rss = rss_mb();
+        orch.shutdown().await;
+        rss
+    };
+    println!("## 3. 50 pipelines at once (s, ms)\n");
+    println!("| limit | bare `docker run`s | Threadline | ratio | ack median | ack p99 | peak RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut peak_rss = 0.0f64;
+    for limit in [cores, 8] {
+        let bare = bare_runs(50, limit).await;
+        let mut env = TestEnv::new();
+        env.config.max_concurrent_runs = limit as u32;
+        let orch = env.orchestrator().await;
+        let probe = env.start(&orch, "true").await; // a pipeline to send acknowledged prompts to
+        harness::finished(orch.store(), &probe.run.id).await;
+        let peak = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = tokio::spawn(sample_rss(peak.clone(), stop.clone()));
+        let started = Instant::now();
+        let mut subs = Vec::new();
+        let mut acks = Vec::new();
+        for i in 0..50 {
+            let t = Instant::now();
+            subs.push(env.start(&orch, &format!("echo {i} > bench.txt")).await);
+            acks.push(ms(t.elapsed()));
+        }
+        // Prompts arriving while the 50 run: acknowledged (queued), then withdrawn.
+        let store = orch.store().clone();
+        let ids: Vec<String> = subs.iter().map(|s| s.run.id.clone()).collect();
+        loop {
+            let t = Instant::now();
+            let ack = orch
+                .submit_follow_up(follow_up(&probe.pipeline.id, "true"))
+                .await
+                .unwrap();
+            acks.push(ms(t.elapsed()));
+            orch.cancel(&ack.run.id).await.unwrap();
+            if all_done(&store, &ids).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let total = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        sampler.await.unwrap();
+        let peak_mb = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+        peak_rss = peak_rss.max(peak_mb);
+        for id in &ids {
+            let run = store.run(id).await.unwrap().unwrap();
+            assert_eq!(run.state, RunState::Succeeded, "{id}: {:?}", run.error);
+        }
+        println!(
+            "| {limit} | {bare:.1} | {total:.1} | {:.2}× | {:.1} | {:.1} | {peak_mb:.0} MB |",
+            total / bare,
+            median(&acks),
+            pct(&acks, 99.0)
+        );
+        orch.shutdown().await;
+    }
+    println!(
+        "\nacknowledgment: `submit_*` (validate, store, queue) of prompts arriving while the runs execute; target p99 < 200 ms.\n"
+    );
+    println!("## 4. Resident memory (MB)\n");
+    println!("| before start | idle (orchestrator started) | peak at 50 pipelines |");
+    println!("|---:|---:|---:|");
+    println!(
+        "| {rss_before:.0} | {rss_idle:.0} | {peak_rss:.0} |\n\ntarget < 60 MB at 50: {}\n",
+        verdict(peak_rss < 60.0)
+    );
+}
+
+/// Timings of one kind of run, from its stored transitions.
+#[derive(Default)]
+struct Phases {
+    to_running: Vec<f64>,
+    running: Vec<f64>,
+    saving: Vec<f64>,
+    total: Vec<f64>,
+}
+
+impl Phases {
+    async fn add(&mut self, orch: &Orchestrator, run_id: &str) {
+        let run = harness::finished(orch.store(), run_id).await;
+        assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+        let events = orch.store().events(run_id).await.unwrap();
+        let at = |s: RunState| events.iter().find(|e| e.state == s).unwrap().at as f64;
+        self.to_running.push(at(RunState::Running) - at(RunState::Queued));
+        self.running.push(at(RunState::Saving) - at(RunState::Running));
+        self.saving.push(at(RunState::Succeeded) - at(RunState::Saving));
+        self.total.push(at(RunState::Succeeded) - at(RunState::Queued));
+    }
+
+    fn rows(&self, what: &str) {
+        row(&format!("{what}: prompt accepted → agent running"), &self.to_running);
+        row(&format!("{what}: agent running → exited"), &self.running);
+        row(
+            &format!("{what}: agent exited → pushed, final state stored"),
+            &self.saving,
+        );
+        row(&format!("**{what} total**"), &self.total);
+    }
+}
+
+fn docker_run_cli() {
+    let ok = Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo change > bench.txt",
+        ])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+async fn docker_run_bollard(docker: &Docker) -> f64 {
+    let t = Instant::now();
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.into()),
+        cmd: Some(vec!["sh".into(), "-c".into(), "echo change > bench.txt".into()]),
+        ..Default::default()
+    };
+    let id = docker.create_container(None, body).await.unwrap().id;
+    docker.start_container(&id, None).await.unwrap();
+    let _ = docker.wait_container(&id, None).next().await;
+    docker
+        .remove_container(
+            &id,
+            Some(
+                bollard::query_parameters::RemoveContainerOptionsBuilder::new()
+                    .force(true)
+                    .build(),
+            ),
+        )
+        .await
+        .unwrap();
+    ms(t.elapsed())
+}
+
+fn git_floor(env: &TestEnv, i: usize) -> f64 {
+    let dir = env.dir.path().join(format!("floor-{i}"));
+    let t = Instant::now();
+    git(
+        env.dir.path(),
+        &["clone", "-q", "--local", &env.origin_url(), dir.to_str().unwrap()],
+    );
+    std::fs::write(dir.join("bench.txt"), "change\n").unwrap();
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-q", "-m", "floor"]);
+    git(&dir, &["push", "-q", "origin", &format!("HEAD:refs/heads/floor-{i}")]);
+    ms(t.elapsed())
+}
+
+/// `n` bare `docker run`s, at most `limit` at once; seconds.
+async fn bare_runs(n: usize, limit: usize) -> f64 {
+    let sem = Arc::new(tokio::sync::Semaphore::new(limit));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let permit = sem.clone().acquire_owned().await.unwrap();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            docker_run_cli();
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    t.elapsed().as_secs_f64()
+}
+
+async fn all_done(store: &Store, ids: &[String]) -> bool {
+    for id in ids {
+        let run: Run = store.run(id).await.unwrap().unwrap();
+        if !run.state.is_terminal() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn large_repo(reps: usize) {
+    println!("## 5. A 20,000-file repository (ms)\n");
+    let mut env = TestEnv::new();
+    env.config.max_concurrent_runs = 1;
+    let seed = env.dir.path().join("big");
+    git(
+        env.dir.path(),
+        &["clone", "-q", &env.origin_url(), seed.to_str().unwrap()],
+    );
+    let t = Instant::now();
+    for round in 0..3 {
+        for d in 0..100 {
+            let dir = seed.join(format!("src/m{d:03}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..200 {
+                if round == 0 || f % 10 == round {
+                    std::fs::write(
+                        dir.join(format!("f{f:03}.rs")),
+                        format!("// {round} {d} {f}\npub fn f() {{}}\n"),
+                    )
+                    .unwrap();
+                }
+            }
+        }
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["commit", "-q", "-m", &format!("round {round}")]);
+    }
+    git(&seed, &["push", "-q", "origin", "main"]);
+    println!(
+        "(generated 20,000 files in 3 commits in {:.1} s)\n",
+        t.elapsed().as_secs_f64()
+    );
+
+    let orch = env.orchestrator().await;
+    let mut clone = Vec::new();
+    let mut first_prep = Vec::new();
+    let mut follow_prep = Vec::new();
+    let mut first_total = Vec::new();
+    for i in 0..reps {
+        let dir = env.dir.path().join(format!("big-floor-{i}"));
+        clone.push(time(|| {
+            git(
+                env.dir.path(),
+                &["clone", "-q", "--local", &env.origin_url(), dir.to_str().unwrap()],
+            );
+        }));
+        let sub = env.start(&orch, AGENT).await;
+        let (prep, total) = prep_and_total(&orch, &sub.run.id).await;
+        first_prep.push(prep);
+        first_total.push(total);
+        let next = orch
+            .submit_follow_up(follow_up(&sub.pipeline.id, "echo 2 >> bench.txt"))
+            .await
+            .unwrap();
+        follow_prep.push(prep_and_total(&orch, &next.run.id).await.0);
+    }
+    println!("| series | median | p95 |");
+    println!("|---|---:|---:|");
+    row("`git clone --local`", &clone);
+    row("first run: workspace preparation (preparing → running)", &first_prep);
+    row("follow-up: workspace preparation", &follow_prep);
+    row("first run total", &first_total);
+    println!(
+        "\nfirst-run preparation / clone: {:.2}×; follow-up preparation / clone: {:.2}×",
+        median(&first_prep) / median(&clone),
+        median(&follow_prep) / median(&clone)
+    );
+    orch.shutdown().await;
+}
+
+async fn prep_and_total(orch: &Orchestrator, run_id: &str) -> (f64, f64) {
+    let run = harness::finished(orch.store(), run_id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let events = orch.store().events(run_id).await.unwrap();
+    let at = |s: RunState| events.iter().find(|e| e.state == s).unwrap().at as f64;
+    (
+        at(RunState::Running) - at(RunState::Preparing),
+        at(RunState::Succeeded) - at(RunState::Queued),
+    )
+}
+
+async fn sample_rss(peak: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        peak.fetch_max((rss_mb() * 1024.0) as u64, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn mem_total() -> String {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default()
+}
+
+fn docker_version() -> String {
+    let out = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn time(f: impl FnOnce()) -> f64 {
+    let t = Instant::now();
+    f();
+    ms(t.elapsed())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(v: &[f64]) -> f64 {
+    pct(v, 50.0)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[idx.min(s.len() - 1)]
+}
+
+fn row(what: &str, v: &[f64]) {
+    println!("| {what} | {:.0} | {:.0} |", median(v), pct(v, 95.0));
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
