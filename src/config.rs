@@ -56,8 +56,46 @@ pub struct Config {
     /// Log lines kept in the database per run (the whole log is in a file).
     pub log_tail_lines: usize,
     pub git: GitConfig,
-    #[serde(rename = "agents")]
+    pub web: WebConfig,
+    /// Repositories prompts may name (`repo=<name>` in chat, the picker in the web chat).
+    pub repos: BTreeMap<String, RepoConfig>,
     pub agents: BTreeMap<String, AgentProfile>,
+}
+
+/// The built-in web chat, dashboard, JSON API and metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    pub enabled: bool,
+    /// Loopback by default. Any other address needs `token`.
+    pub listen: String,
+    /// Required on every request (Bearer header, or once as `?token=`) when set.
+    pub token: Secret,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            token: Secret::default(),
+        }
+    }
+}
+
+/// A repository prompts can name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepoConfig {
+    /// A path (checkout or bare) or a URL.
+    pub url: String,
+    /// Default: `default_base_branch`.
+    pub base_branch: Option<String>,
+    /// Default: `default_agent`.
+    pub agent: Option<String>,
+    /// A link to a branch on the forge, with `{branch}`:
+    /// `https://github.com/OWNER/REPO/tree/{branch}`.
+    pub branch_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +201,8 @@ impl Default for Config {
             max_prompt_bytes: 32 * 1024,
             log_tail_lines: 200,
             git: GitConfig::default(),
+            web: WebConfig::default(),
+            repos: BTreeMap::new(),
             agents,
         }
     }
@@ -284,6 +324,28 @@ impl Config {
                 ),
             ));
         }
+        if self.web.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "web.listen",
+                format!("{:?} is not an address like 127.0.0.1:8080", self.web.listen),
+            ));
+        }
+        for (name, repo) in &self.repos {
+            if repo.url.trim().is_empty() {
+                return Err(invalid(&format!("repos.{name}.url"), "must name a path or URL".into()));
+            }
+            if let Some(agent) = &repo.agent
+                && !self.agents.contains_key(agent)
+            {
+                return Err(invalid(
+                    &format!("repos.{name}.agent"),
+                    format!(
+                        "names {agent:?}, which is not an agent profile (known: {})",
+                        self.agent_names().join(", ")
+                    ),
+                ));
+            }
+        }
         for (name, agent) in &self.agents {
             let key = |field: &str| format!("agents.{name}.{field}");
             if agent.image.trim().is_empty() {
@@ -337,8 +399,10 @@ impl Config {
     /// the values of all passed-through environment variables.
     pub fn secret_values(&self) -> Vec<String> {
         let mut values = Vec::new();
-        if !self.git.token.is_empty() {
-            values.push(self.git.token.expose().to_owned());
+        for secret in [&self.git.token, &self.web.token] {
+            if !secret.is_empty() {
+                values.push(secret.expose().to_owned());
+            }
         }
         for agent in self.agents.values() {
             for name in &agent.env {

@@ -2,11 +2,12 @@
 //! git branch and its runs); each prompt is a run of an agent in a hardened local
 //! container whose work is committed to the pipeline's branch and pushed.
 //!
-//! `ARCHITECTURE.md` has the map. In short: front ends (`cli`, later `bots`) call the
+//! `ARCHITECTURE.md` has the map. In short: front ends (`cli`, `bots`) call the
 //! [`orchestrator`], which keeps its state in the [`store`].
 
 #![forbid(unsafe_code)]
 
+pub mod bots;
 pub mod cli;
 pub mod config;
 pub mod model;

@@ -82,11 +82,18 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
-    /// Run the daemon: execute every queued run and resume interrupted ones.
+    /// Run the daemon: the web chat and dashboard, and every queued or interrupted run.
     Serve {
-        /// Exit once nothing is queued or running (for scripts and cron).
+        /// Exit once nothing is queued or running (for scripts and cron); no web server.
         #[arg(long)]
         until_idle: bool,
+        /// A repository the chat may use, named after its directory (repeatable); adds to
+        /// the [repos] of the config.
+        #[arg(long = "repo", value_name = "PATH_OR_URL")]
+        repos: Vec<String>,
+        /// Where the web chat listens (overrides web.listen). Off loopback it needs web.token.
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Check Docker, git, the configuration, the store and the images; say what to fix.
     Doctor,
@@ -270,7 +277,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { until_idle } => serve(config, until_idle).await,
+        Command::Serve {
+            until_idle,
+            repos,
+            listen,
+        } => {
+            let mut config = config;
+            add_repos(&mut config, &repos)?;
+            if let Some(addr) = listen {
+                config.web.listen = addr;
+            }
+            config.validate(cli.config.as_deref())?;
+            serve(config, until_idle).await
+        }
         Command::Shell { pipeline, agent } => shell(config, &pipeline, agent.as_deref()).await,
         Command::Run(args) => {
             let orch = open(config).await?;
@@ -323,8 +342,10 @@ async fn find_run(store: &Store, id: &str) -> anyhow::Result<Run> {
 
 fn redacted_toml(config: &Config) -> String {
     let mut shown = config.clone();
-    if !shown.git.token.is_empty() {
-        shown.git.token = crate::config::Secret::new("[REDACTED]");
+    for secret in [&mut shown.git.token, &mut shown.web.token] {
+        if !secret.is_empty() {
+            *secret = crate::config::Secret::new("[REDACTED]");
+        }
     }
     shown.to_toml()
 }
@@ -526,19 +547,86 @@ pub async fn watch(
 }
 
 async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
+    let web = config.web.enabled && !until_idle;
+    // Refuse a non-loopback address without a token before anything starts.
+    let listener = if web {
+        Some(crate::bots::web::bind(&config).await?)
+    } else {
+        None
+    };
     let orch = open(config).await?;
     orch.start(Scope::All).await?;
     if until_idle {
         orch.wait_until_idle(&Scope::All).await?;
-    } else {
-        eprintln!(
-            "threadline is running: executing queued runs (max {} at once). Ctrl-C stops; running agents keep going and are followed again on the next start.",
-            orch.config().max_concurrent_runs
-        );
-        tokio::signal::ctrl_c().await?;
+        orch.shutdown().await;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = match listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let state = crate::bots::web::WebState::new(orch.clone(), addr);
+            let repos = orch.config().repos.keys().cloned().collect::<Vec<_>>().join(", ");
+            eprintln!(
+                "threadline: web chat and dashboard on http://{addr}/ (repositories: {}); Ctrl-C stops",
+                if repos.is_empty() {
+                    "none yet: pass --repo PATH".to_owned()
+                } else {
+                    repos
+                }
+            );
+            let stopped = stop.clone();
+            Some(tokio::spawn(crate::bots::web::serve(listener, state, async move {
+                stopped.cancelled().await
+            })))
+        }
+        None => {
+            eprintln!("threadline: executing queued runs (web chat disabled); Ctrl-C stops");
+            None
+        }
+    };
+    eprintln!(
+        "threadline: at most {} runs at once; running agents keep going across restarts",
+        orch.config().max_concurrent_runs
+    );
+    tokio::signal::ctrl_c().await?;
+    stop.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
     }
     orch.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `--repo` paths or URLs to the configured repositories, named after their last
+/// path component.
+fn add_repos(config: &mut Config, repos: &[String]) -> anyhow::Result<()> {
+    for url in repos {
+        let resolved = std::fs::canonicalize(url)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| url.clone());
+        let base = resolved
+            .trim_end_matches('/')
+            .rsplit(['/', ':'])
+            .next()
+            .unwrap_or("repo")
+            .trim_end_matches(".git")
+            .to_owned();
+        let mut name = if base.is_empty() { "repo".to_owned() } else { base };
+        let mut n = 2;
+        while config.repos.contains_key(&name) {
+            name = format!("{}-{n}", name.trim_end_matches(char::is_numeric).trim_end_matches('-'));
+            n += 1;
+        }
+        config.repos.insert(
+            name,
+            crate::config::RepoConfig {
+                url: resolved,
+                ..Default::default()
+            },
+        );
+    }
+    Ok(())
 }
 
 async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {

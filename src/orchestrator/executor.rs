@@ -261,7 +261,14 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         network: profile.network.clone(),
         read_only_rootfs: profile.read_only_rootfs,
     };
-    match inner.runtime.start_agent(&spec).await {
+    let started = inner.runtime.start_agent(&spec).await;
+    let counter = if started.is_ok() {
+        &inner.counters.container_starts
+    } else {
+        &inner.counters.container_failures
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match started {
         Ok(id) => {
             inner
                 .store

@@ -24,6 +24,36 @@ pub use container::{ContainerError, ContainerRuntime};
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
 
+/// Counters for `/metrics`, kept by this process.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub container_starts: std::sync::atomic::AtomicU64,
+    pub container_failures: std::sync::atomic::AtomicU64,
+    /// Failed calls to a chat platform's API, by platform (chat adapters count them).
+    chat_api_errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl Counters {
+    pub fn chat_api_error(&self, platform: &'static str) {
+        *self.chat_api_errors.lock().unwrap().entry(platform).or_default() += 1;
+    }
+
+    /// Every platform that has an adapter running, with its count.
+    pub fn chat_api_errors(&self) -> Vec<(&'static str, u64)> {
+        self.chat_api_errors
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// Makes a platform show in `/metrics` from its start, at zero.
+    pub fn register_platform(&self, platform: &'static str) {
+        self.chat_api_errors.lock().unwrap().entry(platform).or_default();
+    }
+}
+
 /// What happened to a run, for whoever is watching in this process.
 #[derive(Debug, Clone)]
 pub enum RunUpdate {
@@ -117,6 +147,7 @@ pub(crate) struct Inner {
     mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// The daemon's own uid and gid.
     me: (u32, u32),
+    counters: Counters,
 }
 
 impl Orchestrator {
@@ -138,6 +169,7 @@ impl Orchestrator {
                 tracker: TaskTracker::new(),
                 executing: Mutex::new(HashSet::new()),
                 mirror_locks: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
             }),
         }
     }
@@ -152,6 +184,10 @@ impl Orchestrator {
 
     pub fn redactor(&self) -> &Redactor {
         &self.inner.redactor
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<RunUpdate> {

@@ -325,6 +325,28 @@ impl Store {
             .collect()
     }
 
+    /// How many runs are in each state, for metrics.
+    pub async fn count_by_state(&self) -> Result<Vec<(RunState, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM runs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((parse_state(&r.try_get::<String, _>("state")?)?, r.try_get("n")?)))
+            .collect()
+    }
+
+    /// Durations in milliseconds (acceptance to end) of the latest `limit` finished runs.
+    pub async fn finished_durations(&self, limit: i64) -> Result<Vec<Millis>> {
+        let rows = sqlx::query(&format!(
+            "SELECT finished_at - created_at AS d FROM runs WHERE state IN {TERMINAL_STATES} \
+             AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("d")?)).collect()
+    }
+
     // ---- the lifecycle ------------------------------------------------------------
 
     /// Takes the oldest queued run that may start now: its pipeline has no active run and

@@ -623,7 +623,7 @@ async fn a_daemon_killed_mid_run_finishes_its_runs_on_restart_once() {
     let env = TestEnv::new();
     let config_path = crate::harness::write_cli_config(&env, "");
     let cli = |args: &[&str]| crate::harness::cli(&config_path, args);
-    let mut daemon = cli(&["serve"])
+    let mut daemon = cli(&["serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

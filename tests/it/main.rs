@@ -2,6 +2,8 @@
 //! Real Docker with an image the tests build, real git with a local bare origin, a real
 //! SQLite file.
 
+mod browser;
 mod core;
 mod harness;
 mod store;
+mod web;

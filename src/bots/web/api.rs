@@ -1,0 +1,363 @@
+//! The JSON API (documented at `GET /api`), used by the web pages and by scripts.
+//! Nothing here shows file contents, diffs or secrets: prompts and logs are redacted.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::WebState;
+use crate::bots::render::{Detail, StatusCard, branch_link, status_card};
+use crate::model::{Origin, Pipeline, Run};
+use crate::orchestrator::{FollowUp, NewPipeline, RunUpdate, SubmitError, Submitted};
+
+/// An API error: a status and a sentence saying what to do.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let status = match &e {
+            SubmitError::EmptyPrompt
+            | SubmitError::PromptTooLong { .. }
+            | SubmitError::UnknownAgent { .. }
+            | SubmitError::Repo(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            SubmitError::UnknownPipeline(_) | SubmitError::UnknownRun(_) => StatusCode::NOT_FOUND,
+            SubmitError::NotRetryable { .. } => StatusCode::CONFLICT,
+            SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub async fn index() -> Json<Value> {
+    Json(json!({
+        "endpoints": [
+            {"method": "GET", "path": "/api/repos", "does": "configured repositories and agents"},
+            {"method": "GET", "path": "/api/pipelines[?surface=web|cli|slack|discord]", "does": "pipelines, newest first, each with its latest run's card"},
+            {"method": "POST", "path": "/api/pipelines", "body": {"repo": "name from /api/repos", "agent": "optional", "prompt": "text"}, "does": "start a pipeline (a web thread); send Idempotency-Key to make it safe to repeat"},
+            {"method": "GET", "path": "/api/pipelines/{id}", "does": "a pipeline with every run, its card and queue position"},
+            {"method": "POST", "path": "/api/pipelines/{id}/runs", "body": {"prompt": "text", "agent": "optional"}, "does": "a follow-up"},
+            {"method": "GET", "path": "/api/runs/{id}", "does": "a run: its state history, card and redacted log tail"},
+            {"method": "POST", "path": "/api/runs/{id}/cancel", "does": "cancel (work so far is saved)"},
+            {"method": "POST", "path": "/api/runs/{id}/retry", "does": "run a failed, timed out or cancelled run's prompt again"},
+            {"method": "GET", "path": "/api/events", "does": "Server-Sent Events: `card` (a run changed), `log` (a log line), `resync` (missed events: fetch again)"},
+            {"method": "GET", "path": "/healthz", "does": "liveness, no token needed"},
+            {"method": "GET", "path": "/metrics", "does": "Prometheus metrics"}
+        ],
+        "auth": "when web.token is set: `Authorization: Bearer <token>`, or a browser opens a page once with ?token=<token>"
+    }))
+}
+
+pub async fn healthz(State(state): State<WebState>) -> Response {
+    match state.orch.store().count_by_state().await {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "store unavailable", "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn repos(State(state): State<WebState>) -> Json<Value> {
+    let config = state.orch.config();
+    let redactor = state.orch.redactor();
+    let repos: Vec<Value> = config
+        .repos
+        .iter()
+        .map(|(name, r)| {
+            json!({
+                "name": name,
+                "url": redactor.redact(&strip_userinfo(&r.url)),
+                "base_branch": r.base_branch.as_deref().unwrap_or(&config.default_base_branch),
+                "agent": r.agent.as_deref().unwrap_or(&config.default_agent),
+            })
+        })
+        .collect();
+    Json(json!({ "repos": repos, "agents": config.agent_names(), "default_agent": config.default_agent }))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    surface: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn list_pipelines(State(state): State<WebState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+    let store = state.orch.store();
+    let mut out = Vec::new();
+    for s in store.pipelines(q.limit.unwrap_or(200).clamp(1, 1000)).await? {
+        if q.surface
+            .as_deref()
+            .is_some_and(|want| want != s.pipeline.origin.surface)
+        {
+            continue;
+        }
+        let runs = store.runs(&s.pipeline.id).await?;
+        let latest = match runs.last() {
+            Some(run) => Some(card(&state, &s.pipeline, run, &runs)),
+            None => None,
+        };
+        out.push(json!({
+            "pipeline": shown_pipeline(&state, &s.pipeline),
+            "runs": s.runs,
+            "latest": latest,
+            "requested_by": runs.first().map(|r| r.requested_by.clone()),
+        }));
+    }
+    Ok(Json(json!({ "pipelines": out })))
+}
+
+#[derive(Deserialize)]
+pub struct StartBody {
+    repo: String,
+    agent: Option<String>,
+    prompt: String,
+}
+
+pub async fn start_pipeline(
+    State(state): State<WebState>,
+    headers: HeaderMap,
+    Json(body): Json<StartBody>,
+) -> ApiResult<Response> {
+    let config = state.orch.config();
+    let Some(repo) = config.repos.get(&body.repo) else {
+        let known: Vec<&str> = config.repos.keys().map(String::as_str).collect();
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            if known.is_empty() {
+                "no repositories are configured: add one under [repos.NAME] in the config, or start with `threadline serve --repo PATH`".to_owned()
+            } else {
+                format!(
+                    "there is no repository named {:?}; the configured ones are: {}",
+                    body.repo,
+                    known.join(", ")
+                )
+            },
+        ));
+    };
+    let submitted = state
+        .orch
+        .submit_pipeline(NewPipeline {
+            repo: repo.url.clone(),
+            base_branch: repo.base_branch.clone(),
+            agent: body.agent.or_else(|| repo.agent.clone()),
+            prompt: body.prompt,
+            requested_by: "web".into(),
+            origin: Origin {
+                surface: "web".into(),
+                thread: uuid::Uuid::new_v4().simple().to_string(),
+            },
+            idempotency_key: idempotency_key(&headers),
+        })
+        .await?;
+    Ok(submitted_response(&state, submitted).await)
+}
+
+#[derive(Deserialize)]
+pub struct FollowUpBody {
+    prompt: String,
+    agent: Option<String>,
+}
+
+pub async fn follow_up(
+    State(state): State<WebState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<FollowUpBody>,
+) -> ApiResult<Response> {
+    let submitted = state
+        .orch
+        .submit_follow_up(FollowUp {
+            pipeline_id: id,
+            prompt: body.prompt,
+            agent: body.agent,
+            requested_by: "web".into(),
+            idempotency_key: idempotency_key(&headers),
+        })
+        .await?;
+    Ok(submitted_response(&state, submitted).await)
+}
+
+pub async fn retry(State(state): State<WebState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+    let submitted = state.orch.retry(&id, "web", idempotency_key(&headers)).await?;
+    Ok(submitted_response(&state, submitted).await)
+}
+
+pub async fn cancel(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let done = state.orch.cancel(&id).await?;
+    Ok(Json(json!({ "dequeued": done.dequeued, "stopping": done.stopping })))
+}
+
+pub async fn get_pipeline(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let store = state.orch.store();
+    let pipeline = store
+        .find_pipeline(&id)
+        .await?
+        .ok_or_else(|| ApiError::from(SubmitError::UnknownPipeline(id.clone())))?;
+    let runs = store.runs(&pipeline.id).await?;
+    let shown: Vec<Value> = runs
+        .iter()
+        .map(|r| json!({ "run": shown_run(&state, r), "card": card(&state, &pipeline, r, &runs) }))
+        .collect();
+    Ok(Json(
+        json!({ "pipeline": shown_pipeline(&state, &pipeline), "runs": shown }),
+    ))
+}
+
+pub async fn get_run(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let run = state.orch.find_run(&id).await?;
+    let store = state.orch.store();
+    let pipeline = store
+        .pipeline(&run.pipeline_id)
+        .await?
+        .ok_or_else(|| ApiError::from(SubmitError::UnknownPipeline(run.pipeline_id.clone())))?;
+    let runs = store.runs(&pipeline.id).await?;
+    let events = store.events(&run.id).await?;
+    Ok(Json(json!({
+        "pipeline": shown_pipeline(&state, &pipeline),
+        "run": shown_run(&state, &run),
+        "card": card(&state, &pipeline, &run, &runs),
+        "events": events,
+        "log_tail": run.log_tail,
+    })))
+}
+
+pub async fn events(State(state): State<WebState>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.orch.subscribe();
+    let stream = futures_util::stream::unfold((rx, state), |(mut rx, state)| async move {
+        loop {
+            let event = match rx.recv().await {
+                Ok(RunUpdate::State(run)) => {
+                    let store = state.orch.store();
+                    let (Ok(Some(pipeline)), Ok(runs)) = (
+                        store.pipeline(&run.pipeline_id).await,
+                        store.runs(&run.pipeline_id).await,
+                    ) else {
+                        continue;
+                    };
+                    // The stored run may be newer than the event's copy.
+                    let latest = runs.iter().find(|r| r.id == run.id).cloned().unwrap_or(*run);
+                    Event::default()
+                        .event("card")
+                        .json_data(card(&state, &pipeline, &latest, &runs))
+                }
+                Ok(RunUpdate::Log { run_id, line }) => Event::default()
+                    .event("log")
+                    .json_data(json!({ "run_id": run_id, "line": line })),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    Ok(Event::default().event("resync").data(""))
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            match event {
+                Ok(e) => return Some((Ok(e), (rx, state))),
+                Err(_) => continue,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn submitted_response(state: &WebState, s: Submitted) -> Response {
+    let runs = state.orch.store().runs(&s.pipeline.id).await.unwrap_or_default();
+    let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
+    let body = json!({
+        "pipeline": shown_pipeline(state, &s.pipeline),
+        "run": shown_run(state, &s.run),
+        "card": card(state, &s.pipeline, &s.run, &runs),
+        "created": s.created,
+        "ahead": s.ahead,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// The card of `run`, as the web shows it: on the user's own machine, so with the
+/// summary and the last log lines.
+fn card(state: &WebState, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> StatusCard {
+    let ahead = runs
+        .iter()
+        .filter(|r| r.seq < run.seq && !r.state.is_terminal())
+        .count();
+    let template = state
+        .orch
+        .config()
+        .repos
+        .values()
+        .find(|r| same_repo(&r.url, &pipeline.repo))
+        .map(|r| r.branch_url.clone())
+        .unwrap_or_default();
+    // The branch is on the forge once any run of the pipeline pushed it.
+    let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
+    status_card(
+        pipeline,
+        run,
+        ahead,
+        Detail::Logs,
+        branch_link(&template, &pipeline.branch).filter(|_| on_forge),
+        false,
+        state.orch.redactor(),
+    )
+}
+
+fn same_repo(configured: &str, stored: &str) -> bool {
+    configured == stored || std::fs::canonicalize(configured).is_ok_and(|p| p.display().to_string() == stored)
+}
+
+fn shown_pipeline(state: &WebState, p: &Pipeline) -> Value {
+    let r = state.orch.redactor();
+    json!({
+        "id": p.id, "repo": r.redact(&strip_userinfo(&p.repo)), "branch": p.branch, "base_branch": p.base_branch,
+        "agent": p.agent, "title": r.redact(&p.title), "surface": p.origin.surface, "thread": p.origin.thread,
+        "local_only": p.local_only, "created_at": p.created_at,
+    })
+}
+
+fn shown_run(state: &WebState, run: &Run) -> Value {
+    let r = state.orch.redactor();
+    let mut run = run.clone();
+    run.prompt = r.redact(&run.prompt);
+    run.log_tail = String::new(); // served by /api/runs/{id} only
+    serde_json::to_value(run).unwrap_or(Value::Null)
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+        .map(|k| format!("web:{k}"))
+}
+
+/// `https://user:token@host/x` → `https://host/x`.
+fn strip_userinfo(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((_, host)) if !rest.split('/').next().unwrap_or("").is_empty() && rest.find('@') < rest.find('/') => {
+                format!("{scheme}://{host}")
+            }
+            _ => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}

@@ -1,0 +1,216 @@
+//! A real browser (Debian's chromium, headless, driven by chromedriver over WebDriver)
+//! against the running web chat: start a thread, watch its card reach succeeded with a
+//! branch link, follow up, cancel a long run. Screenshots land in
+//! `target/test-artifacts/`.
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{ClientBuilder, Locator};
+use threadline::bots::web::{WebState, serve};
+use threadline::config::RepoConfig;
+
+use crate::harness::TestEnv;
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start_chromedriver() -> (Driver, u16) {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the browser test needs chromedriver: apt-get install chromium chromium-driver");
+    let driver = Driver(child);
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return (driver, port);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver did not start");
+}
+
+fn artifacts() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
+    let mut env = TestEnv::new();
+    env.config.repos.insert(
+        "demo".into(),
+        RepoConfig {
+            url: env.origin_url(),
+            branch_url: "https://forge.example/demo/tree/{branch}".into(),
+            ..Default::default()
+        },
+    );
+    let orch = env.orchestrator().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stopped = stop.clone();
+    let server = tokio::spawn(serve(listener, WebState::new(orch.clone(), addr), async move {
+        stopped.cancelled().await
+    }));
+
+    let (_driver, port) = start_chromedriver().await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]
+        }),
+    );
+    let browser = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("chromium starts under chromedriver");
+    let wait = |secs| {
+        browser
+            .wait()
+            .at_most(Duration::from_secs(secs))
+            .every(Duration::from_millis(100))
+    };
+
+    // A new thread with a prompt.
+    browser.goto(&format!("http://{addr}/")).await.unwrap();
+    wait(20)
+        .for_element(Locator::Css("#repo option[value=demo]"))
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Id("start-prompt"))
+        .await
+        .unwrap()
+        .send_keys("echo from-browser > b.txt\necho browser-log-line")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("#start button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+
+    // Its card reaches succeeded, with the branch link and the log line.
+    let card = wait(90)
+        .for_element(Locator::Css(".card[data-state=succeeded]"))
+        .await
+        .unwrap();
+    let link = card.find(Locator::Css("a.branch-link")).await.unwrap();
+    let href = link.attr("href").await.unwrap().unwrap();
+    assert!(
+        href.starts_with("https://forge.example/demo/tree/threadline/echo-from-browser"),
+        "{href}"
+    );
+    let text = card.text().await.unwrap();
+    assert!(
+        text.contains("browser-log-line") && text.contains("1 file changed"),
+        "{text}"
+    );
+    let thread = browser.find(Locator::Css("#threads li.active")).await.unwrap();
+    let pipeline_id = thread.attr("data-pipeline").await.unwrap().unwrap();
+    std::fs::write(artifacts().join("chat.png"), browser.screenshot().await.unwrap()).unwrap();
+
+    // A follow-up in the same thread.
+    browser
+        .find(Locator::Id("reply-prompt"))
+        .await
+        .unwrap()
+        .send_keys("echo more >> b.txt")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("#reply button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait(90)
+        .for_element(Locator::Css("#messages li:nth-child(2) .card[data-state=succeeded]"))
+        .await
+        .unwrap();
+
+    // A long run, cancelled from its card.
+    browser
+        .find(Locator::Id("reply-prompt"))
+        .await
+        .unwrap()
+        .send_keys("sleep 60")
+        .await
+        .unwrap();
+    browser
+        .find(Locator::Css("#reply button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let running = wait(60)
+        .for_element(Locator::Css(
+            "#messages li:nth-child(3) .card[data-state=running] button[data-action=cancel]",
+        ))
+        .await
+        .unwrap();
+    running.click().await.unwrap();
+    wait(60)
+        .for_element(Locator::Css("#messages li:nth-child(3) .card[data-state=cancelled]"))
+        .await
+        .unwrap();
+    std::fs::write(
+        artifacts().join("chat-cancelled.png"),
+        browser.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    // The dashboard lists the pipeline, and its run page shows the state history.
+    browser.goto(&format!("http://{addr}/dashboard")).await.unwrap();
+    let row = wait(20)
+        .for_element(Locator::Css(&format!("#pipelines tr[data-pipeline='{pipeline_id}']")))
+        .await
+        .unwrap();
+    assert!(row.text().await.unwrap().contains("web chat"));
+    std::fs::write(artifacts().join("dashboard.png"), browser.screenshot().await.unwrap()).unwrap();
+    browser
+        .goto(&format!("http://{addr}/runs/{pipeline_id}-1"))
+        .await
+        .unwrap();
+    wait(20).for_element(Locator::Css("pre.log.full")).await.unwrap();
+    let page = browser.find(Locator::Css("main")).await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("State history") && page.contains("browser-log-line"),
+        "{page}"
+    );
+    std::fs::write(artifacts().join("run.png"), browser.screenshot().await.unwrap()).unwrap();
+    browser.close().await.unwrap();
+
+    let pipeline = orch.store().pipeline(&pipeline_id).await.unwrap().unwrap();
+    assert_eq!(
+        env.origin_file(&pipeline.branch, "b.txt").as_deref(),
+        Some("from-browser\nmore\n")
+    );
+    stop.cancel();
+    server.await.unwrap().unwrap();
+    orch.shutdown().await;
+}
