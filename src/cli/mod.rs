@@ -113,7 +113,22 @@ pub struct RunArgs {
     /// The branch to start from (default: `default_base_branch`, "main").
     #[arg(long)]
     pub base: Option<String>,
-    /// The agent profile (default: `default_agent`).
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FollowUpArgs {
+    /// The pipeline (its id, or a unique prefix of it).
+    pub pipeline: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+}
+
+/// What `run` and `follow-up` share.
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// The agent profile (default: the pipeline's, else `default_agent`).
     #[arg(long)]
     pub agent: Option<String>,
     /// Makes the command safe to repeat: a second call with the same key starts nothing.
@@ -122,19 +137,6 @@ pub struct RunArgs {
     #[command(flatten)]
     pub watch: WatchArgs,
     /// What the agent should do ("-" reads it from standard input).
-    #[arg(required = true, num_args = 1..)]
-    pub prompt: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct FollowUpArgs {
-    pub pipeline: String,
-    #[arg(long)]
-    pub agent: Option<String>,
-    #[arg(long)]
-    pub idempotency_key: Option<String>,
-    #[command(flatten)]
-    pub watch: WatchArgs,
     #[arg(required = true, num_args = 1..)]
     pub prompt: Vec<String>,
 }
@@ -297,27 +299,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .submit_pipeline(NewPipeline {
                     repo: args.repo,
                     base_branch: args.base,
-                    agent: args.agent,
-                    prompt: read_prompt(&args.prompt)?,
+                    agent: args.prompt.agent,
+                    prompt: read_prompt(&args.prompt.prompt)?,
                     requested_by: whoami(),
                     origin: Origin::cli(),
-                    idempotency_key: args.idempotency_key,
+                    idempotency_key: args.prompt.idempotency_key,
                 })
                 .await?;
-            execute_and_watch(orch, submitted, args.watch.detach).await
+            execute_and_watch(orch, submitted, args.prompt.watch.detach).await
         }
         Command::FollowUp(args) => {
             let orch = open(config).await?;
             let submitted = orch
                 .submit_follow_up(FollowUp {
                     pipeline_id: args.pipeline,
-                    prompt: read_prompt(&args.prompt)?,
-                    agent: args.agent,
+                    prompt: read_prompt(&args.prompt.prompt)?,
+                    agent: args.prompt.agent,
                     requested_by: whoami(),
-                    idempotency_key: args.idempotency_key,
+                    idempotency_key: args.prompt.idempotency_key,
                 })
                 .await?;
-            execute_and_watch(orch, submitted, args.watch.detach).await
+            execute_and_watch(orch, submitted, args.prompt.watch.detach).await
         }
         Command::Retry { run, watch } => {
             let orch = open(config).await?;

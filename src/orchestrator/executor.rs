@@ -112,24 +112,7 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
     let name = container_name(&run.id);
     // A container already exists when the last process died right after starting it.
     if let Ok(Some(_)) = inner.runtime.status(&name).await {
-        inner
-            .store
-            .update_run(
-                &run.id,
-                &RunPatch {
-                    container_id: Some(name),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        transition(
-            inner,
-            &run.id,
-            RunState::Preparing,
-            RunState::Running,
-            "container found again",
-        )
-        .await?;
+        mark_running(inner, run, name, "container found again").await?;
         return Ok(());
     }
     if inner.store.cancel_requested(&run.id).await? {
@@ -269,31 +252,23 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
     };
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match started {
-        Ok(id) => {
-            inner
-                .store
-                .update_run(
-                    &run.id,
-                    &RunPatch {
-                        container_id: Some(id),
-                        ..Default::default()
-                    },
-                )
-                .await?;
-            transition(
-                inner,
-                &run.id,
-                RunState::Preparing,
-                RunState::Running,
-                prepared.note.as_deref().unwrap_or(""),
-            )
-            .await?;
-        }
+        Ok(id) => mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?,
         Err(e) => {
             give_back_workspace(inner, pipeline).await;
             fail_preparing(inner, run, e.to_string()).await?;
         }
     }
+    Ok(())
+}
+
+/// Records the run's container and moves it to `running`.
+async fn mark_running(inner: &Inner, run: &Run, container_id: String, detail: &str) -> Result<(), StoreError> {
+    let patch = RunPatch {
+        container_id: Some(container_id),
+        ..Default::default()
+    };
+    inner.store.update_run(&run.id, &patch).await?;
+    transition(inner, &run.id, RunState::Preparing, RunState::Running, detail).await?;
     Ok(())
 }
 

@@ -811,3 +811,63 @@ fn docker_inspect(id: &str) -> Option<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array()?.first().cloned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_made_during_the_run_are_kept_under_the_runs_own() {
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "sleep 2\necho after > after.txt").await;
+    wait_for(orch.store(), &sub.run.id, "running", |r| r.state == RunState::Running).await;
+    // What an agent with git does: commit inside the workspace while it runs.
+    let ws = orch.workspace_path(&sub.pipeline.id);
+    std::fs::write(ws.join("own.txt"), "the agent's own commit\n").unwrap();
+    git(&ws, &["-c", "safe.directory=*", "add", "own.txt"]);
+    git(
+        &ws,
+        &["-c", "safe.directory=*", "commit", "-q", "-m", "agent: own commit"],
+    );
+    let own = git(&ws, &["-c", "safe.directory=*", "rev-parse", "HEAD"]);
+
+    let run = finished(orch.store(), &sub.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let branch = &sub.pipeline.branch;
+    assert_eq!(
+        env.origin_file(branch, "own.txt").as_deref(),
+        Some("the agent's own commit\n")
+    );
+    assert_eq!(env.origin_file(branch, "after.txt").as_deref(), Some("after\n"));
+    let parent = git(&env.origin, &["rev-parse", &format!("{branch}~1")]);
+    assert_eq!(parent, own, "the run's commit sits on top of the agent's");
+    assert_eq!(run.diffstat.unwrap().files_changed, 2, "the diffstat covers both");
+    orch.shutdown().await;
+}
+
+#[test]
+fn only_a_pipeline_branch_is_ever_pushed() {
+    use threadline::model::Pipeline;
+    use threadline::orchestrator::{Git, GitError};
+    let env = TestEnv::new();
+    let git = Git::new(&env.config);
+    let mut pipeline = Pipeline {
+        id: "p".into(),
+        repo: env.origin_url(),
+        remote_url: env.origin_url(),
+        local_only: false,
+        base_branch: "main".into(),
+        branch: "main".into(),
+        agent: "sh".into(),
+        title: "t".into(),
+        origin: Origin::cli(),
+        created_at: 0,
+    };
+    for branch in ["main", "feature/x", "threadline/"] {
+        pipeline.branch = branch.into();
+        assert!(
+            matches!(git.push(&pipeline), Err(GitError::ForbiddenBranch { .. })),
+            "{branch} must be refused"
+        );
+    }
+    pipeline.base_branch = "threadline/base".into();
+    pipeline.branch = "threadline/base".into();
+    assert!(matches!(git.push(&pipeline), Err(GitError::ForbiddenBranch { .. })));
+}
