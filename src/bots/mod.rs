@@ -2,5 +2,6 @@
 //! platform-neutral model of what they show. **Adapters only translate**: they call the
 //! orchestrator and render [`render::StatusCard`]s; none holds orchestration logic.
 
+pub mod chat;
 pub mod render;
 pub mod web;

@@ -497,6 +497,32 @@ impl Store {
         Ok(())
     }
 
+    // ---- chat status messages -----------------------------------------------------
+
+    /// The status message a chat surface posted for a run: (channel, message id).
+    pub async fn chat_message(&self, run_id: &str) -> Result<Option<(String, String)>> {
+        let row = sqlx::query("SELECT channel, message_id FROM chat_messages WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("channel")?, r.try_get("message_id")?)))
+            .transpose()
+    }
+
+    pub async fn set_chat_message(&self, run_id: &str, surface: &str, channel: &str, message_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO chat_messages (run_id, surface, channel, message_id) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (run_id) DO UPDATE SET channel = $3, message_id = $4",
+        )
+        .bind(run_id)
+        .bind(surface)
+        .bind(channel)
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     // ---- process leases -----------------------------------------------------------
 
     pub async fn register_instance(&self, id: &str, hostname: &str, pid: i64) -> Result<()> {

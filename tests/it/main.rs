@@ -3,6 +3,7 @@
 //! SQLite file.
 
 mod browser;
+mod chat;
 mod core;
 mod harness;
 mod store;

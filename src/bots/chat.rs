@@ -1,0 +1,840 @@
+//! What every chat platform shares, so the Slack and Discord adapters only translate:
+//! channel bindings, reading a prompt out of a message, deciding what a message or a
+//! button click means ([`ChatCore`]), and keeping one status message per run up to date
+//! within a platform's rate limits ([`StatusUpdater`]).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::render::{Action, Detail, StatusCard, branch_link, status_card};
+use crate::model::{Origin, Run};
+use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
+
+/// A channel bound to repositories.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelBinding {
+    /// Names from `[repos]`; the first is the default. Empty: every configured repository.
+    pub repos: Vec<String>,
+    /// The agent for new pipelines (default: the repository's, then `default_agent`).
+    pub agent: Option<String>,
+    /// User (or role) ids that may prompt. Empty: everyone in the channel.
+    pub prompters: Vec<String>,
+    /// User (or role) ids that may press Cancel, Retry and Open PR. Empty: the prompters.
+    pub approvers: Vec<String>,
+    /// What status messages show beyond metadata.
+    pub detail: Detail,
+}
+
+impl ChannelBinding {
+    pub fn may_prompt(&self, who: &Sender) -> bool {
+        allowed(&self.prompters, who)
+    }
+    pub fn may_approve(&self, who: &Sender) -> bool {
+        if self.approvers.is_empty() {
+            self.may_prompt(who)
+        } else {
+            allowed(&self.approvers, who)
+        }
+    }
+}
+
+fn allowed(list: &[String], who: &Sender) -> bool {
+    list.is_empty() || list.iter().any(|id| *id == who.id || who.roles.contains(id))
+}
+
+/// Who sent a message or clicked.
+#[derive(Debug, Clone, Default)]
+pub struct Sender {
+    pub id: String,
+    /// Discord roles (empty on Slack).
+    pub roles: Vec<String>,
+    pub is_bot: bool,
+}
+
+/// A message as an adapter saw it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub channel: String,
+    /// The thread it was posted in; None at the channel's top level.
+    pub thread: Option<String>,
+    /// Its own id (Slack `ts`, Discord message id): the thread a mention starts.
+    pub id: String,
+    pub sender: Sender,
+    pub text: String,
+    pub mentions_bot: bool,
+}
+
+/// A button click as an adapter saw it.
+#[derive(Debug, Clone)]
+pub struct Click {
+    /// The click's own id (Slack trigger id, Discord interaction id).
+    pub id: String,
+    pub action: Action,
+    pub run_id: String,
+    pub sender: Sender,
+}
+
+/// A thread on a platform: a channel and the id of the thread's first message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ThreadRef {
+    pub channel: String,
+    pub thread: String,
+}
+
+impl ThreadRef {
+    fn origin_key(&self) -> String {
+        format!("{}/{}", self.channel, self.thread)
+    }
+    fn parse(origin_thread: &str) -> Option<ThreadRef> {
+        let (channel, thread) = origin_thread.split_once('/')?;
+        Some(ThreadRef {
+            channel: channel.to_owned(),
+            thread: thread.to_owned(),
+        })
+    }
+}
+
+/// What an adapter should do about a message or click.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Nothing: bots, chatter, messages in threads that are not ours.
+    Ignored,
+    /// A run was queued (or found again, for a redelivery): acknowledge in the thread.
+    Queued {
+        thread: ThreadRef,
+        submitted: Box<Submitted>,
+        text: String,
+    },
+    /// Done; the status message shows the rest.
+    Done,
+    /// Say this in the thread (bad input, an unbound channel).
+    Reply { thread: ThreadRef, text: String },
+    /// Say this to the sender only (a refusal).
+    Private { text: String },
+}
+
+/// A prompt read out of a message: `repo=<name>` and `agent=<name>` words removed, bot
+/// mentions (`<@U123>`) stripped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedPrompt {
+    pub repo: Option<String>,
+    pub agent: Option<String>,
+    pub prompt: String,
+}
+
+pub fn parse_prompt(text: &str) -> ParsedPrompt {
+    let mut parsed = ParsedPrompt::default();
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let mut words = Vec::new();
+        for word in line.split(' ') {
+            if let Some(v) = word.strip_prefix("repo=").filter(|v| !v.is_empty()) {
+                parsed.repo = Some(v.to_owned());
+            } else if let Some(v) = word.strip_prefix("agent=").filter(|v| !v.is_empty()) {
+                parsed.agent = Some(v.to_owned());
+            } else if word.starts_with("<@") && word.ends_with('>') {
+                // a mention of the bot (or anyone): not part of the prompt
+            } else {
+                words.push(word);
+            }
+        }
+        lines.push(words.join(" "));
+    }
+    parsed.prompt = lines.join("\n").trim().to_owned();
+    parsed
+}
+
+/// The decisions shared by every chat platform.
+#[derive(Clone)]
+pub struct ChatCore {
+    orch: Orchestrator,
+    surface: &'static str,
+    bindings: Arc<BTreeMap<String, ChannelBinding>>,
+}
+
+impl ChatCore {
+    pub fn new(orch: Orchestrator, surface: &'static str, bindings: BTreeMap<String, ChannelBinding>) -> Self {
+        ChatCore {
+            orch,
+            surface,
+            bindings: Arc::new(bindings),
+        }
+    }
+
+    pub fn binding(&self, channel: &str) -> Option<&ChannelBinding> {
+        self.bindings.get(channel)
+    }
+
+    /// Decides what a message means: a new pipeline, a follow-up, or nothing.
+    pub async fn on_message(&self, msg: Message) -> Outcome {
+        if msg.sender.is_bot {
+            return Outcome::Ignored;
+        }
+        if let Some(thread) = &msg.thread
+            && *thread != msg.id
+        {
+            return self.in_thread(&msg, thread).await;
+        }
+        if !msg.mentions_bot {
+            return Outcome::Ignored;
+        }
+        let here = ThreadRef {
+            channel: msg.channel.clone(),
+            thread: msg.id.clone(),
+        };
+        let Some(binding) = self.binding(&msg.channel) else {
+            let repos = self.orch.config().repos.keys().cloned().collect::<Vec<_>>();
+            return Outcome::Reply {
+                thread: here,
+                text: format!(
+                    "This channel is not bound to a repository yet. Bind it in Threadline's config under \
+                     `[{}.channels.{}]` with `repos = [\"NAME\"]` (configured repositories: {}).",
+                    self.surface,
+                    msg.channel,
+                    if repos.is_empty() {
+                        "none yet".to_owned()
+                    } else {
+                        repos.join(", ")
+                    }
+                ),
+            };
+        };
+        if !binding.may_prompt(&msg.sender) {
+            return Outcome::Private {
+                text: "You are not allowed to start agents in this channel; ask someone who is.".into(),
+            };
+        }
+        let parsed = parse_prompt(&msg.text);
+        let choices: Vec<String> = if binding.repos.is_empty() {
+            self.orch.config().repos.keys().cloned().collect()
+        } else {
+            binding.repos.clone()
+        };
+        let repo_name = match parsed.repo.clone().or_else(|| choices.first().cloned()) {
+            Some(name) if choices.contains(&name) => name,
+            Some(name) => {
+                return Outcome::Reply {
+                    thread: here,
+                    text: format!(
+                        "There is no repository {name:?} here. Pick one with repo=NAME: {}.",
+                        choices.join(", ")
+                    ),
+                };
+            }
+            None => {
+                return Outcome::Reply {
+                    thread: here,
+                    text: "No repositories are configured; add one under [repos.NAME] in Threadline's config.".into(),
+                };
+            }
+        };
+        let Some(repo) = self.orch.config().repos.get(&repo_name).cloned() else {
+            return Outcome::Reply {
+                thread: here,
+                text: format!("The repository {repo_name:?} is bound here but not configured under [repos]."),
+            };
+        };
+        let request = NewPipeline {
+            repo: repo.url.clone(),
+            base_branch: repo.base_branch.clone(),
+            agent: parsed.agent.or_else(|| binding.agent.clone()).or(repo.agent.clone()),
+            prompt: parsed.prompt,
+            requested_by: format!("{}:{}", self.surface, msg.sender.id),
+            origin: Origin {
+                surface: self.surface.to_owned(),
+                thread: here.origin_key(),
+            },
+            idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
+        };
+        match self.orch.submit_pipeline(request).await {
+            Ok(submitted) => {
+                let text = format!(
+                    "On it: pipeline `{}` on {repo_name}, branch `{}` from `{}`, agent {}.",
+                    submitted.pipeline.id,
+                    submitted.pipeline.branch,
+                    submitted.pipeline.base_branch,
+                    submitted.run.agent
+                );
+                Outcome::Queued {
+                    thread: here,
+                    submitted: Box::new(submitted),
+                    text,
+                }
+            }
+            Err(e) => Outcome::Reply {
+                thread: here,
+                text: sentence(&e),
+            },
+        }
+    }
+
+    async fn in_thread(&self, msg: &Message, thread: &str) -> Outcome {
+        let here = ThreadRef {
+            channel: msg.channel.clone(),
+            thread: thread.to_owned(),
+        };
+        let origin = Origin {
+            surface: self.surface.to_owned(),
+            thread: here.origin_key(),
+        };
+        let pipeline = match self.orch.store().pipeline_by_origin(&origin).await {
+            Ok(Some(p)) => p,
+            Ok(None) if msg.mentions_bot => {
+                return Outcome::Reply {
+                    thread: here,
+                    text: "This thread has no pipeline (it may have been removed). Mention me at the top of the \
+                           channel to start one."
+                        .into(),
+                };
+            }
+            Ok(None) => return Outcome::Ignored,
+            Err(e) => {
+                return Outcome::Reply {
+                    thread: here,
+                    text: format!("Threadline cannot read its store right now ({e}); try again in a moment."),
+                };
+            }
+        };
+        let binding = self.binding(&msg.channel).cloned().unwrap_or_default();
+        if !binding.may_prompt(&msg.sender) {
+            return if msg.mentions_bot {
+                Outcome::Private {
+                    text: "You are not allowed to prompt the agent in this thread.".into(),
+                }
+            } else {
+                Outcome::Ignored
+            };
+        }
+        let parsed = parse_prompt(&msg.text);
+        if parsed.repo.is_some() {
+            return Outcome::Reply {
+                thread: here,
+                text: "A thread stays on its repository; start a new thread for another one.".into(),
+            };
+        }
+        let request = FollowUp {
+            pipeline_id: pipeline.id.clone(),
+            prompt: parsed.prompt,
+            agent: parsed.agent,
+            requested_by: format!("{}:{}", self.surface, msg.sender.id),
+            idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
+        };
+        match self.orch.submit_follow_up(request).await {
+            Ok(submitted) => {
+                let text = match submitted.ahead {
+                    0 => format!("Follow-up queued as run {}; it starts now.", submitted.run.seq),
+                    n => format!(
+                        "Follow-up queued as run {}, behind {n} run(s) of this thread.",
+                        submitted.run.seq
+                    ),
+                };
+                Outcome::Queued {
+                    thread: here,
+                    submitted: Box::new(submitted),
+                    text,
+                }
+            }
+            Err(e) => Outcome::Reply {
+                thread: here,
+                text: sentence(&e),
+            },
+        }
+    }
+
+    /// Acts on a button, if the clicker may.
+    pub async fn on_click(&self, click: Click) -> Outcome {
+        let Ok(run) = self.orch.find_run(&click.run_id).await else {
+            return Outcome::Private {
+                text: "That run no longer exists.".into(),
+            };
+        };
+        let Ok(Some(pipeline)) = self.orch.store().pipeline(&run.pipeline_id).await else {
+            return Outcome::Private {
+                text: "That run's pipeline no longer exists.".into(),
+            };
+        };
+        let Some(thread) = ThreadRef::parse(&pipeline.origin.thread) else {
+            return Outcome::Private {
+                text: "That run was not started from this chat.".into(),
+            };
+        };
+        let binding = self.binding(&thread.channel).cloned().unwrap_or_default();
+        if !binding.may_approve(&click.sender) {
+            return Outcome::Private {
+                text: format!(
+                    "You are not allowed to {} runs here; nothing was changed.",
+                    click.action.label().to_lowercase()
+                ),
+            };
+        }
+        let result = match click.action {
+            Action::Cancel => self.orch.cancel(&run.id).await.map(|_| Outcome::Done),
+            Action::Retry => self
+                .orch
+                .retry(
+                    &run.id,
+                    &format!("{}:{}", self.surface, click.sender.id),
+                    Some(format!("{}:click:{}", self.surface, click.id)),
+                )
+                .await
+                .map(|submitted| Outcome::Queued {
+                    text: format!("Retrying as run {}.", submitted.run.seq),
+                    thread: thread.clone(),
+                    submitted: Box::new(submitted),
+                }),
+            Action::OpenPr => Ok(Outcome::Private {
+                text:
+                    "Opening pull requests from chat is not available yet; the branch is pushed, open one on the forge."
+                        .into(),
+            }),
+        };
+        result.unwrap_or_else(|e| Outcome::Private { text: sentence(&e) })
+    }
+
+    /// The card of a run as this surface shows it (the channel's detail level).
+    pub async fn card(&self, run: &Run) -> Option<(ThreadRef, StatusCard)> {
+        let store = self.orch.store();
+        let pipeline = store.pipeline(&run.pipeline_id).await.ok()??;
+        if pipeline.origin.surface != self.surface {
+            return None;
+        }
+        let thread = ThreadRef::parse(&pipeline.origin.thread)?;
+        let runs = store.runs(&pipeline.id).await.ok()?;
+        let run = runs
+            .iter()
+            .find(|r| r.id == run.id)
+            .cloned()
+            .unwrap_or_else(|| run.clone());
+        let binding = self.binding(&thread.channel).cloned().unwrap_or_default();
+        let ahead = runs
+            .iter()
+            .filter(|r| r.seq < run.seq && !r.state.is_terminal())
+            .count();
+        let config = self.orch.config();
+        let template = config
+            .repos
+            .values()
+            .find(|r| {
+                r.url == pipeline.repo
+                    || std::fs::canonicalize(&r.url).is_ok_and(|p| p.display().to_string() == pipeline.repo)
+            })
+            .map(|r| r.branch_url.clone())
+            .unwrap_or_default();
+        let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
+        let card = status_card(
+            &pipeline,
+            &run,
+            ahead,
+            binding.detail,
+            branch_link(&template, &pipeline.branch).filter(|_| on_forge),
+            false,
+            self.orch.redactor(),
+        );
+        Some((thread, card))
+    }
+}
+
+/// A user-facing sentence from a submission error (it already says what to do).
+fn sentence(e: &SubmitError) -> String {
+    let text = e.to_string();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
+        None => text,
+    }
+}
+
+// ---- the status message ------------------------------------------------------------
+
+/// Why a chat API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What a platform adapter provides to show status messages.
+pub trait ChatSurface: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Posts the status message in the thread; returns its id.
+    fn post_status(
+        &self,
+        thread: &ThreadRef,
+        card: &StatusCard,
+    ) -> impl Future<Output = Result<String, ChatError>> + Send;
+    fn update_status(
+        &self,
+        thread: &ThreadRef,
+        message_id: &str,
+        card: &StatusCard,
+    ) -> impl Future<Output = Result<(), ChatError>> + Send;
+}
+
+/// At most one edit of a status message per this interval.
+pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the elapsed time of a running run is refreshed.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(20);
+const MAX_FAILURES: u32 = 8;
+
+/// Keeps one status message per run of `surface` up to date: the latest card wins, edits
+/// are throttled, rate limits are waited out, and the final state is always delivered.
+pub struct StatusUpdater<S: ChatSurface> {
+    core: ChatCore,
+    surface: Arc<S>,
+}
+
+impl<S: ChatSurface> StatusUpdater<S> {
+    pub fn new(core: ChatCore, surface: Arc<S>) -> Self {
+        StatusUpdater { core, surface }
+    }
+
+    /// Runs until `shutdown`: follows the orchestrator's updates, one worker per run.
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut events = self.core.orch.subscribe();
+        let mut workers: BTreeMap<String, watch::Sender<StatusCard>> = BTreeMap::new();
+        // Runs already underway (a restart) get their card again.
+        if let Ok(active) = self
+            .core
+            .orch
+            .store()
+            .runs_in_states(&crate::model::RunState::ALL[..4])
+            .await
+        {
+            for run in active {
+                self.push(&mut workers, &run).await;
+            }
+        }
+        loop {
+            let update = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                u = events.recv() => u,
+            };
+            match update {
+                Ok(RunUpdate::State(run)) => self.push(&mut workers, &run).await,
+                Ok(RunUpdate::Log { .. }) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let ids: Vec<String> = workers.keys().cloned().collect();
+                    for id in ids {
+                        if let Ok(Some(run)) = self.core.orch.store().run(&id).await {
+                            self.push(&mut workers, &run).await;
+                        }
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+            workers.retain(|_, tx| !tx.is_closed());
+        }
+    }
+
+    async fn push(&self, workers: &mut BTreeMap<String, watch::Sender<StatusCard>>, run: &Run) {
+        let Some((thread, card)) = self.core.card(run).await else {
+            return;
+        };
+        if let Some(tx) = workers.get(&run.id)
+            && tx.send(card.clone()).is_ok()
+        {
+            return;
+        }
+        let (tx, rx) = watch::channel(card);
+        workers.insert(run.id.clone(), tx);
+        let known = self
+            .core
+            .orch
+            .store()
+            .chat_message(&run.id)
+            .await
+            .ok()
+            .flatten()
+            .map(|(_, id)| id);
+        let surface = self.surface.clone();
+        let core = self.core.clone();
+        let run_id = run.id.clone();
+        tokio::spawn(async move {
+            let store = core.orch.store().clone();
+            let counters_orch = core.orch.clone();
+            let refresh_core = core.clone();
+            let refresh_id = run_id.clone();
+            deliver(
+                surface.as_ref(),
+                &thread,
+                known,
+                rx,
+                |message_id| {
+                    let store = store.clone();
+                    let (run_id, thread) = (run_id.clone(), thread.clone());
+                    let name = surface.name();
+                    async move {
+                        if let Err(e) = store
+                            .set_chat_message(&run_id, name, &thread.channel, &message_id)
+                            .await
+                        {
+                            tracing::warn!(run_id, error = %e, "cannot record the status message");
+                        }
+                    }
+                },
+                || counters_orch.counters().chat_api_error(surface.name()),
+                || {
+                    let core = refresh_core.clone();
+                    let id = refresh_id.clone();
+                    async move {
+                        let run = core.orch.store().run(&id).await.ok()??;
+                        core.card(&run).await.map(|(_, c)| c)
+                    }
+                },
+            )
+            .await;
+        });
+    }
+}
+
+/// Delivers the latest card of `rx` to one status message until a terminal card is shown.
+/// Generic over the surface and the callbacks so it can be tested with paused time.
+pub async fn deliver<S, Posted, PostedFut, Refresh, RefreshFut>(
+    surface: &S,
+    thread: &ThreadRef,
+    mut message_id: Option<String>,
+    mut rx: watch::Receiver<StatusCard>,
+    on_posted: Posted,
+    on_error: impl Fn(),
+    refresh: Refresh,
+) where
+    S: ChatSurface,
+    Posted: Fn(String) -> PostedFut,
+    PostedFut: Future<Output = ()>,
+    Refresh: Fn() -> RefreshFut,
+    RefreshFut: Future<Output = Option<StatusCard>>,
+{
+    let mut last_edit: Option<tokio::time::Instant> = None;
+    let mut failures = 0;
+    let mut card = rx.borrow_and_update().clone();
+    loop {
+        if let Some(at) = last_edit {
+            tokio::time::sleep_until(at + EDIT_INTERVAL).await;
+        }
+        // The newest card by the time we may edit.
+        if rx.has_changed().unwrap_or(false) {
+            card = rx.borrow_and_update().clone();
+        }
+        let result = match &message_id {
+            None => surface.post_status(thread, &card).await.map(Some),
+            Some(id) => surface.update_status(thread, id, &card).await.map(|()| None),
+        };
+        last_edit = Some(tokio::time::Instant::now());
+        match result {
+            Ok(posted) => {
+                failures = 0;
+                if let Some(id) = posted {
+                    on_posted(id.clone()).await;
+                    message_id = Some(id);
+                }
+                if card.terminal && !rx.has_changed().unwrap_or(false) {
+                    return;
+                }
+            }
+            Err(ChatError::RateLimited { retry_after }) => {
+                tokio::time::sleep(retry_after).await;
+                continue;
+            }
+            Err(ChatError::Failed(e)) => {
+                on_error();
+                failures += 1;
+                tracing::warn!(error = %e, failures, "updating a status message failed");
+                if failures >= MAX_FAILURES {
+                    return;
+                }
+                tokio::time::sleep(EDIT_INTERVAL * 2u32.pow(failures.min(5))).await;
+                continue;
+            }
+        }
+        // Wait for a change, refreshing the elapsed time of an unfinished run meanwhile.
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() && card.terminal {
+                    return;
+                }
+                if changed.is_err() {
+                    // The updater went away (shutdown): the next start picks the run up.
+                    return;
+                }
+                card = rx.borrow_and_update().clone();
+            }
+            _ = tokio::time::sleep(REFRESH_EVERY), if !card.terminal => {
+                if let Some(fresh) = refresh().await {
+                    card = fresh;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn prompts_lose_mentions_and_options() {
+        let p = parse_prompt("<@U0BOT> repo=api agent=codex add a /health endpoint\nwith a test");
+        assert_eq!(p.repo.as_deref(), Some("api"));
+        assert_eq!(p.agent.as_deref(), Some("codex"));
+        assert_eq!(p.prompt, "add a /health endpoint\nwith a test");
+        assert_eq!(parse_prompt("<@U0BOT>").prompt, "");
+        assert_eq!(parse_prompt("use repo= literally").prompt, "use repo= literally");
+    }
+
+    #[test]
+    fn approvers_default_to_prompters() {
+        let who = |id: &str| Sender {
+            id: id.into(),
+            ..Default::default()
+        };
+        let open = ChannelBinding::default();
+        assert!(open.may_prompt(&who("anyone")) && open.may_approve(&who("anyone")));
+        let b = ChannelBinding {
+            prompters: vec!["U1".into(), "role-dev".into()],
+            ..Default::default()
+        };
+        assert!(b.may_prompt(&who("U1")) && b.may_approve(&who("U1")));
+        assert!(!b.may_prompt(&who("U2")));
+        let dev = Sender {
+            id: "U3".into(),
+            roles: vec!["role-dev".into()],
+            is_bot: false,
+        };
+        assert!(b.may_prompt(&dev));
+        let strict = ChannelBinding {
+            approvers: vec!["U9".into()],
+            ..b
+        };
+        assert!(strict.may_prompt(&who("U1")) && !strict.may_approve(&who("U1")) && strict.may_approve(&who("U9")));
+    }
+
+    /// Records every call with the (paused) time it was made at.
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(tokio::time::Instant, String, String)>>,
+        rate_limit_next_update: Mutex<Option<Duration>>,
+    }
+
+    impl ChatSurface for Recorder {
+        fn name(&self) -> &'static str {
+            "test"
+        }
+        async fn post_status(&self, _t: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), "post".into(), card.headline.clone()));
+            Ok("m1".into())
+        }
+        async fn update_status(&self, _t: &ThreadRef, id: &str, card: &StatusCard) -> Result<(), ChatError> {
+            assert_eq!(id, "m1");
+            if let Some(retry_after) = self.rate_limit_next_update.lock().unwrap().take() {
+                self.calls
+                    .lock()
+                    .unwrap()
+                    .push((tokio::time::Instant::now(), "429".into(), card.headline.clone()));
+                return Err(ChatError::RateLimited { retry_after });
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push((tokio::time::Instant::now(), "update".into(), card.headline.clone()));
+            Ok(())
+        }
+    }
+
+    fn card(headline: &str, terminal: bool) -> StatusCard {
+        StatusCard {
+            pipeline_id: "p".into(),
+            run_id: "p-1".into(),
+            seq: 1,
+            state: if terminal {
+                crate::model::RunState::Succeeded
+            } else {
+                crate::model::RunState::Running
+            },
+            headline: headline.into(),
+            terminal,
+            elapsed: "0:00".into(),
+            accepted_at: 0,
+            finished_at: None,
+            agent: "a".into(),
+            branch: "b".into(),
+            branch_url: None,
+            commit: None,
+            diffstat: None,
+            changed: false,
+            pushed: false,
+            exit_code: None,
+            error: None,
+            summary: None,
+            log_lines: Vec::new(),
+            buttons: Vec::new(),
+        }
+    }
+
+    async fn run_deliver(rec: Arc<Recorder>, rx: watch::Receiver<StatusCard>) {
+        let thread = ThreadRef {
+            channel: "C".into(),
+            thread: "T".into(),
+        };
+        deliver(rec.as_ref(), &thread, None, rx, |_| async {}, || {}, || async { None }).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn edits_are_throttled_and_the_final_state_always_lands() {
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = watch::channel(card("queued", false));
+        let task = tokio::spawn(run_deliver(rec.clone(), rx));
+        // A burst of 20 states within 200 ms, the last one final.
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send(card(&format!("step {i}"), i == 19)).unwrap();
+        }
+        task.await.unwrap();
+        let calls = rec.calls.lock().unwrap().clone();
+        assert_eq!(calls.first().unwrap().1, "post");
+        assert_eq!(
+            calls.last().unwrap().2,
+            "step 19",
+            "the final state is delivered: {calls:?}"
+        );
+        assert!(calls.len() <= 3, "a burst collapses into few edits: {calls:?}");
+        for pair in calls.windows(2) {
+            assert!(
+                pair[1].0 - pair[0].0 >= EDIT_INTERVAL,
+                "at most one edit per second: {calls:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_is_waited_out_and_the_latest_card_sent() {
+        let rec = Arc::new(Recorder::default());
+        *rec.rate_limit_next_update.lock().unwrap() = Some(Duration::from_secs(5));
+        let (tx, rx) = watch::channel(card("queued", false));
+        let task = tokio::spawn(run_deliver(rec.clone(), rx));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(card("running", false)).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tx.send(card("succeeded", true)).unwrap();
+        task.await.unwrap();
+        let calls = rec.calls.lock().unwrap().clone();
+        let kinds: Vec<&str> = calls.iter().map(|c| c.1.as_str()).collect();
+        assert_eq!(kinds, ["post", "429", "update"], "{calls:?}");
+        assert!(
+            calls[2].0 - calls[1].0 >= Duration::from_secs(5),
+            "Retry-After honoured"
+        );
+        assert_eq!(calls[2].2, "succeeded", "the retry carries the newest card");
+    }
+}

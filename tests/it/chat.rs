@@ -1,0 +1,279 @@
+//! The chat logic every platform shares, against a real orchestrator: what a mention, a
+//! thread message or a click leads to, and the status message kept up to date.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use threadline::bots::chat::{
+    ChannelBinding, ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef,
+};
+use threadline::bots::render::{Action, StatusCard};
+use threadline::config::RepoConfig;
+use threadline::model::RunState;
+
+use crate::harness::{TestEnv, finished, wait_for};
+
+fn user(id: &str) -> Sender {
+    Sender {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn mention(channel: &str, id: &str, who: &str, text: &str) -> Message {
+    Message {
+        channel: channel.into(),
+        thread: None,
+        id: id.into(),
+        sender: user(who),
+        text: format!("<@UBOT> {text}"),
+        mentions_bot: true,
+    }
+}
+
+fn reply(channel: &str, thread: &str, id: &str, who: &str, text: &str) -> Message {
+    Message {
+        channel: channel.into(),
+        thread: Some(thread.into()),
+        id: id.into(),
+        sender: user(who),
+        text: text.into(),
+        mentions_bot: false,
+    }
+}
+
+fn env_with_repo() -> TestEnv {
+    let mut env = TestEnv::new();
+    env.config.repos.insert(
+        "demo".into(),
+        RepoConfig {
+            url: env.origin_url(),
+            branch_url: "https://forge.example/demo/tree/{branch}".into(),
+            ..Default::default()
+        },
+    );
+    env
+}
+
+fn bindings() -> BTreeMap<String, ChannelBinding> {
+    BTreeMap::from([(
+        "C1".to_owned(),
+        ChannelBinding {
+            repos: vec!["demo".into()],
+            prompters: vec!["U1".into(), "U2".into()],
+            approvers: vec!["U1".into()],
+            ..Default::default()
+        },
+    )])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mentions_replies_and_clicks_mean_what_they_should() {
+    let env = env_with_repo();
+    let orch = env.orchestrator().await;
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+
+    // Unbound channel: how to bind it.
+    match core.on_message(mention("C9", "1.0", "U1", "do it")).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("[slack.channels.C9]") && text.contains("demo"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    // Bots never start runs.
+    let mut bot = mention("C1", "1.1", "B1", "echo x");
+    bot.sender.is_bot = true;
+    assert!(matches!(core.on_message(bot).await, Outcome::Ignored));
+    // Someone not allowed: a private refusal.
+    assert!(matches!(
+        core.on_message(mention("C1", "1.2", "U7", "echo x")).await,
+        Outcome::Private { .. }
+    ));
+    // Unknown names get the valid ones.
+    match core.on_message(mention("C1", "1.3", "U1", "repo=nope echo x")).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("nope") && text.contains("demo"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    match core.on_message(mention("C1", "1.4", "U1", "agent=nope echo x")).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("nope") && text.contains("sh"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    match core.on_message(mention("C1", "1.5", "U1", "")).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("empty"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        orch.store().pipelines(10).await.unwrap().is_empty(),
+        "nothing started so far"
+    );
+
+    // A mention starts a pipeline in that message's thread; a redelivery starts nothing.
+    let first = match core.on_message(mention("C1", "2.0", "U2", "echo one > one.txt")).await {
+        Outcome::Queued {
+            thread,
+            submitted,
+            text,
+        } => {
+            assert_eq!(
+                thread,
+                ThreadRef {
+                    channel: "C1".into(),
+                    thread: "2.0".into()
+                }
+            );
+            assert!(submitted.created && text.contains(&submitted.pipeline.branch), "{text}");
+            submitted
+        }
+        other => panic!("{other:?}"),
+    };
+    match core.on_message(mention("C1", "2.0", "U2", "echo one > one.txt")).await {
+        Outcome::Queued { submitted, .. } => assert!(!submitted.created && submitted.run.id == first.run.id),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(orch.store().runs(&first.pipeline.id).await.unwrap().len(), 1);
+
+    // Thread messages: a follow-up from someone allowed, no mention needed.
+    let long = match core.on_message(reply("C1", "2.0", "2.1", "U2", "sleep 30")).await {
+        Outcome::Queued { submitted, text, .. } => {
+            assert_eq!(submitted.run.seq, 2, "{text}");
+            submitted
+        }
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(
+        core.on_message(reply("C1", "2.0", "2.2", "U7", "chatter")).await,
+        Outcome::Ignored
+    ));
+    let mut loud = reply("C1", "2.0", "2.3", "U7", "<@UBOT> do it");
+    loud.mentions_bot = true;
+    assert!(matches!(core.on_message(loud).await, Outcome::Private { .. }));
+    match core.on_message(reply("C1", "2.0", "2.4", "U1", "repo=other x")).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("stays on its repository"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    let mut lost = reply("C1", "9.9", "9.10", "U1", "<@UBOT> hello?");
+    lost.mentions_bot = true;
+    match core.on_message(lost).await {
+        Outcome::Reply { text, .. } => assert!(text.contains("no pipeline"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+
+    // Clicks: a prompter who is not an approver is refused; an approver cancels.
+    wait_for(orch.store(), &long.run.id, "running", |r| r.state == RunState::Running).await;
+    let click = |who: &str| Click {
+        id: format!("click-{who}"),
+        action: Action::Cancel,
+        run_id: long.run.id.clone(),
+        sender: user(who),
+    };
+    match core.on_click(click("U2")).await {
+        Outcome::Private { text } => assert!(
+            text.contains("not allowed") && text.contains("nothing was changed"),
+            "{text}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        orch.store().run(&long.run.id).await.unwrap().unwrap().state,
+        RunState::Running
+    );
+    assert!(matches!(core.on_click(click("U1")).await, Outcome::Done));
+    assert_eq!(finished(orch.store(), &long.run.id).await.state, RunState::Cancelled);
+    // Retry, twice with the same click id: one new run.
+    let retry = Click {
+        id: "retry-1".into(),
+        action: Action::Retry,
+        run_id: long.run.id.clone(),
+        sender: user("U1"),
+    };
+    let (a, b) = (core.on_click(retry.clone()).await, core.on_click(retry).await);
+    match (a, b) {
+        (Outcome::Queued { submitted: a, .. }, Outcome::Queued { submitted: b, .. }) => {
+            assert_eq!(a.run.id, b.run.id);
+            assert!(a.created && !b.created);
+            orch.cancel(&a.run.id).await.unwrap();
+        }
+        other => panic!("{other:?}"),
+    }
+    orch.shutdown().await;
+}
+
+/// A surface that records what it was asked to show.
+#[derive(Default)]
+struct Recorder {
+    cards: Mutex<Vec<(String, StatusCard)>>,
+    limited_once: Mutex<bool>,
+}
+
+impl ChatSurface for Recorder {
+    fn name(&self) -> &'static str {
+        "slack"
+    }
+    async fn post_status(&self, _t: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
+        self.cards.lock().unwrap().push(("post".into(), card.clone()));
+        Ok(format!("msg-{}", card.run_id))
+    }
+    async fn update_status(&self, _t: &ThreadRef, id: &str, card: &StatusCard) -> Result<(), ChatError> {
+        let mut limited = self.limited_once.lock().unwrap();
+        if !*limited {
+            *limited = true;
+            return Err(ChatError::RateLimited {
+                retry_after: Duration::from_millis(300),
+            });
+        }
+        self.cards.lock().unwrap().push((format!("update {id}"), card.clone()));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_message_follows_the_run_to_its_branch_link() {
+    let env = env_with_repo();
+    let orch = env.orchestrator().await;
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+    let surface = Arc::new(Recorder::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let updater = tokio::spawn(StatusUpdater::new(core.clone(), surface.clone()).run(stop.clone()));
+
+    let sub = match core.on_message(mention("C1", "5.0", "U1", "echo hi > hi.txt")).await {
+        Outcome::Queued { submitted, .. } => submitted,
+        other => panic!("{other:?}"),
+    };
+    finished(orch.store(), &sub.run.id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = surface.cards.lock().unwrap().last().cloned();
+        if let Some((_, card)) = &last
+            && card.terminal
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the final state never reached the chat"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cards = surface.cards.lock().unwrap().clone();
+    assert_eq!(
+        cards.iter().filter(|(k, _)| k == "post").count(),
+        1,
+        "one status message: {cards:?}"
+    );
+    let (kind, last) = cards.last().unwrap();
+    assert_eq!(kind, &format!("update msg-{}", sub.run.id));
+    assert_eq!(last.state, RunState::Succeeded);
+    assert_eq!(
+        last.branch_url.as_deref(),
+        Some(format!("https://forge.example/demo/tree/{}", sub.pipeline.branch).as_str())
+    );
+    assert!(last.diffstat.as_deref().unwrap().contains("1 file changed"));
+    assert!(
+        last.log_lines.is_empty() && last.summary.is_none(),
+        "metadata only by default"
+    );
+    let stored = orch.store().chat_message(&sub.run.id).await.unwrap();
+    assert_eq!(stored, Some(("C1".to_owned(), format!("msg-{}", sub.run.id))));
+    stop.cancel();
+    updater.await.unwrap();
+    orch.shutdown().await;
+}
