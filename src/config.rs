@@ -57,6 +57,7 @@ pub struct Config {
     pub log_tail_lines: usize,
     pub git: GitConfig,
     pub web: WebConfig,
+    pub slack: SlackConfig,
     /// Repositories prompts may name (`repo=<name>` in chat, the picker in the web chat).
     pub repos: BTreeMap<String, RepoConfig>,
     pub agents: BTreeMap<String, AgentProfile>,
@@ -79,6 +80,33 @@ impl Default for WebConfig {
             enabled: true,
             listen: "127.0.0.1:8080".into(),
             token: Secret::default(),
+        }
+    }
+}
+
+/// The Slack app (Socket Mode).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlackConfig {
+    pub enabled: bool,
+    /// The bot token (`xoxb-…`); also THREADLINE_SLACK__BOT_TOKEN.
+    pub bot_token: Secret,
+    /// The app-level token for Socket Mode (`xapp-…`); also THREADLINE_SLACK__APP_TOKEN.
+    pub app_token: Secret,
+    /// The Web API base (GovSlack, a proxy, or a test's fake).
+    pub api_url: String,
+    /// Channel id → what it may do.
+    pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+}
+
+impl Default for SlackConfig {
+    fn default() -> Self {
+        SlackConfig {
+            enabled: false,
+            bot_token: Secret::default(),
+            app_token: Secret::default(),
+            api_url: "https://slack.com/api".into(),
+            channels: BTreeMap::new(),
         }
     }
 }
@@ -202,6 +230,7 @@ impl Default for Config {
             log_tail_lines: 200,
             git: GitConfig::default(),
             web: WebConfig::default(),
+            slack: SlackConfig::default(),
             repos: BTreeMap::new(),
             agents,
         }
@@ -330,6 +359,29 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:8080", self.web.listen),
             ));
         }
+        if self.slack.enabled {
+            for (key, secret, prefix) in [
+                ("slack.bot_token", &self.slack.bot_token, "xoxb-"),
+                ("slack.app_token", &self.slack.app_token, "xapp-"),
+            ] {
+                if !secret.expose().starts_with(prefix) {
+                    return Err(invalid(
+                        key,
+                        format!("must be set and start with {prefix} when slack.enabled is true"),
+                    ));
+                }
+            }
+            for (channel, binding) in &self.slack.channels {
+                for name in &binding.repos {
+                    if !self.repos.contains_key(name) {
+                        return Err(invalid(
+                            &format!("slack.channels.{channel}.repos"),
+                            format!("names {name:?}, which is not under [repos]"),
+                        ));
+                    }
+                }
+            }
+        }
         for (name, repo) in &self.repos {
             if repo.url.trim().is_empty() {
                 return Err(invalid(&format!("repos.{name}.url"), "must name a path or URL".into()));
@@ -399,7 +451,12 @@ impl Config {
     /// the values of all passed-through environment variables.
     pub fn secret_values(&self) -> Vec<String> {
         let mut values = Vec::new();
-        for secret in [&self.git.token, &self.web.token] {
+        for secret in [
+            &self.git.token,
+            &self.web.token,
+            &self.slack.bot_token,
+            &self.slack.app_token,
+        ] {
             if !secret.is_empty() {
                 values.push(secret.expose().to_owned());
             }
@@ -442,6 +499,29 @@ mod tests {
         let mut c = Config::default();
         c.git.token = s;
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn slack_needs_its_tokens_and_known_repos() {
+        let mut c = Config::default();
+        c.slack.enabled = true;
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(err.contains("slack.bot_token"), "{err}");
+        c.slack.bot_token = Secret::new("xoxb-1");
+        c.slack.app_token = Secret::new("xapp-1");
+        c.validate(None).unwrap();
+        c.slack.channels.insert(
+            "C1".into(),
+            crate::bots::chat::ChannelBinding {
+                repos: vec!["ghost".into()],
+                ..Default::default()
+            },
+        );
+        let err = c.validate(None).unwrap_err().to_string();
+        assert!(
+            err.contains("slack.channels.C1.repos") && err.contains("ghost"),
+            "{err}"
+        );
     }
 
     #[test]

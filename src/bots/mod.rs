@@ -4,4 +4,5 @@
 
 pub mod chat;
 pub mod render;
+pub mod slack;
 pub mod web;

@@ -344,7 +344,12 @@ async fn find_run(store: &Store, id: &str) -> anyhow::Result<Run> {
 
 fn redacted_toml(config: &Config) -> String {
     let mut shown = config.clone();
-    for secret in [&mut shown.git.token, &mut shown.web.token] {
+    for secret in [
+        &mut shown.git.token,
+        &mut shown.web.token,
+        &mut shown.slack.bot_token,
+        &mut shown.slack.app_token,
+    ] {
         if !secret.is_empty() {
             *secret = crate::config::Secret::new("[REDACTED]");
         }
@@ -587,17 +592,37 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let slack = orch.config().slack.enabled.then(|| {
+        let (orch, stop, config) = (orch.clone(), stop.clone(), orch.config().slack.clone());
+        tokio::spawn(async move { crate::bots::slack::start(orch, &config, stop).await })
+    });
     eprintln!(
         "threadline: at most {} runs at once; running agents keep going across restarts",
         orch.config().max_concurrent_runs
     );
-    tokio::signal::ctrl_c().await?;
+    let failed = match slack {
+        Some(mut slack) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => None,
+            result = &mut slack => Some(match result {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(())) => "the Slack connection ended".to_owned(),
+                Err(e) => e.to_string(),
+            }),
+        },
+        None => {
+            tokio::signal::ctrl_c().await?;
+            None
+        }
+    };
     stop.cancel();
     if let Some(server) = server {
         let _ = server.await;
     }
     orch.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    match failed {
+        Some(e) => anyhow::bail!("slack: {e}"),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Adds `--repo` paths or URLs to the configured repositories, named after their last

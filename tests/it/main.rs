@@ -5,6 +5,8 @@
 mod browser;
 mod chat;
 mod core;
+mod fake_slack;
 mod harness;
+mod slack;
 mod store;
 mod web;

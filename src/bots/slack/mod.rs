@@ -1,0 +1,364 @@
+//! The Slack adapter (slack-morphism, Socket Mode): turns events into [`ChatCore`] calls
+//! and [`StatusCard`]s into Block Kit. No orchestration happens here.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use slack_morphism::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef};
+use super::render::{Action, StatusCard};
+use crate::config::SlackConfig;
+use crate::orchestrator::Orchestrator;
+
+type Connector =
+    SlackClientHyperConnector<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>>;
+type Client = SlackClient<Connector>;
+
+const SURFACE: &str = "slack";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SlackError {
+    #[error("cannot set up TLS for Slack ({0}); install the ca-certificates package")]
+    Tls(std::io::Error),
+    #[error("Slack refused the bot token (auth.test: {0}); check slack.bot_token")]
+    Auth(String),
+    #[error("cannot open Slack's Socket Mode connection ({0}); check slack.app_token and that Socket Mode is on")]
+    SocketMode(String),
+}
+
+/// Posts and edits status messages.
+pub struct SlackSurface {
+    client: Arc<Client>,
+    token: SlackApiToken,
+}
+
+impl SlackSurface {
+    fn session(&self) -> SlackClientSession<'_, Connector> {
+        self.client.open_session(&self.token)
+    }
+
+    async fn say(&self, thread: &ThreadRef, text: &str) {
+        let req = SlackApiChatPostMessageRequest::new(thread.channel.clone().into(), text_content(text))
+            .with_thread_ts(thread.thread.clone().into());
+        if let Err(e) = self.session().chat_post_message(&req).await {
+            tracing::warn!(error = %e, "cannot reply in Slack");
+        }
+    }
+
+    async fn whisper(&self, channel: &str, user: &str, thread: Option<&str>, text: &str) {
+        let mut req = SlackApiChatPostEphemeralRequest::new(channel.into(), user.into(), text_content(text));
+        if let Some(t) = thread {
+            req = req.with_thread_ts(t.into());
+        }
+        if let Err(e) = self.session().chat_post_ephemeral(&req).await {
+            tracing::warn!(error = %e, "cannot send an ephemeral Slack message");
+        }
+    }
+
+    async fn react(&self, channel: &str, ts: &str) {
+        let req = SlackApiReactionsAddRequest::new(channel.into(), SlackReactionName("eyes".into()), ts.into());
+        if let Err(e) = self.session().reactions_add(&req).await {
+            tracing::debug!(error = %e, "cannot add a reaction");
+        }
+    }
+}
+
+fn chat_error(e: slack_morphism::errors::SlackClientError) -> ChatError {
+    match e {
+        slack_morphism::errors::SlackClientError::RateLimitError(r) => ChatError::RateLimited {
+            retry_after: r.retry_after.unwrap_or(std::time::Duration::from_secs(1)),
+        },
+        other => ChatError::Failed(other.to_string()),
+    }
+}
+
+impl ChatSurface for SlackSurface {
+    fn name(&self) -> &'static str {
+        SURFACE
+    }
+
+    async fn post_status(&self, thread: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
+        let req = SlackApiChatPostMessageRequest::new(thread.channel.clone().into(), card_content(card))
+            .with_thread_ts(thread.thread.clone().into());
+        let res = self.session().chat_post_message(&req).await.map_err(chat_error)?;
+        Ok(res.ts.0)
+    }
+
+    async fn update_status(&self, thread: &ThreadRef, message_id: &str, card: &StatusCard) -> Result<(), ChatError> {
+        let req = SlackApiChatUpdateRequest::new(thread.channel.clone().into(), card_content(card), message_id.into());
+        self.session().chat_update(&req).await.map(|_| ()).map_err(chat_error)
+    }
+}
+
+fn text_content(text: &str) -> SlackMessageContent {
+    SlackMessageContent::new().with_text(text.to_owned())
+}
+
+/// The card as Block Kit, written as Slack's own JSON so it reads like Slack's docs.
+pub fn card_blocks(card: &StatusCard) -> Value {
+    let mut lines = vec![format!(
+        "*{}* · {} · run {} · agent {}",
+        card.headline, card.elapsed, card.seq, card.agent
+    )];
+    let branch = match &card.branch_url {
+        Some(url) => format!("<{url}|{}>", card.branch),
+        None => format!("`{}`", card.branch),
+    };
+    let mut facts = vec![format!("branch {branch}")];
+    if let Some(c) = &card.commit {
+        facts.push(format!("commit `{c}`"));
+    }
+    if let Some(d) = &card.diffstat {
+        facts.push(d.clone());
+    } else if card.terminal && !card.changed {
+        facts.push("no changes".into());
+    }
+    lines.push(facts.join(" · "));
+    if let Some(e) = &card.error {
+        lines.push(format!(":warning: {e}"));
+    }
+    if let Some(s) = &card.summary {
+        lines.push(format!("> {s}"));
+    }
+    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": lines.join("\n")}})];
+    if !card.log_lines.is_empty() {
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("```{}```", card.log_lines.join("\n"))}}));
+    }
+    if !card.buttons.is_empty() {
+        let elements: Vec<Value> = card
+            .buttons
+            .iter()
+            .map(|b| {
+                let mut button = json!({
+                    "type": "button",
+                    "action_id": action_id(b.action),
+                    "text": {"type": "plain_text", "text": b.label},
+                    "value": b.run_id,
+                });
+                if b.action == Action::Cancel {
+                    button["style"] = json!("danger");
+                }
+                button
+            })
+            .collect();
+        blocks.push(json!({"type": "actions", "elements": elements}));
+    }
+    Value::Array(blocks)
+}
+
+fn card_content(card: &StatusCard) -> SlackMessageContent {
+    let blocks: Vec<SlackBlock> = serde_json::from_value(card_blocks(card)).unwrap_or_default();
+    SlackMessageContent::new()
+        .with_text(format!("Threadline run {}: {}", card.run_id, card.headline))
+        .with_blocks(blocks)
+}
+
+fn action_id(action: Action) -> &'static str {
+    match action {
+        Action::Cancel => "threadline_cancel",
+        Action::Retry => "threadline_retry",
+        Action::OpenPr => "threadline_open_pr",
+    }
+}
+
+fn action_from(id: &str) -> Option<Action> {
+    [Action::Cancel, Action::Retry, Action::OpenPr]
+        .into_iter()
+        .find(|a| action_id(*a) == id)
+}
+
+/// What the Socket Mode callbacks need.
+struct State {
+    core: ChatCore,
+    surface: Arc<SlackSurface>,
+    bot_user: String,
+}
+
+/// Connects to Slack and runs until `shutdown`.
+pub async fn start(orch: Orchestrator, config: &SlackConfig, shutdown: CancellationToken) -> Result<(), SlackError> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(SlackError::Tls)?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = Arc::new(SlackClient::new(
+        SlackClientHyperConnector::with_connector(https).with_slack_api_url(config.api_url.trim_end_matches('/')),
+    ));
+    let token = SlackApiToken::new(config.bot_token.expose().into());
+    let auth = client
+        .open_session(&token)
+        .auth_test()
+        .await
+        .map_err(|e| SlackError::Auth(e.to_string()))?;
+    orch.counters().register_platform(SURFACE);
+    let surface = Arc::new(SlackSurface {
+        client: client.clone(),
+        token,
+    });
+    let core = ChatCore::new(orch.clone(), SURFACE, config.channels.clone());
+    let state = Arc::new(State {
+        core: core.clone(),
+        surface: surface.clone(),
+        bot_user: auth.user_id.0.clone(),
+    });
+    let callbacks = SlackSocketModeListenerCallbacks::new()
+        .with_push_events(on_push)
+        .with_interaction_events(on_interaction);
+    let env = Arc::new(SlackClientEventsListenerEnvironment::new(client.clone()).with_user_state(state));
+    let listener = SlackClientSocketModeListener::new(
+        &SlackClientSocketModeConfig::new().with_max_connections_count(1),
+        env,
+        callbacks,
+    );
+    let app_token = SlackApiToken::new(config.app_token.expose().into());
+    listener
+        .listen_for(&app_token)
+        .await
+        .map_err(|e| SlackError::SocketMode(e.to_string()))?;
+    listener.start().await;
+    tracing::info!(bot = %auth.user_id.0, "connected to Slack (Socket Mode)");
+    let updater = tokio::spawn(StatusUpdater::new(core, surface).run(shutdown.clone()));
+    shutdown.cancelled().await;
+    listener.shutdown().await;
+    let _ = updater.await;
+    Ok(())
+}
+
+async fn state_of(states: &SlackClientEventsUserState) -> Option<Arc<State>> {
+    states.read().await.get_user_state::<Arc<State>>().cloned()
+}
+
+/// Socket Mode acks an envelope only after this returns: hand the work to a task.
+async fn on_push(
+    event: SlackPushEventCallback,
+    _client: Arc<Client>,
+    states: SlackClientEventsUserState,
+) -> UserCallbackResult<()> {
+    let Some(state) = state_of(&states).await else {
+        return Ok(());
+    };
+    let message = match event.event {
+        // Top-level mentions arrive twice (app_mention and message): only app_mention counts.
+        SlackEventCallbackBody::AppMention(ev) => Some(Message {
+            channel: ev.channel.0,
+            thread: ev.origin.thread_ts.map(|t| t.0),
+            id: ev.origin.ts.0,
+            sender: Sender {
+                id: ev.user.0,
+                ..Default::default()
+            },
+            text: ev.content.text.unwrap_or_default(),
+            mentions_bot: true,
+        }),
+        SlackEventCallbackBody::Message(ev) if ev.origin.thread_ts.is_some() && ev.subtype.is_none() => {
+            let text = ev.content.and_then(|c| c.text).unwrap_or_default();
+            let mention = format!("<@{}>", state.bot_user);
+            if text.contains(&mention) {
+                None // handled as app_mention
+            } else {
+                Some(Message {
+                    channel: ev.origin.channel.map(|c| c.0).unwrap_or_default(),
+                    thread: ev.origin.thread_ts.map(|t| t.0),
+                    id: ev.origin.ts.0,
+                    sender: Sender {
+                        is_bot: ev.sender.bot_id.is_some()
+                            || ev.sender.user.as_ref().is_some_and(|u| u.0 == state.bot_user),
+                        id: ev.sender.user.map(|u| u.0).unwrap_or_default(),
+                        ..Default::default()
+                    },
+                    text,
+                    mentions_bot: false,
+                })
+            }
+        }
+        _ => None,
+    };
+    if let Some(msg) = message {
+        tokio::spawn(async move {
+            let (channel, ts, user, thread) = (
+                msg.channel.clone(),
+                msg.id.clone(),
+                msg.sender.id.clone(),
+                msg.thread.clone(),
+            );
+            let outcome = state.core.on_message(msg).await;
+            act(
+                &state,
+                outcome,
+                &channel,
+                &user,
+                thread.as_deref().or(Some(&ts)),
+                Some(&ts),
+            )
+            .await;
+        });
+    }
+    Ok(())
+}
+
+async fn on_interaction(
+    event: SlackInteractionEvent,
+    _client: Arc<Client>,
+    states: SlackClientEventsUserState,
+) -> UserCallbackResult<()> {
+    let Some(state) = state_of(&states).await else {
+        return Ok(());
+    };
+    let SlackInteractionEvent::BlockActions(ev) = event else {
+        return Ok(());
+    };
+    let user = ev.user.map(|u| u.id.0).unwrap_or_default();
+    let channel = ev.channel.map(|c| c.id.0).unwrap_or_default();
+    for action in ev.actions.unwrap_or_default() {
+        let (Some(kind), Some(run_id)) = (action_from(&action.action_id.0), action.value.clone()) else {
+            continue;
+        };
+        let click = Click {
+            id: format!("{}:{}", ev.trigger_id.0, action.action_id.0),
+            action: kind,
+            run_id,
+            sender: Sender {
+                id: user.clone(),
+                ..Default::default()
+            },
+        };
+        let (state, user, channel) = (state.clone(), user.clone(), channel.clone());
+        tokio::spawn(async move {
+            let outcome = state.core.on_click(click).await;
+            act(&state, outcome, &channel, &user, None, None).await;
+        });
+    }
+    Ok(())
+}
+
+/// Says in Slack what the core decided.
+async fn act(
+    state: &State,
+    outcome: Outcome,
+    channel: &str,
+    user: &str,
+    thread: Option<&str>,
+    message_ts: Option<&str>,
+) {
+    match outcome {
+        Outcome::Ignored | Outcome::Done => {}
+        Outcome::Queued {
+            thread,
+            submitted,
+            text,
+        } => {
+            // A redelivered event finds its run again: it was acknowledged the first time.
+            if submitted.created {
+                if let Some(ts) = message_ts {
+                    state.surface.react(&thread.channel, ts).await;
+                }
+                state.surface.say(&thread, &text).await;
+            }
+        }
+        Outcome::Reply { thread, text } => state.surface.say(&thread, &text).await,
+        Outcome::Private { text } => state.surface.whisper(channel, user, thread, &text).await,
+    }
+}

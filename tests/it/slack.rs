@@ -1,0 +1,210 @@
+//! Slack stories against the wire-level fake, with the real slack-morphism client over
+//! Socket Mode: mention → thread → status message ending with the branch link.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use threadline::bots::chat::ChannelBinding;
+use threadline::bots::slack;
+use threadline::config::{RepoConfig, Secret};
+use threadline::model::RunState;
+
+use crate::fake_slack::FakeSlack;
+use crate::harness::{TestEnv, finished, wait_for};
+
+fn mention(user: &str, ts: &str, text: &str) -> Value {
+    json!({"type": "app_mention", "user": user, "text": format!("<@UBOT> {text}"), "ts": ts,
+           "channel": "C1", "event_ts": ts, "client_msg_id": format!("m-{ts}")})
+}
+
+fn thread_message(user: &str, ts: &str, thread: &str, text: &str) -> Value {
+    json!({"type": "message", "user": user, "text": text, "ts": ts, "thread_ts": thread,
+           "channel": "C1", "channel_type": "channel", "event_ts": ts})
+}
+
+/// The status message updates of one run.
+fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
+    let prefix = format!("Threadline run {run_id}:");
+    fake.calls("chat.postMessage")
+        .into_iter()
+        .chain(fake.calls("chat.update"))
+        .filter(|c| c["text"].as_str().is_some_and(|t| t.starts_with(&prefix)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
+    let fake = FakeSlack::start().await;
+    let mut env = TestEnv::new();
+    env.config.repos.insert(
+        "demo".into(),
+        RepoConfig {
+            url: env.origin_url(),
+            branch_url: "https://forge.example/demo/tree/{branch}".into(),
+            ..Default::default()
+        },
+    );
+    env.config.slack.enabled = true;
+    env.config.slack.bot_token = Secret::new("xoxb-test-token");
+    env.config.slack.app_token = Secret::new("xapp-test-token");
+    env.config.slack.api_url = fake.api_url.clone();
+    env.config.slack.channels = BTreeMap::from([(
+        "C1".to_owned(),
+        ChannelBinding {
+            repos: vec!["demo".into()],
+            prompters: vec!["U1".into(), "U2".into()],
+            approvers: vec!["U1".into()],
+            ..Default::default()
+        },
+    )]);
+    fake.recorded.lock().unwrap().rate_limit_updates = 1;
+    let orch = env.orchestrator().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let slack_config = env.config.slack.clone();
+    let adapter = tokio::spawn({
+        let (orch, stop) = (orch.clone(), stop.clone());
+        async move { slack::start(orch, &slack_config, stop).await }
+    });
+    for _ in 0..100 {
+        if !fake.calls("apps.connections.open").is_empty() || adapter.is_finished() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if adapter.is_finished() {
+        panic!("the Slack adapter stopped: {:?}", adapter.await.unwrap());
+    }
+    fake.wait_until("the Socket Mode connection", |f| {
+        !f.calls("apps.connections.open").is_empty()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // A mention starts a pipeline: a reaction, a reply naming repo, branch and agent.
+    let env_id = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
+    fake.wait_until("the acknowledgment", |f| !f.calls("reactions.add").is_empty())
+        .await;
+    assert!(fake.acked(&env_id), "the envelope was acknowledged");
+    let reply = fake
+        .calls("chat.postMessage")
+        .into_iter()
+        .find(|c| c["text"].as_str().unwrap_or("").starts_with("On it"))
+        .unwrap();
+    assert_eq!(reply["thread_ts"], "1700000001.000100");
+    let text = reply["text"].as_str().unwrap();
+    assert!(
+        text.contains("demo") && text.contains("threadline/echo-hi-hi-txt") && text.contains("sh"),
+        "{text}"
+    );
+
+    let pipeline = orch.store().pipelines(1).await.unwrap().pop().unwrap().pipeline;
+    let first = format!("{}-1", pipeline.id);
+    assert_eq!(finished(orch.store(), &first).await.state, RunState::Succeeded);
+    // The status message ends on the final state with the branch link, despite a 429.
+    let link = format!("<https://forge.example/demo/tree/{0}|{0}>", pipeline.branch);
+    fake.wait_until("the final status", |f| {
+        status_texts(f, &first)
+            .last()
+            .is_some_and(|c| c["blocks"].to_string().contains(&link))
+    })
+    .await;
+    assert_eq!(
+        fake.recorded.lock().unwrap().rate_limit_updates,
+        0,
+        "the fake did answer one update with 429"
+    );
+    let updates = status_texts(&fake, &first);
+    assert_eq!(
+        updates.iter().filter(|c| c.get("ts").is_none()).count(),
+        1,
+        "one status message: {updates:?}"
+    );
+    assert!(updates.last().unwrap()["text"].as_str().unwrap().contains("succeeded"));
+    assert!(
+        !updates.last().unwrap()["blocks"].to_string().contains("```"),
+        "metadata only: no log lines"
+    );
+    assert_eq!(env.origin_file(&pipeline.branch, "hi.txt").as_deref(), Some("hi\n"));
+
+    // The same event redelivered starts nothing.
+    fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
+    // A bot's message in the thread is ignored; someone not allowed is ignored too.
+    let mut bot = thread_message("UBOT", "1700000001.000150", "1700000001.000100", "I am a bot");
+    bot["bot_id"] = json!("B1");
+    fake.push_event("Ev2", bot);
+    fake.push_event(
+        "Ev3",
+        thread_message("U9", "1700000001.000160", "1700000001.000100", "echo nope > nope.txt"),
+    );
+    // A follow-up from an allowed user, no mention needed.
+    fake.push_event(
+        "Ev4",
+        thread_message("U2", "1700000002.000200", "1700000001.000100", "echo two > two.txt"),
+    );
+    let second = format!("{}-2", pipeline.id);
+    let store = orch.store().clone();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.run(&second).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follow-up never became a run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished(orch.store(), &second).await.state, RunState::Succeeded);
+    assert_eq!(env.origin_file(&pipeline.branch, "two.txt").as_deref(), Some("two\n"));
+    assert_eq!(
+        orch.store().runs(&pipeline.id).await.unwrap().len(),
+        2,
+        "no run from the redelivery, the bot or U9"
+    );
+
+    // Someone not allowed at the top level gets an ephemeral refusal.
+    fake.push_event("Ev5", mention("U9", "1700000003.000300", "echo x > x.txt"));
+    fake.wait_until("a refusal", |f| !f.calls("chat.postEphemeral").is_empty())
+        .await;
+    assert_eq!(fake.calls("chat.postEphemeral")[0]["user"], "U9");
+
+    // Cancel from the status message: refused for a prompter, obeyed for an approver.
+    fake.push_event(
+        "Ev6",
+        thread_message("U2", "1700000004.000400", "1700000001.000100", "sleep 60"),
+    );
+    let third = format!("{}-3", pipeline.id);
+    while store.run(&third).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the third message never became a run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    wait_for(orch.store(), &third, "running", |r| r.state == RunState::Running).await;
+    fake.wait_until("the Cancel button", |f| {
+        status_texts(f, &third)
+            .iter()
+            .any(|c| c["blocks"].to_string().contains("threadline_cancel"))
+    })
+    .await;
+    let ephemerals = fake.calls("chat.postEphemeral").len();
+    fake.click("U2", "C1", "1700000100.000009", "threadline_cancel", &third);
+    fake.wait_until("the refusal of U2's click", |f| {
+        f.calls("chat.postEphemeral").len() > ephemerals
+    })
+    .await;
+    assert_eq!(
+        orch.store().run(&third).await.unwrap().unwrap().state,
+        RunState::Running
+    );
+    fake.click("U1", "C1", "1700000100.000009", "threadline_cancel", &third);
+    assert_eq!(finished(orch.store(), &third).await.state, RunState::Cancelled);
+    fake.wait_until("the cancelled status", |f| {
+        status_texts(f, &third)
+            .last()
+            .is_some_and(|c| c["text"].as_str().unwrap_or("").contains("cancelled"))
+    })
+    .await;
+
+    stop.cancel();
+    adapter.await.unwrap().unwrap();
+    orch.shutdown().await;
+}
