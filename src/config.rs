@@ -93,10 +93,25 @@ pub struct SlackConfig {
     pub bot_token: Secret,
     /// The app-level token for Socket Mode (`xapp-…`); also THREADLINE_SLACK__APP_TOKEN.
     pub app_token: Secret,
+    /// `socket` (Socket Mode, the default: no public URL needed) or `events` (the Events
+    /// API over HTTP on `events_listen`, behind your own public URL).
+    pub mode: SlackMode,
+    /// Verifies Events API requests (Basic Information → Signing Secret).
+    pub signing_secret: Secret,
+    /// Where the Events API endpoint (`POST /slack/events`) listens in `events` mode.
+    pub events_listen: String,
     /// The Web API base (GovSlack, a proxy, or a test's fake).
     pub api_url: String,
     /// Channel id → what it may do.
     pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlackMode {
+    #[default]
+    Socket,
+    Events,
 }
 
 impl Default for SlackConfig {
@@ -105,6 +120,9 @@ impl Default for SlackConfig {
             enabled: false,
             bot_token: Secret::default(),
             app_token: Secret::default(),
+            mode: SlackMode::Socket,
+            signing_secret: Secret::default(),
+            events_listen: "127.0.0.1:3000".into(),
             api_url: "https://slack.com/api".into(),
             channels: BTreeMap::new(),
         }
@@ -360,14 +378,29 @@ impl Config {
             ));
         }
         if self.slack.enabled {
-            for (key, secret, prefix) in [
-                ("slack.bot_token", &self.slack.bot_token, "xoxb-"),
-                ("slack.app_token", &self.slack.app_token, "xapp-"),
-            ] {
+            let mut tokens = vec![("slack.bot_token", &self.slack.bot_token, "xoxb-")];
+            if self.slack.mode == SlackMode::Socket {
+                tokens.push(("slack.app_token", &self.slack.app_token, "xapp-"));
+            }
+            for (key, secret, prefix) in tokens {
                 if !secret.expose().starts_with(prefix) {
                     return Err(invalid(
                         key,
                         format!("must be set and start with {prefix} when slack.enabled is true"),
+                    ));
+                }
+            }
+            if self.slack.mode == SlackMode::Events {
+                if self.slack.signing_secret.is_empty() {
+                    return Err(invalid(
+                        "slack.signing_secret",
+                        "must be set when slack.mode is \"events\"".into(),
+                    ));
+                }
+                if self.slack.events_listen.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(invalid(
+                        "slack.events_listen",
+                        format!("{:?} is not an address like 127.0.0.1:3000", self.slack.events_listen),
                     ));
                 }
             }
@@ -456,6 +489,7 @@ impl Config {
             &self.web.token,
             &self.slack.bot_token,
             &self.slack.app_token,
+            &self.slack.signing_secret,
         ] {
             if !secret.is_empty() {
                 values.push(secret.expose().to_owned());

@@ -349,6 +349,7 @@ fn redacted_toml(config: &Config) -> String {
         &mut shown.web.token,
         &mut shown.slack.bot_token,
         &mut shown.slack.app_token,
+        &mut shown.slack.signing_secret,
     ] {
         if !secret.is_empty() {
             *secret = crate::config::Secret::new("[REDACTED]");
@@ -592,10 +593,30 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let slack = orch.config().slack.enabled.then(|| {
-        let (orch, stop, config) = (orch.clone(), stop.clone(), orch.config().slack.clone());
-        tokio::spawn(async move { crate::bots::slack::start(orch, &config, stop).await })
-    });
+    let slack = if orch.config().slack.enabled {
+        let config = orch.config().slack.clone();
+        let events = match config.mode {
+            crate::config::SlackMode::Events => {
+                let listener = tokio::net::TcpListener::bind(&config.events_listen)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot listen on slack.events_listen {}: {e}", config.events_listen)
+                    })?;
+                eprintln!(
+                    "threadline: Slack Events API on http://{}/slack/events (point your public URL there)",
+                    listener.local_addr()?
+                );
+                Some(listener)
+            }
+            crate::config::SlackMode::Socket => None,
+        };
+        let (orch, stop) = (orch.clone(), stop.clone());
+        Some(tokio::spawn(async move {
+            crate::bots::slack::start(orch, &config, events, stop).await
+        }))
+    } else {
+        None
+    };
     eprintln!(
         "threadline: at most {} runs at once; running agents keep going across restarts",
         orch.config().max_concurrent_runs

@@ -63,7 +63,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     let slack_config = env.config.slack.clone();
     let adapter = tokio::spawn({
         let (orch, stop) = (orch.clone(), stop.clone());
-        async move { slack::start(orch, &slack_config, stop).await }
+        async move { slack::start(orch, &slack_config, None, stop).await }
     });
     for _ in 0..100 {
         if !fake.calls("apps.connections.open").is_empty() || adapter.is_finished() {
@@ -203,6 +203,128 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
             .is_some_and(|c| c["text"].as_str().unwrap_or("").contains("cancelled"))
     })
     .await;
+
+    stop.cancel();
+    adapter.await.unwrap().unwrap();
+    orch.shutdown().await;
+}
+
+/// Signs like Slack: `v0=` + hex(HMAC-SHA256(secret, "v0:{ts}:{body}")).
+fn sign(secret: &str, ts: i64, body: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    format!("v0={hex}")
+}
+
+async fn post_signed(url: &str, secret: &str, ts: i64, body: &str, tamper: bool) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let mut signature = sign(secret, ts, body);
+    if tamper {
+        signature.replace_range(signature.len() - 2.., "00");
+    }
+    let req = axum::http::Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", signature)
+        .body(Full::new(bytes::Bytes::from(body.to_owned())))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let text = String::from_utf8_lossy(&res.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_api_checks_signatures_and_starts_runs() {
+    let fake = FakeSlack::start().await;
+    let mut env = TestEnv::new();
+    env.config.repos.insert(
+        "demo".into(),
+        RepoConfig {
+            url: env.origin_url(),
+            ..Default::default()
+        },
+    );
+    env.config.slack.enabled = true;
+    env.config.slack.mode = threadline::config::SlackMode::Events;
+    env.config.slack.bot_token = Secret::new("xoxb-test-token");
+    env.config.slack.signing_secret = Secret::new("signing-secret-123");
+    env.config.slack.api_url = fake.api_url.clone();
+    env.config.slack.channels = BTreeMap::from([(
+        "C1".to_owned(),
+        ChannelBinding {
+            repos: vec!["demo".into()],
+            ..Default::default()
+        },
+    )]);
+    let orch = env.orchestrator().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/slack/events", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let slack_config = env.config.slack.clone();
+    let adapter = tokio::spawn({
+        let (orch, stop) = (orch.clone(), stop.clone());
+        async move { slack::start(orch, &slack_config, Some(listener), stop).await }
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let secret = "signing-secret-123";
+
+    // Slack's handshake when the URL is saved.
+    let challenge = json!({"token": "t", "challenge": "chal-123", "type": "url_verification"}).to_string();
+    let mut answer = (0, String::new());
+    for _ in 0..50 {
+        answer = post_signed(&url, secret, now, &challenge, false).await;
+        if answer.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert!(answer.1.contains("chal-123"), "{}", answer.1);
+
+    let callback = |event: Value, id: &str| {
+        json!({"token": "t", "team_id": "T1", "api_app_id": "A1", "event": event, "type": "event_callback",
+               "event_id": id, "event_time": now})
+        .to_string()
+    };
+    // A bad signature and a stale timestamp are rejected and start nothing.
+    let body = callback(mention("U1", "1700000009.000900", "echo forged > f.txt"), "EvBad");
+    assert_eq!(post_signed(&url, secret, now, &body, true).await.0, 401);
+    assert_eq!(post_signed(&url, secret, now - 6 * 60, &body, false).await.0, 401);
+    assert_eq!(post_signed(&url, "another-secret", now, &body, false).await.0, 401);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(orch.store().pipelines(10).await.unwrap().is_empty(), "nothing started");
+
+    // A correctly signed mention runs to the end.
+    let body = callback(mention("U1", "1700000010.001000", "echo signed > s.txt"), "EvGood");
+    assert_eq!(post_signed(&url, secret, now, &body, false).await.0, 200);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let pipeline = loop {
+        if let Some(s) = orch.store().pipelines(1).await.unwrap().pop() {
+            break s.pipeline;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the signed mention never started a pipeline"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        finished(orch.store(), &format!("{}-1", pipeline.id)).await.state,
+        RunState::Succeeded
+    );
+    assert_eq!(env.origin_file(&pipeline.branch, "s.txt").as_deref(), Some("signed\n"));
+    // Slack retries a slow delivery with the same event: still one run.
+    assert_eq!(post_signed(&url, secret, now, &body, false).await.0, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(orch.store().runs(&pipeline.id).await.unwrap().len(), 1);
 
     stop.cancel();
     adapter.await.unwrap().unwrap();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use slack_morphism::prelude::*;
+use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef};
@@ -176,14 +177,21 @@ struct State {
     bot_user: String,
 }
 
-/// Connects to Slack and runs until `shutdown`.
-pub async fn start(orch: Orchestrator, config: &SlackConfig, shutdown: CancellationToken) -> Result<(), SlackError> {
+/// Connects to Slack and runs until `shutdown`: over Socket Mode, or, given a bound
+/// `events` listener, serving the Events API at `POST /slack/events`.
+pub async fn start(
+    orch: Orchestrator,
+    config: &SlackConfig,
+    events: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), SlackError> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
         .map_err(SlackError::Tls)?
         .https_or_http()
         .enable_http1()
         .build();
+    // slack-morphism appends "/<method>" itself.
     let client = Arc::new(SlackClient::new(
         SlackClientHyperConnector::with_connector(https).with_slack_api_url(config.api_url.trim_end_matches('/')),
     ));
@@ -204,25 +212,42 @@ pub async fn start(orch: Orchestrator, config: &SlackConfig, shutdown: Cancellat
         surface: surface.clone(),
         bot_user: auth.user_id.0.clone(),
     });
-    let callbacks = SlackSocketModeListenerCallbacks::new()
-        .with_push_events(on_push)
-        .with_interaction_events(on_interaction);
-    let env = Arc::new(SlackClientEventsListenerEnvironment::new(client.clone()).with_user_state(state));
-    let listener = SlackClientSocketModeListener::new(
-        &SlackClientSocketModeConfig::new().with_max_connections_count(1),
-        env,
-        callbacks,
-    );
-    let app_token = SlackApiToken::new(config.app_token.expose().into());
-    listener
-        .listen_for(&app_token)
-        .await
-        .map_err(|e| SlackError::SocketMode(e.to_string()))?;
-    listener.start().await;
-    tracing::info!(bot = %auth.user_id.0, "connected to Slack (Socket Mode)");
     let updater = tokio::spawn(StatusUpdater::new(core, surface).run(shutdown.clone()));
-    shutdown.cancelled().await;
-    listener.shutdown().await;
+    match events {
+        Some(listener) => {
+            let verifier =
+                SlackEventSignatureVerifier::new(&SlackSigningSecret::new(config.signing_secret.expose().to_owned()));
+            let app = axum::Router::new()
+                .route("/slack/events", axum::routing::post(http_event))
+                .with_state(Arc::new(HttpState { state, verifier }));
+            tracing::info!(bot = %auth.user_id.0, "serving Slack's Events API");
+            let stop = shutdown.clone();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .map_err(|e| SlackError::SocketMode(e.to_string()))?;
+        }
+        None => {
+            let callbacks = SlackSocketModeListenerCallbacks::new()
+                .with_push_events(on_push)
+                .with_interaction_events(on_interaction);
+            let env = Arc::new(SlackClientEventsListenerEnvironment::new(client.clone()).with_user_state(state));
+            let listener = SlackClientSocketModeListener::new(
+                &SlackClientSocketModeConfig::new().with_max_connections_count(1),
+                env,
+                callbacks,
+            );
+            let app_token = SlackApiToken::new(config.app_token.expose().into());
+            listener
+                .listen_for(&app_token)
+                .await
+                .map_err(|e| SlackError::SocketMode(e.to_string()))?;
+            listener.start().await;
+            tracing::info!(bot = %auth.user_id.0, "connected to Slack (Socket Mode)");
+            shutdown.cancelled().await;
+            listener.shutdown().await;
+        }
+    }
     let _ = updater.await;
     Ok(())
 }
@@ -231,15 +256,77 @@ async fn state_of(states: &SlackClientEventsUserState) -> Option<Arc<State>> {
     states.read().await.get_user_state::<Arc<State>>().cloned()
 }
 
-/// Socket Mode acks an envelope only after this returns: hand the work to a task.
+/// Socket Mode acks an envelope only after this returns: the work goes to a task.
 async fn on_push(
     event: SlackPushEventCallback,
     _client: Arc<Client>,
     states: SlackClientEventsUserState,
 ) -> UserCallbackResult<()> {
-    let Some(state) = state_of(&states).await else {
-        return Ok(());
-    };
+    if let Some(state) = state_of(&states).await {
+        handle_push(state, event);
+    }
+    Ok(())
+}
+
+async fn on_interaction(
+    event: SlackInteractionEvent,
+    _client: Arc<Client>,
+    states: SlackClientEventsUserState,
+) -> UserCallbackResult<()> {
+    if let Some(state) = state_of(&states).await {
+        handle_interaction(state, event);
+    }
+    Ok(())
+}
+
+struct HttpState {
+    state: Arc<State>,
+    verifier: SlackEventSignatureVerifier,
+}
+
+/// The Events API endpoint: signature and 5-minute replay window first, then the
+/// url_verification handshake, events, and (form-encoded) interactions.
+async fn http_event(
+    axum::extract::State(http): axum::extract::State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let (signature, timestamp) = (
+        header(SlackEventSignatureVerifier::SLACK_SIGNED_HASH_HEADER),
+        header(SlackEventSignatureVerifier::SLACK_SIGNED_TIMESTAMP),
+    );
+    if let Err(e) = http.verifier.verify(&signature, &body, &timestamp) {
+        tracing::warn!(error = %e, "rejected a Slack request: bad signature or stale timestamp");
+        return (StatusCode::UNAUTHORIZED, "invalid signature or stale timestamp").into_response();
+    }
+    if header("content-type").starts_with("application/x-www-form-urlencoded") {
+        let payload = form_urlencoded::parse(body.as_bytes())
+            .find(|(k, _)| k == "payload")
+            .map(|(_, v)| v.into_owned());
+        return match payload.and_then(|p| serde_json::from_str::<SlackInteractionEvent>(&p).ok()) {
+            Some(event) => {
+                handle_interaction(http.state.clone(), event);
+                StatusCode::OK.into_response()
+            }
+            None => (StatusCode::BAD_REQUEST, "unreadable interaction payload").into_response(),
+        };
+    }
+    match serde_json::from_str::<SlackPushEvent>(&body) {
+        Ok(SlackPushEvent::UrlVerification(v)) => axum::Json(json!({ "challenge": v.challenge })).into_response(),
+        Ok(SlackPushEvent::EventCallback(event)) => {
+            handle_push(http.state.clone(), event);
+            StatusCode::OK.into_response()
+        }
+        Ok(_) => StatusCode::OK.into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("unreadable event: {e}")).into_response(),
+    }
+}
+
+/// Turns an event into a [`Message`] for the core, off the caller's task.
+fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
     let message = match event.event {
         // Top-level mentions arrive twice (app_mention and message): only app_mention counts.
         SlackEventCallbackBody::AppMention(ev) => Some(Message {
@@ -255,8 +342,7 @@ async fn on_push(
         }),
         SlackEventCallbackBody::Message(ev) if ev.origin.thread_ts.is_some() && ev.subtype.is_none() => {
             let text = ev.content.and_then(|c| c.text).unwrap_or_default();
-            let mention = format!("<@{}>", state.bot_user);
-            if text.contains(&mention) {
+            if text.contains(&format!("<@{}>", state.bot_user)) {
                 None // handled as app_mention
             } else {
                 Some(Message {
@@ -296,19 +382,12 @@ async fn on_push(
             .await;
         });
     }
-    Ok(())
 }
 
-async fn on_interaction(
-    event: SlackInteractionEvent,
-    _client: Arc<Client>,
-    states: SlackClientEventsUserState,
-) -> UserCallbackResult<()> {
-    let Some(state) = state_of(&states).await else {
-        return Ok(());
-    };
+/// Turns button clicks into [`Click`]s for the core, off the caller's task.
+fn handle_interaction(state: Arc<State>, event: SlackInteractionEvent) {
     let SlackInteractionEvent::BlockActions(ev) = event else {
-        return Ok(());
+        return;
     };
     let user = ev.user.map(|u| u.id.0).unwrap_or_default();
     let channel = ev.channel.map(|c| c.id.0).unwrap_or_default();
@@ -331,7 +410,6 @@ async fn on_interaction(
             act(&state, outcome, &channel, &user, None, None).await;
         });
     }
-    Ok(())
 }
 
 /// Says in Slack what the core decided.
