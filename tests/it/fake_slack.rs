@@ -1,6 +1,7 @@
 //! A wire-level fake of Slack on 127.0.0.1: the Web API methods the bot calls,
 //! `apps.connections.open`, and the Socket Mode websocket. It answers with the shapes of
-//! Slack's Web API and Socket Mode docs and records every call for tests to assert on.
+//! Slack's Web API spec (`shared/api-specs`: required fields of each response, required
+//! parameters of each request) and records every call for tests to assert on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -163,6 +164,17 @@ async fn api(State(state): State<AppState>, Path(method): Path<String>, headers:
         let form: Vec<(String, String)> = serde_urlencoded_pairs(&body);
         Value::Object(form.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
     });
+    // The parameters the Web API spec marks required (shared/api-specs/slack-web-openapi-v2.json).
+    let required: &[&str] = match method.as_str() {
+        "chat.postMessage" => &["channel"],
+        "chat.update" => &["channel", "ts"],
+        "chat.postEphemeral" => &["channel", "user"],
+        "reactions.add" => &["channel", "name", "timestamp"],
+        _ => &[],
+    };
+    if let Some(missing) = required.iter().find(|k| parsed[**k].as_str().is_none_or(str::is_empty)) {
+        return axum::Json(json!({"ok": false, "error": "invalid_arguments", "missing": missing})).into_response();
+    }
     let mut r = state.fake.recorded.lock().unwrap();
     r.calls.push((method.clone(), parsed.clone()));
     let channel = parsed["channel"].as_str().unwrap_or("C0").to_owned();
