@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
 use threadline::bots::web::{WebState, serve};
-use threadline::config::RepoConfig;
 
 use crate::harness::TestEnv;
 
@@ -53,14 +52,7 @@ fn artifacts() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     let mut env = TestEnv::new();
-    env.config.repos.insert(
-        "demo".into(),
-        RepoConfig {
-            url: env.origin_url(),
-            branch_url: "https://forge.example/demo/tree/{branch}".into(),
-            ..Default::default()
-        },
-    );
+    env.add_demo_repo();
     let orch = env.orchestrator().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -9,7 +9,6 @@ use threadline::bots::chat::{
     ChannelBinding, ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef,
 };
 use threadline::bots::render::{Action, StatusCard};
-use threadline::config::RepoConfig;
 use threadline::model::RunState;
 
 use crate::harness::{TestEnv, finished, wait_for};
@@ -45,14 +44,7 @@ fn reply(channel: &str, thread: &str, id: &str, who: &str, text: &str) -> Messag
 
 fn env_with_repo() -> TestEnv {
     let mut env = TestEnv::new();
-    env.config.repos.insert(
-        "demo".into(),
-        RepoConfig {
-            url: env.origin_url(),
-            branch_url: "https://forge.example/demo/tree/{branch}".into(),
-            ..Default::default()
-        },
-    );
+    env.add_demo_repo();
     env
 }
 

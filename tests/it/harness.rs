@@ -98,6 +98,16 @@ impl TestEnv {
         self.origin.display().to_string()
     }
 
+    /// Configures the origin as the repository "demo", with a forge-style branch link.
+    pub fn add_demo_repo(&mut self) {
+        let repo = threadline::config::RepoConfig {
+            url: self.origin_url(),
+            branch_url: "https://forge.example/demo/tree/{branch}".into(),
+            ..Default::default()
+        };
+        self.config.repos.insert("demo".into(), repo);
+    }
+
     pub fn agent_mut(&mut self) -> &mut AgentProfile {
         self.config.agents.get_mut("sh").unwrap()
     }

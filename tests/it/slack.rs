@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 use threadline::bots::chat::ChannelBinding;
 use threadline::bots::slack;
-use threadline::config::{RepoConfig, Secret};
+use threadline::config::Secret;
 use threadline::model::RunState;
 
 use crate::fake_slack::FakeSlack;
@@ -22,6 +22,21 @@ fn thread_message(user: &str, ts: &str, thread: &str, text: &str) -> Value {
            "channel": "C1", "channel_type": "channel", "event_ts": ts})
 }
 
+/// A test environment with Slack enabled against `fake`, channel C1 bound to "demo".
+fn slack_env(fake: &FakeSlack) -> TestEnv {
+    let mut env = TestEnv::new();
+    env.add_demo_repo();
+    env.config.slack.enabled = true;
+    env.config.slack.bot_token = Secret::new("xoxb-test-token");
+    env.config.slack.api_url = fake.api_url.clone();
+    let binding = ChannelBinding {
+        repos: vec!["demo".into()],
+        ..Default::default()
+    };
+    env.config.slack.channels = BTreeMap::from([("C1".to_owned(), binding)]);
+    env
+}
+
 /// The status message updates of one run.
 fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
     let prefix = format!("Threadline run {run_id}:");
@@ -35,28 +50,11 @@ fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     let fake = FakeSlack::start().await;
-    let mut env = TestEnv::new();
-    env.config.repos.insert(
-        "demo".into(),
-        RepoConfig {
-            url: env.origin_url(),
-            branch_url: "https://forge.example/demo/tree/{branch}".into(),
-            ..Default::default()
-        },
-    );
-    env.config.slack.enabled = true;
-    env.config.slack.bot_token = Secret::new("xoxb-test-token");
+    let mut env = slack_env(&fake);
     env.config.slack.app_token = Secret::new("xapp-test-token");
-    env.config.slack.api_url = fake.api_url.clone();
-    env.config.slack.channels = BTreeMap::from([(
-        "C1".to_owned(),
-        ChannelBinding {
-            repos: vec!["demo".into()],
-            prompters: vec!["U1".into(), "U2".into()],
-            approvers: vec!["U1".into()],
-            ..Default::default()
-        },
-    )]);
+    let c1 = env.config.slack.channels.get_mut("C1").unwrap();
+    c1.prompters = vec!["U1".into(), "U2".into()];
+    c1.approvers = vec!["U1".into()];
     fake.recorded.lock().unwrap().rate_limit_updates = 1;
     let orch = env.orchestrator().await;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -241,26 +239,9 @@ async fn post_signed(url: &str, secret: &str, ts: i64, body: &str, tamper: bool)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_events_api_checks_signatures_and_starts_runs() {
     let fake = FakeSlack::start().await;
-    let mut env = TestEnv::new();
-    env.config.repos.insert(
-        "demo".into(),
-        RepoConfig {
-            url: env.origin_url(),
-            ..Default::default()
-        },
-    );
-    env.config.slack.enabled = true;
+    let mut env = slack_env(&fake);
     env.config.slack.mode = threadline::config::SlackMode::Events;
-    env.config.slack.bot_token = Secret::new("xoxb-test-token");
     env.config.slack.signing_secret = Secret::new("signing-secret-123");
-    env.config.slack.api_url = fake.api_url.clone();
-    env.config.slack.channels = BTreeMap::from([(
-        "C1".to_owned(),
-        ChannelBinding {
-            repos: vec!["demo".into()],
-            ..Default::default()
-        },
-    )]);
     let orch = env.orchestrator().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/slack/events", listener.local_addr().unwrap());

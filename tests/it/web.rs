@@ -8,7 +8,7 @@ use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use threadline::bots::web::{WebState, listen_addr, router};
-use threadline::config::{RepoConfig, Secret};
+use threadline::config::Secret;
 use threadline::orchestrator::Orchestrator;
 use tower::ServiceExt;
 
@@ -24,14 +24,7 @@ struct Web {
 
 impl Web {
     async fn new(env: &mut TestEnv, token: Option<&str>) -> Web {
-        env.config.repos.insert(
-            "demo".into(),
-            RepoConfig {
-                url: env.origin_url(),
-                branch_url: "https://forge.example/demo/tree/{branch}".into(),
-                ..Default::default()
-            },
-        );
+        env.add_demo_repo();
         if let Some(t) = token {
             env.config.web.token = Secret::new(t);
         }
