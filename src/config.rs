@@ -58,6 +58,7 @@ pub struct Config {
     pub git: GitConfig,
     pub web: WebConfig,
     pub slack: SlackConfig,
+    pub discord: DiscordConfig,
     /// Repositories prompts may name (`repo=<name>` in chat, the picker in the web chat).
     pub repos: BTreeMap<String, RepoConfig>,
     pub agents: BTreeMap<String, AgentProfile>,
@@ -104,6 +105,31 @@ pub struct SlackConfig {
     pub api_url: String,
     /// Channel id → what it may do.
     pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+}
+
+/// The Discord bot (gateway for messages and button clicks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscordConfig {
+    pub enabled: bool,
+    /// The bot token; also THREADLINE_DISCORD__TOKEN.
+    pub token: Secret,
+    /// The API base (an HTTP proxy such as twilight-http-proxy, or a test's fake). The
+    /// gateway address is asked of it, so nothing reaches discord.com when it is set.
+    pub api_url: String,
+    /// Channel id → what it may do; prompters and approvers may be user or role ids.
+    pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        DiscordConfig {
+            enabled: false,
+            token: Secret::default(),
+            api_url: "https://discord.com".into(),
+            channels: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +275,7 @@ impl Default for Config {
             git: GitConfig::default(),
             web: WebConfig::default(),
             slack: SlackConfig::default(),
+            discord: DiscordConfig::default(),
             repos: BTreeMap::new(),
             agents,
         }
@@ -415,6 +442,24 @@ impl Config {
                 }
             }
         }
+        if self.discord.enabled {
+            if self.discord.token.is_empty() {
+                return Err(invalid(
+                    "discord.token",
+                    "must be set when discord.enabled is true".into(),
+                ));
+            }
+            for (channel, binding) in &self.discord.channels {
+                for name in &binding.repos {
+                    if !self.repos.contains_key(name) {
+                        return Err(invalid(
+                            &format!("discord.channels.{channel}.repos"),
+                            format!("names {name:?}, which is not under [repos]"),
+                        ));
+                    }
+                }
+            }
+        }
         for (name, repo) in &self.repos {
             if repo.url.trim().is_empty() {
                 return Err(invalid(&format!("repos.{name}.url"), "must name a path or URL".into()));
@@ -490,6 +535,7 @@ impl Config {
             &self.slack.bot_token,
             &self.slack.app_token,
             &self.slack.signing_secret,
+            &self.discord.token,
         ] {
             if !secret.is_empty() {
                 values.push(secret.expose().to_owned());
@@ -555,6 +601,28 @@ mod tests {
         assert!(
             err.contains("slack.channels.C1.repos") && err.contains("ghost"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn discord_needs_its_token_and_known_repos() {
+        let mut c = Config::default();
+        c.discord.enabled = true;
+        assert!(c.validate(None).unwrap_err().to_string().contains("discord.token"));
+        c.discord.token = Secret::new("bot-token");
+        c.validate(None).unwrap();
+        c.discord.channels.insert(
+            "123".into(),
+            crate::bots::chat::ChannelBinding {
+                repos: vec!["ghost".into()],
+                ..Default::default()
+            },
+        );
+        assert!(
+            c.validate(None)
+                .unwrap_err()
+                .to_string()
+                .contains("discord.channels.123.repos")
         );
     }
 

@@ -3,6 +3,7 @@
 //! orchestrator and render [`render::StatusCard`]s; none holds orchestration logic.
 
 pub mod chat;
+pub mod discord;
 pub mod render;
 pub mod slack;
 pub mod web;

@@ -350,6 +350,7 @@ fn redacted_toml(config: &Config) -> String {
         &mut shown.slack.bot_token,
         &mut shown.slack.app_token,
         &mut shown.slack.signing_secret,
+        &mut shown.discord.token,
     ] {
         if !secret.is_empty() {
             *secret = crate::config::Secret::new("[REDACTED]");
@@ -621,19 +622,41 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
         "threadline: at most {} runs at once; running agents keep going across restarts",
         orch.config().max_concurrent_runs
     );
-    let failed = match slack {
-        Some(mut slack) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => None,
-            result = &mut slack => Some(match result {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => "the Slack connection ended".to_owned(),
-                Err(e) => e.to_string(),
-            }),
-        },
-        None => {
-            tokio::signal::ctrl_c().await?;
-            None
-        }
+    // Any chat adapter that stops (bad token, lost connection) stops the daemon with its reason.
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(2);
+    if let Some(slack) = slack {
+        let tx = failed_tx.clone();
+        tokio::spawn(async move {
+            let reason = match slack.await {
+                Ok(Err(e)) => format!("slack: {e}"),
+                Ok(Ok(())) => "slack: the connection ended".to_owned(),
+                Err(e) => format!("slack: {e}"),
+            };
+            let _ = tx.send(reason).await;
+        });
+    }
+    if orch.config().discord.enabled {
+        let (orch, stop, config, tx) = (
+            orch.clone(),
+            stop.clone(),
+            orch.config().discord.clone(),
+            failed_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let result = crate::bots::discord::start(orch, &config, stop.clone()).await;
+            if !stop.is_cancelled() {
+                let reason = match result {
+                    Err(e) => format!("discord: {e}"),
+                    Ok(()) => "discord: the gateway connection ended".to_owned(),
+                };
+                let _ = tx.send(reason).await;
+            }
+        });
+    }
+    drop(failed_tx);
+    let failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        Some(reason) = failed_rx.recv() => Some(reason),
     };
     stop.cancel();
     if let Some(server) = server {
@@ -641,7 +664,7 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
     }
     orch.shutdown().await;
     match failed {
-        Some(e) => anyhow::bail!("slack: {e}"),
+        Some(reason) => anyhow::bail!("{reason}"),
         None => Ok(ExitCode::SUCCESS),
     }
 }

@@ -5,6 +5,8 @@
 mod browser;
 mod chat;
 mod core;
+mod discord;
+mod fake_discord;
 mod fake_slack;
 mod harness;
 mod slack;

@@ -1,0 +1,356 @@
+//! The Discord adapter: serenity's gateway for messages and button clicks, and a small
+//! REST client of our own for what the bot sends (serenity drops Discord's
+//! `retry_after` when its rate limiter is off, which it must be to use another API base).
+//! It translates only: [`ChatCore`] decides, [`StatusUpdater`] keeps the status message.
+
+mod rest;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::{Value, json};
+use serenity::all::{ComponentInteraction, Context, EventHandler, GatewayIntents, Interaction, Ready};
+use serenity::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef};
+use super::render::{Action, StatusCard};
+use crate::config::DiscordConfig;
+use crate::model::RunState;
+use crate::orchestrator::Orchestrator;
+pub use rest::Rest;
+
+const SURFACE: &str = "discord";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscordError {
+    #[error("cannot set up TLS for Discord ({0}); install the ca-certificates package")]
+    Tls(std::io::Error),
+    #[error("the Discord gateway failed: {0}")]
+    Gateway(String),
+}
+
+/// Posts and edits status messages in threads.
+pub struct DiscordSurface {
+    rest: Rest,
+}
+
+impl ChatSurface for DiscordSurface {
+    fn name(&self) -> &'static str {
+        SURFACE
+    }
+
+    async fn post_status(&self, thread: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
+        let sent = self
+            .rest
+            .call(
+                "POST",
+                &format!("/channels/{}/messages", thread.thread),
+                Some(card_message(card)),
+            )
+            .await?;
+        Ok(sent["id"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn update_status(&self, thread: &ThreadRef, message_id: &str, card: &StatusCard) -> Result<(), ChatError> {
+        self.rest
+            .call(
+                "PATCH",
+                &format!("/channels/{}/messages/{message_id}", thread.thread),
+                Some(card_message(card)),
+            )
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The card as a Discord message: an embed and a row of buttons.
+pub fn card_message(card: &StatusCard) -> Value {
+    let color = match card.state {
+        RunState::Succeeded => 0x1f8a4c,
+        RunState::Failed | RunState::TimedOut => 0xc0362c,
+        RunState::Cancelled => 0xb7791f,
+        _ => 0x3057d5,
+    };
+    let branch = match &card.branch_url {
+        Some(url) => format!("[{}]({url})", card.branch),
+        None => format!("`{}`", card.branch),
+    };
+    let mut lines = vec![format!("{} · agent {} · branch {branch}", card.elapsed, card.agent)];
+    if let Some(c) = &card.commit {
+        lines.push(format!("commit `{c}`"));
+    }
+    if let Some(d) = &card.diffstat {
+        lines.push(d.clone());
+    } else if card.terminal && !card.changed {
+        lines.push("no changes".into());
+    }
+    if let Some(e) = &card.error {
+        lines.push(format!("⚠️ {e}"));
+    }
+    if let Some(s) = &card.summary {
+        lines.push(format!("> {s}"));
+    }
+    if !card.log_lines.is_empty() {
+        lines.push(format!("```\n{}\n```", card.log_lines.join("\n")));
+    }
+    let buttons: Vec<Value> = card
+        .buttons
+        .iter()
+        .map(|b| {
+            let style = match b.action {
+                Action::Cancel => 4,
+                Action::Retry => 1,
+                Action::OpenPr => 3,
+            };
+            json!({"type": 2, "style": style, "label": b.label, "custom_id": custom_id(b.action, &b.run_id)})
+        })
+        .collect();
+    let components = if buttons.is_empty() {
+        json!([])
+    } else {
+        json!([{"type": 1, "components": buttons}])
+    };
+    json!({
+        "content": "",
+        "embeds": [{"title": format!("Run {}: {}", card.seq, card.headline), "description": lines.join("\n"), "color": color}],
+        "components": components,
+    })
+}
+
+fn custom_id(action: Action, run_id: &str) -> String {
+    let name = match action {
+        Action::Cancel => "cancel",
+        Action::Retry => "retry",
+        Action::OpenPr => "open_pr",
+    };
+    format!("threadline:{name}:{run_id}")
+}
+
+fn parse_custom_id(id: &str) -> Option<(Action, String)> {
+    let rest = id.strip_prefix("threadline:")?;
+    let (name, run) = rest.split_once(':')?;
+    let action = match name {
+        "cancel" => Action::Cancel,
+        "retry" => Action::Retry,
+        "open_pr" => Action::OpenPr,
+        _ => return None,
+    };
+    Some((action, run.to_owned()))
+}
+
+struct Handler {
+    core: ChatCore,
+    rest: Rest,
+    bot: OnceLock<u64>,
+    /// thread id → parent channel id, as Discord said.
+    parents: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl Handler {
+    /// The parent channel of a thread (None for a channel that is not a thread).
+    async fn parent_of(&self, channel: &str) -> Option<String> {
+        if let Some(known) = self.parents.lock().unwrap().get(channel) {
+            return known.clone();
+        }
+        let parent = match self.rest.call("GET", &format!("/channels/{channel}"), None).await {
+            Ok(c) if matches!(c["type"].as_u64(), Some(10..=12)) => c["parent_id"].as_str().map(str::to_owned),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "cannot look up a Discord channel");
+                return None;
+            }
+        };
+        self.parents.lock().unwrap().insert(channel.to_owned(), parent.clone());
+        parent
+    }
+
+    async fn say(&self, channel: &str, text: &str, reply_to: Option<&str>) {
+        let mut body = json!({"content": text, "allowed_mentions": {"parse": []}});
+        if let Some(id) = reply_to {
+            body["message_reference"] = json!({"message_id": id, "fail_if_not_exists": false});
+        }
+        if let Err(e) = self
+            .rest
+            .call("POST", &format!("/channels/{channel}/messages"), Some(body))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot reply in Discord");
+        }
+    }
+}
+
+#[async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, _ctx: Context, ready: Ready) {
+        let _ = self.bot.set(ready.user.id.get());
+        tracing::info!(bot = %ready.user.name, "connected to Discord");
+    }
+
+    async fn message(&self, _ctx: Context, msg: serenity::all::Message) {
+        if msg.author.bot {
+            return;
+        }
+        let bot = self.bot.get().copied().unwrap_or_default();
+        let channel = msg.channel_id.get().to_string();
+        let (parent, thread) = if self.core.binding(&channel).is_some() {
+            (channel.clone(), None)
+        } else {
+            match self.parent_of(&channel).await {
+                Some(parent) => (parent, Some(channel.clone())),
+                None => (channel.clone(), None),
+            }
+        };
+        let message = Message {
+            channel: parent,
+            thread: thread.clone(),
+            id: msg.id.get().to_string(),
+            sender: Sender {
+                id: msg.author.id.get().to_string(),
+                roles: msg
+                    .member
+                    .as_ref()
+                    .map(|m| m.roles.iter().map(|r| r.get().to_string()).collect())
+                    .unwrap_or_default(),
+                is_bot: false,
+            },
+            text: msg.content.clone(),
+            mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot),
+        };
+        let top_level = thread.is_none();
+        match self.core.on_message(message).await {
+            Outcome::Ignored | Outcome::Done => {}
+            Outcome::Queued {
+                thread,
+                submitted,
+                text,
+            } => {
+                if !submitted.created {
+                    return; // a redelivery: acknowledged the first time
+                }
+                if top_level {
+                    let name: String = submitted.pipeline.title.chars().take(90).collect();
+                    let body = json!({"name": if name.is_empty() { "threadline".to_owned() } else { name }, "auto_archive_duration": 1440});
+                    let path = format!("/channels/{}/messages/{}/threads", thread.channel, thread.thread);
+                    if let Err(e) = self.rest.call("POST", &path, Some(body)).await {
+                        tracing::warn!(error = %e, "cannot open a Discord thread");
+                    }
+                }
+                // A thread started from a message has that message's id.
+                self.say(&thread.thread, &text, None).await;
+            }
+            Outcome::Reply { thread, text } if top_level => {
+                self.say(&thread.channel, &text, Some(&thread.thread)).await
+            }
+            Outcome::Reply { thread, text } => self.say(&thread.thread, &text, None).await,
+            Outcome::Private { text } => self.say(&channel, &text, Some(&msg.id.get().to_string())).await,
+        }
+    }
+
+    async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
+        let Interaction::Component(component) = interaction else {
+            return;
+        };
+        self.click(component).await;
+    }
+}
+
+impl Handler {
+    /// Answers a button within Discord's 3 seconds: the decision first, the response after.
+    async fn click(&self, c: ComponentInteraction) {
+        let respond = |body: Value| {
+            let path = format!("/interactions/{}/{}/callback", c.id.get(), c.token);
+            let rest = self.rest.clone();
+            async move {
+                if let Err(e) = rest.call("POST", &path, Some(body)).await {
+                    tracing::warn!(error = %e, "cannot answer a Discord interaction");
+                }
+            }
+        };
+        let Some((action, run_id)) = parse_custom_id(&c.data.custom_id) else {
+            return respond(json!({"type": 6})).await;
+        };
+        let click = Click {
+            id: c.id.get().to_string(),
+            action,
+            run_id,
+            sender: Sender {
+                id: c.user.id.get().to_string(),
+                roles: c
+                    .member
+                    .as_ref()
+                    .map(|m| m.roles.iter().map(|r| r.get().to_string()).collect())
+                    .unwrap_or_default(),
+                is_bot: false,
+            },
+        };
+        let outcome = tokio::time::timeout(std::time::Duration::from_millis(2500), self.core.on_click(click)).await;
+        match outcome {
+            Ok(Outcome::Private { text }) => respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await,
+            Ok(Outcome::Queued { thread, submitted, text }) => {
+                respond(json!({"type": 6})).await;
+                if submitted.created {
+                    self.say(&thread.thread, &text, None).await;
+                }
+            }
+            Ok(_) => respond(json!({"type": 6})).await,
+            Err(_) => {
+                respond(json!({"type": 4, "data": {"content": "Still working on it; the status message will show the result.", "flags": 64}}))
+                    .await
+            }
+        }
+    }
+}
+
+/// Connects to the gateway and runs until `shutdown`.
+pub async fn start(
+    orch: Orchestrator,
+    config: &DiscordConfig,
+    shutdown: CancellationToken,
+) -> Result<(), DiscordError> {
+    let rest = Rest::new(&config.api_url, config.token.expose()).map_err(DiscordError::Tls)?;
+    orch.counters().register_platform(SURFACE);
+    let core = ChatCore::new(orch.clone(), SURFACE, config.channels.clone());
+    let surface = Arc::new(DiscordSurface { rest: rest.clone() });
+    let updater = tokio::spawn(StatusUpdater::new(core.clone(), surface).run(shutdown.clone()));
+    let handler = Handler {
+        core,
+        rest,
+        bot: OnceLock::new(),
+        parents: Mutex::new(HashMap::new()),
+    };
+    // Without serenity's rate limiter requests honour the API base (see FIELD-NOTES);
+    // our own REST client honours Discord's retry_after instead.
+    let http = serenity::http::HttpBuilder::new(config.token.expose())
+        .proxy(config.api_url.trim_end_matches('/'))
+        .ratelimiter_disabled(true)
+        .build();
+    let intents = GatewayIntents::GUILDS | GatewayIntents::GUILD_MESSAGES | GatewayIntents::MESSAGE_CONTENT;
+    let mut client = serenity::all::ClientBuilder::new_with_http(http, intents)
+        .event_handler(handler)
+        .await
+        .map_err(|e| DiscordError::Gateway(e.to_string()))?;
+    let shards = client.shard_manager.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        stop.cancelled().await;
+        shards.shutdown_all().await;
+    });
+    let result = client.start().await.map_err(|e| DiscordError::Gateway(e.to_string()));
+    shutdown.cancel();
+    let _ = updater.await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_ids_round_trip() {
+        for a in [Action::Cancel, Action::Retry, Action::OpenPr] {
+            assert_eq!(parse_custom_id(&custom_id(a, "p1-2")), Some((a, "p1-2".to_owned())));
+        }
+        assert_eq!(parse_custom_id("other:cancel:x"), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! Discord stories against the wire-level fake, with the real serenity gateway client:
+//! mention → thread → status message ending with the branch link.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use threadline::bots::chat::ChannelBinding;
+use threadline::bots::discord;
+use threadline::config::Secret;
+use threadline::model::RunState;
+
+use crate::fake_discord::{FakeDiscord, click, message};
+use crate::harness::{TestEnv, finished, wait_for};
+
+const CHANNEL: &str = "2000";
+const THREAD: &str = "3001";
+
+/// The embeds posted to or edited in the thread for run `seq`.
+fn status_embeds(fake: &FakeDiscord, seq: i64) -> Vec<Value> {
+    let title = format!("Run {seq}: ");
+    fake.calls("POST", &format!("/channels/{THREAD}/messages"))
+        .into_iter()
+        .chain(fake.calls("PATCH", &format!("/channels/{THREAD}/messages/")))
+        .filter_map(|(_, b)| b["embeds"].get(0).cloned())
+        .filter(|e| e["title"].as_str().is_some_and(|t| t.starts_with(&title)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons() {
+    let fake = FakeDiscord::start().await;
+    let mut env = TestEnv::new();
+    env.add_demo_repo();
+    env.config.discord.enabled = true;
+    env.config.discord.token = Secret::new("bot-token-123");
+    env.config.discord.api_url = fake.base.clone();
+    let binding = ChannelBinding {
+        repos: vec!["demo".into()],
+        prompters: vec!["101".into(), "102".into(), "501".into()],
+        approvers: vec!["101".into()],
+        ..Default::default()
+    };
+    env.config.discord.channels = BTreeMap::from([(CHANNEL.to_owned(), binding)]);
+    fake.recorded.lock().unwrap().rate_limit_edits = 1;
+    let orch = env.orchestrator().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = env.config.discord.clone();
+    let adapter = tokio::spawn({
+        let (orch, stop) = (orch.clone(), stop.clone());
+        async move { discord::start(orch, &config, stop).await }
+    });
+    fake.wait_until("an Identify", |f| f.recorded.lock().unwrap().identifies >= 1)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // A mention opens a thread on the message and answers in it.
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message(THREAD, CHANNEL, "102", &[], "<@900> echo hi > hi.txt", true),
+    );
+    fake.wait_until("the thread", |f| {
+        !f.calls("POST", &format!("/messages/{THREAD}/threads")).is_empty()
+    })
+    .await;
+    let (_, thread) = fake.calls("POST", &format!("/messages/{THREAD}/threads")).remove(0);
+    assert!(thread["name"].as_str().unwrap().starts_with("echo hi"), "{thread}");
+    fake.wait_until("the acknowledgment", |f| {
+        f.calls("POST", &format!("/channels/{THREAD}/messages"))
+            .iter()
+            .any(|(_, b)| b["content"].as_str().unwrap_or("").starts_with("On it"))
+    })
+    .await;
+    let pipeline = orch.store().pipelines(1).await.unwrap().pop().unwrap().pipeline;
+    assert_eq!(
+        finished(orch.store(), &format!("{}-1", pipeline.id)).await.state,
+        RunState::Succeeded
+    );
+    let link = format!("[{0}](https://forge.example/demo/tree/{0})", pipeline.branch);
+    fake.wait_until("the final status with the branch link", |f| {
+        status_embeds(f, 1)
+            .last()
+            .is_some_and(|e| e["title"] == "Run 1: succeeded" && e["description"].as_str().unwrap().contains(&link))
+    })
+    .await;
+    assert_eq!(
+        fake.recorded.lock().unwrap().rate_limit_edits,
+        0,
+        "one edit was answered 429 and retried"
+    );
+    assert_eq!(env.origin_file(&pipeline.branch, "hi.txt").as_deref(), Some("hi\n"));
+
+    // Follow-ups in the thread: by a listed user, and by a listed role; bots never count.
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message("3002", THREAD, "102", &[], "echo two > two.txt", false),
+    );
+    let mut from_bot = message("3003", THREAD, "105", &[], "echo bot > bot.txt", false);
+    from_bot["author"]["bot"] = json!(true);
+    fake.dispatch("MESSAGE_CREATE", from_bot);
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message("3004", THREAD, "107", &["501"], "echo role > role.txt", false),
+    );
+    for seq in [2, 3] {
+        let id = format!("{}-{seq}", pipeline.id);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while orch.store().run(&id).await.unwrap().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "follow-up {seq} never became a run"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(finished(orch.store(), &id).await.state, RunState::Succeeded);
+    }
+    assert_eq!(env.origin_file(&pipeline.branch, "two.txt").as_deref(), Some("two\n"));
+    assert_eq!(env.origin_file(&pipeline.branch, "role.txt").as_deref(), Some("role\n"));
+    assert_eq!(env.origin_file(&pipeline.branch, "bot.txt"), None);
+
+    // Someone not allowed gets told so and starts nothing.
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message("3010", CHANNEL, "109", &[], "<@900> echo x > x.txt", true),
+    );
+    fake.wait_until("the refusal", |f| {
+        f.calls("POST", &format!("/channels/{CHANNEL}/messages"))
+            .iter()
+            .any(|(_, b)| b["message_reference"]["message_id"] == "3010")
+    })
+    .await;
+
+    // A long run; the gateway drops and the client comes back; the replayed message starts nothing.
+    fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
+    let long = format!("{}-4", pipeline.id);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while orch.store().run(&long).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the long run never started");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    wait_for(orch.store(), &long, "running", |r| r.state == RunState::Running).await;
+    fake.drop_connections();
+    fake.wait_until("a reconnect", |f| {
+        let r = f.recorded.lock().unwrap();
+        r.resumes + r.identifies >= 2
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        orch.store().runs(&pipeline.id).await.unwrap().len(),
+        4,
+        "no lost or doubled run"
+    );
+    assert_eq!(orch.store().run(&long).await.unwrap().unwrap().state, RunState::Running);
+
+    // Cancel: refused (ephemerally) for a prompter, obeyed for an approver.
+    fake.wait_until("the Cancel button", |f| status_embeds(f, 4).len() >= 2)
+        .await;
+    let custom_id = format!("threadline:cancel:{long}");
+    fake.dispatch(
+        "INTERACTION_CREATE",
+        click("7001", THREAD, "5001", "102", &[], &custom_id),
+    );
+    fake.wait_until("the refusal of the click", |f| {
+        !f.calls("POST", "/interactions/7001/").is_empty()
+    })
+    .await;
+    let (_, refusal) = fake.calls("POST", "/interactions/7001/").remove(0);
+    assert_eq!(
+        (refusal["type"].as_u64(), refusal["data"]["flags"].as_u64()),
+        (Some(4), Some(64)),
+        "{refusal}"
+    );
+    assert_eq!(orch.store().run(&long).await.unwrap().unwrap().state, RunState::Running);
+    fake.dispatch(
+        "INTERACTION_CREATE",
+        click("7002", THREAD, "5001", "101", &[], &custom_id),
+    );
+    assert_eq!(finished(orch.store(), &long).await.state, RunState::Cancelled);
+    let (_, ack) = fake.calls("POST", "/interactions/7002/").remove(0);
+    assert_eq!(ack["type"], 6);
+    fake.wait_until("the cancelled status", |f| {
+        status_embeds(f, 4)
+            .last()
+            .is_some_and(|e| e["title"] == "Run 4: cancelled")
+    })
+    .await;
+
+    stop.cancel();
+    let _ = adapter.await;
+    orch.shutdown().await;
+}
