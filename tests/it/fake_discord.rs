@@ -1,6 +1,8 @@
 //! A wire-level fake of Discord on 127.0.0.1: the gateway (Hello, Identify → READY,
 //! heartbeats, Resume, dispatches pushed by tests, a forced drop) and the REST routes the
-//! bot calls, shaped as in Discord's API docs, recording what they received.
+//! bot calls, answering with the required fields of `shared/api-specs/discord-openapi.json`
+//! (MessageResponse, ThreadResponse with 201, 204 for interaction callbacks) and recording
+//! what they received.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -153,6 +155,15 @@ pub fn click(id: &str, channel: &str, message_id: &str, clicker: &str, roles: &[
     })
 }
 
+/// The MessageResponse Discord returns for a message the bot sent or edited.
+fn sent_message(id: &str, channel: &str, body: &Value) -> Value {
+    let mut m = message(id, channel, BOT, &[], body["content"].as_str().unwrap_or(""), false);
+    m["author"]["bot"] = json!(true);
+    m["embeds"] = body.get("embeds").cloned().unwrap_or(json!([]));
+    m["components"] = body.get("components").cloned().unwrap_or(json!([]));
+    m
+}
+
 async fn gateway_url(State(fake): State<FakeDiscord>) -> axum::Json<Value> {
     axum::Json(json!({"url": format!("{}/gateway", fake.base.replace("http://", "ws://"))}))
 }
@@ -247,9 +258,14 @@ async fn create_thread(
         .unwrap()
         .threads
         .insert(message.clone(), channel.clone());
-    // A thread started from a message has that message's id.
-    axum::Json(json!({"id": message, "type": 11, "guild_id": GUILD, "parent_id": channel, "name": body["name"]}))
-        .into_response()
+    // A thread started from a message has that message's id (201, a ThreadResponse).
+    let thread = json!({
+        "id": message, "type": 11, "flags": 0, "guild_id": GUILD, "parent_id": channel, "name": body["name"],
+        "owner_id": BOT, "message_count": 0, "member_count": 1, "total_message_sent": 0,
+        "thread_metadata": {"archived": false, "auto_archive_duration": body["auto_archive_duration"].as_u64().unwrap_or(1440),
+                            "archive_timestamp": "2026-11-24T10:00:00.000000+00:00", "locked": false}
+    });
+    (StatusCode::CREATED, axum::Json(thread)).into_response()
 }
 
 async fn create_message(
@@ -258,7 +274,7 @@ async fn create_message(
     axum::Json(body): axum::Json<Value>,
 ) -> axum::Json<Value> {
     let id = fake.record("POST", format!("/channels/{channel}/messages"), &body);
-    axum::Json(json!({"id": id.to_string(), "channel_id": channel, "content": body["content"], "type": 0}))
+    axum::Json(sent_message(&id.to_string(), &channel, &body))
 }
 
 async fn edit_message(
@@ -278,7 +294,7 @@ async fn edit_message(
         }
     }
     fake.record("PATCH", format!("/channels/{channel}/messages/{message}"), &body);
-    axum::Json(json!({"id": message, "channel_id": channel, "type": 0})).into_response()
+    axum::Json(sent_message(&message, &channel, &body)).into_response()
 }
 
 async fn interaction_callback(
