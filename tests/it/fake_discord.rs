@@ -265,6 +265,10 @@ async fn create_thread(
         "thread_metadata": {"archived": false, "auto_archive_duration": body["auto_archive_duration"].as_u64().unwrap_or(1440),
                             "archive_timestamp": "2026-11-24T10:00:00.000000+00:00", "locked": false}
     });
+    // Discord also tells the gateway about the new thread.
+    let mut event = thread.clone();
+    event["newly_created"] = json!(true);
+    fake.dispatch("THREAD_CREATE", event);
     (StatusCode::CREATED, axum::Json(thread)).into_response()
 }
 
