@@ -33,6 +33,26 @@ pub async fn doctor(config: Config) -> ExitCode {
         config.max_concurrent_runs
     ));
 
+    for (name, enabled, channels) in [
+        ("slack", config.slack.enabled, config.slack.channels.len()),
+        ("discord", config.discord.enabled, config.discord.channels.len()),
+    ] {
+        match (enabled, channels) {
+            (false, _) => {}
+            (true, 0) => r.warn(
+                &format!("{name} is enabled but no channel is bound: every mention will be told how to bind one"),
+                &format!("add [{name}.channels.<CHANNEL_ID>] with repos = [\"NAME\"] (see the README)"),
+            ),
+            (true, n) => r.ok(&format!("{name} enabled, {n} channel(s) bound")),
+        }
+    }
+    if config.slack.enabled && config.slack.mode == crate::config::SlackMode::Events {
+        r.ok(&format!(
+            "slack: Events API on {}/slack/events; Slack must reach it through your public URL",
+            config.slack.events_listen
+        ));
+    }
+
     match std::fs::create_dir_all(&config.data_dir).and_then(|_| {
         let probe = config.data_dir.join(".doctor-probe");
         std::fs::write(&probe, b"")?;

@@ -82,7 +82,8 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
-    /// Run the daemon: the web chat and dashboard, and every queued or interrupted run.
+    /// Run the daemon: the web chat and dashboard, the Slack and Discord bots when
+    /// configured, and every queued or interrupted run.
     Serve {
         /// Exit once nothing is queued or running (for scripts and cron); no web server.
         #[arg(long)]
