@@ -428,6 +428,10 @@ impl Orchestrator {
 
     /// Waits until nothing in `scope` is queued or executing here.
     pub async fn wait_until_idle(&self, scope: &Scope) -> Result<(), StoreError> {
+        // How long runs may stay ours but unexecuted (an executor that died on an error)
+        // before they are left to the next start instead of waited for forever.
+        const STRANDED: std::time::Duration = std::time::Duration::from_secs(10);
+        let mut unexecuted_since: Option<tokio::time::Instant> = None;
         loop {
             let pending = self
                 .inner
@@ -436,9 +440,29 @@ impl Orchestrator {
                 .await?
                 .into_iter()
                 .any(|r| scope.includes(&r.pipeline_id));
+            // A claimed run is `preparing` in the store before its executor is registered:
+            // count the store's active runs of this process too, or that moment looks idle.
+            let owned = self
+                .inner
+                .store
+                .active_runs_with_owner()
+                .await?
+                .into_iter()
+                .any(|(r, owner)| {
+                    owner.as_deref() == Some(self.inner.instance_id.as_str()) && scope.includes(&r.pipeline_id)
+                });
             let executing = !self.inner.executing.lock().unwrap().is_empty();
-            if !pending && !executing {
+            if !pending && !owned && !executing {
                 return Ok(());
+            }
+            if !pending && owned && !executing {
+                let since = *unexecuted_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= STRANDED {
+                    tracing::warn!("runs of this process stopped without finishing; the next start resumes them");
+                    return Ok(());
+                }
+            } else {
+                unexecuted_since = None;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
