@@ -252,26 +252,12 @@ impl ChatCore {
             },
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
         };
-        match self.orch.submit_pipeline(request).await {
-            Ok(submitted) => {
-                let text = format!(
-                    "On it: pipeline `{}` on {repo_name}, branch `{}` from `{}`, agent {}.",
-                    submitted.pipeline.id,
-                    submitted.pipeline.branch,
-                    submitted.pipeline.base_branch,
-                    submitted.run.agent
-                );
-                Outcome::Queued {
-                    thread: here,
-                    submitted: Box::new(submitted),
-                    text,
-                }
-            }
-            Err(e) => Outcome::Reply {
-                thread: here,
-                text: sentence(&e),
-            },
-        }
+        queued(here, self.orch.submit_pipeline(request).await, |submitted| {
+            format!(
+                "On it: pipeline `{}` on {repo_name}, branch `{}` from `{}`, agent {}.",
+                submitted.pipeline.id, submitted.pipeline.branch, submitted.pipeline.base_branch, submitted.run.agent
+            )
+        })
     }
 
     async fn in_thread(&self, msg: &Message, thread: &str) -> Outcome {
@@ -325,26 +311,17 @@ impl ChatCore {
             requested_by: format!("{}:{}", self.surface, msg.sender.id),
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
         };
-        match self.orch.submit_follow_up(request).await {
-            Ok(submitted) => {
-                let text = match submitted.ahead {
-                    0 => format!("Follow-up queued as run {}; it starts now.", submitted.run.seq),
-                    n => format!(
-                        "Follow-up queued as run {}, behind {n} run(s) of this thread.",
-                        submitted.run.seq
-                    ),
-                };
-                Outcome::Queued {
-                    thread: here,
-                    submitted: Box::new(submitted),
-                    text,
-                }
-            }
-            Err(e) => Outcome::Reply {
-                thread: here,
-                text: sentence(&e),
+        queued(
+            here,
+            self.orch.submit_follow_up(request).await,
+            |submitted| match submitted.ahead {
+                0 => format!("Follow-up queued as run {}; it starts now.", submitted.run.seq),
+                n => format!(
+                    "Follow-up queued as run {}, behind {n} run(s) of this thread.",
+                    submitted.run.seq
+                ),
             },
-        }
+        )
     }
 
     /// Acts on a button, if the clicker may.
@@ -437,6 +414,21 @@ impl ChatCore {
             self.orch.redactor(),
         );
         Some((thread, card))
+    }
+}
+
+/// A queued run to acknowledge with `text`, or the submission error as a reply.
+fn queued(here: ThreadRef, result: Result<Submitted, SubmitError>, text: impl FnOnce(&Submitted) -> String) -> Outcome {
+    match result {
+        Ok(submitted) => Outcome::Queued {
+            text: text(&submitted),
+            thread: here,
+            submitted: Box::new(submitted),
+        },
+        Err(e) => Outcome::Reply {
+            thread: here,
+            text: sentence(&e),
+        },
     }
 }
 

@@ -19,11 +19,7 @@ pub struct Rest {
 
 impl Rest {
     pub fn new(api_url: &str, token: &str) -> std::io::Result<Rest> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()?
-            .https_or_http()
-            .enable_http1()
-            .build();
+        let https = crate::bots::https_connector()?;
         Ok(Rest {
             client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(https),
             base: format!("{}/api/v10", api_url.trim_end_matches('/')),

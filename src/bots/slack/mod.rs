@@ -185,12 +185,7 @@ pub async fn start(
     events: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), SlackError> {
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(SlackError::Tls)?
-        .https_or_http()
-        .enable_http1()
-        .build();
+    let https = super::https_connector().map_err(SlackError::Tls)?;
     // slack-morphism appends "/<method>" itself.
     let client = Arc::new(SlackClient::new(
         SlackClientHyperConnector::with_connector(https).with_slack_api_url(config.api_url.trim_end_matches('/')),
