@@ -156,6 +156,8 @@ pub struct Origin {
     pub surface: String,
     /// The thread on that surface (channel and thread ids); empty for the CLI.
     pub thread: String,
+    /// A link to that thread, where the surface has one.
+    pub url: String,
 }
 
 impl Origin {
@@ -163,6 +165,7 @@ impl Origin {
         Origin {
             surface: "cli".into(),
             thread: String::new(),
+            url: String::new(),
         }
     }
 }

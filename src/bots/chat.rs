@@ -68,6 +68,8 @@ pub struct Message {
     pub sender: Sender,
     pub text: String,
     pub mentions_bot: bool,
+    /// A link to the thread this message starts or belongs to, for the dashboard.
+    pub link: Option<String>,
 }
 
 /// A button click as an adapter saw it.
@@ -249,6 +251,7 @@ impl ChatCore {
             origin: Origin {
                 surface: self.surface.to_owned(),
                 thread: here.origin_key(),
+                url: msg.link.clone().unwrap_or_default(),
             },
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
         };
@@ -268,6 +271,7 @@ impl ChatCore {
         let origin = Origin {
             surface: self.surface.to_owned(),
             thread: here.origin_key(),
+            url: String::new(),
         };
         let pipeline = match self.orch.store().pipeline_by_origin(&origin).await {
             Ok(Some(p)) => p,

@@ -15,6 +15,7 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "chat messages",
         include_str!("migrations/sqlite/0002_chat_messages.sql"),
     ),
+    (3, "origin url", include_str!("migrations/sqlite/0003_origin_url.sql")),
 ];
 
 #[derive(Debug)]

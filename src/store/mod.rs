@@ -97,7 +97,7 @@ const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, st
      files_changed, insertions, deletions, pushed, push_error, container_id, cancel_requested, \
      summary, log_tail";
 const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
-     title, origin_surface, origin_thread, created_at";
+     title, origin_surface, origin_thread, origin_url, created_at";
 const ACTIVE_STATES: &str = "('preparing', 'running', 'saving')";
 const TERMINAL_STATES: &str = "('succeeded', 'failed', 'timed_out', 'cancelled')";
 
@@ -156,8 +156,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO pipelines (id, repo, remote_url, local_only, base_branch, branch, agent, \
-             title, origin_surface, origin_thread, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+             title, origin_surface, origin_thread, origin_url, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&pipeline.id)
         .bind(&pipeline.repo)
@@ -169,6 +169,7 @@ impl Store {
         .bind(&pipeline.title)
         .bind(&pipeline.origin.surface)
         .bind(&pipeline.origin.thread)
+        .bind(&pipeline.origin.url)
         .bind(pipeline.created_at)
         .execute(&mut *tx)
         .await?;
@@ -694,6 +695,7 @@ fn pipeline_from_row(r: &AnyRow) -> Result<Pipeline> {
         origin: Origin {
             surface: r.try_get("origin_surface")?,
             thread: r.try_get("origin_thread")?,
+            url: r.try_get("origin_url")?,
         },
         created_at: r.try_get("created_at")?,
     })

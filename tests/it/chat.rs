@@ -28,6 +28,7 @@ fn mention(channel: &str, id: &str, who: &str, text: &str) -> Message {
         sender: user(who),
         text: format!("<@UBOT> {text}"),
         mentions_bot: true,
+        link: Some(format!("https://chat.example/{channel}/{id}")),
     }
 }
 
@@ -39,6 +40,7 @@ fn reply(channel: &str, thread: &str, id: &str, who: &str, text: &str) -> Messag
         sender: user(who),
         text: text.into(),
         mentions_bot: false,
+        link: None,
     }
 }
 
@@ -113,6 +115,10 @@ async fn mentions_replies_and_clicks_mean_what_they_should() {
                 }
             );
             assert!(submitted.created && text.contains(&submitted.pipeline.branch), "{text}");
+            assert_eq!(
+                submitted.pipeline.origin.url, "https://chat.example/C1/2.0",
+                "the thread's link is kept"
+            );
             submitted
         }
         other => panic!("{other:?}"),

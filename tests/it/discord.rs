@@ -72,6 +72,10 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     .await;
     let pipeline = orch.store().pipelines(1).await.unwrap().pop().unwrap().pipeline;
     assert_eq!(
+        pipeline.origin.url, "https://discord.com/channels/1000/3001",
+        "the thread's link"
+    );
+    assert_eq!(
         finished(orch.store(), &format!("{}-1", pipeline.id)).await.state,
         RunState::Succeeded
     );

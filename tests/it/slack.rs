@@ -96,6 +96,10 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     );
 
     let pipeline = orch.store().pipelines(1).await.unwrap().pop().unwrap().pipeline;
+    assert_eq!(
+        pipeline.origin.url, "https://fake.slack.com/archives/C1/p1700000001000100",
+        "the thread's permalink"
+    );
     let first = format!("{}-1", pipeline.id);
     assert_eq!(finished(orch.store(), &first).await.state, RunState::Succeeded);
     // The status message ends on the final state with the branch link, despite a 429.

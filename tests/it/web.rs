@@ -230,6 +230,36 @@ async fn every_route_of_the_chat_and_the_api_works() {
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
+
+    // A pipeline from a chat platform links to its thread on the dashboard.
+    let binding = threadline::bots::chat::ChannelBinding {
+        repos: vec!["demo".into()],
+        ..Default::default()
+    };
+    let core = threadline::bots::chat::ChatCore::new(web.orch.clone(), "slack", [("C1".to_owned(), binding)].into());
+    let outcome = core
+        .on_message(threadline::bots::chat::Message {
+            channel: "C1".into(),
+            thread: None,
+            id: "9.1".into(),
+            sender: threadline::bots::chat::Sender {
+                id: "U1".into(),
+                ..Default::default()
+            },
+            text: "<@UBOT> true".into(),
+            mentions_bot: true,
+            link: Some("https://team.slack.com/archives/C1/p91".into()),
+        })
+        .await;
+    assert!(
+        matches!(outcome, threadline::bots::chat::Outcome::Queued { .. }),
+        "{outcome:?}"
+    );
+    let slack = web.get_json("/api/pipelines?surface=slack").await;
+    assert_eq!(
+        slack["pipelines"][0]["pipeline"]["thread_url"],
+        "https://team.slack.com/archives/C1/p91"
+    );
     web.orch.shutdown().await;
 }
 

@@ -201,7 +201,13 @@ impl EventHandler for Handler {
                 None => (channel.clone(), None),
             }
         };
+        // A thread started from a message has that message's id.
+        let thread_id = thread.clone().unwrap_or_else(|| msg.id.get().to_string());
+        let link = msg
+            .guild_id
+            .map(|g| format!("https://discord.com/channels/{g}/{thread_id}"));
         let message = Message {
+            link,
             channel: parent,
             thread: thread.clone(),
             id: msg.id.get().to_string(),

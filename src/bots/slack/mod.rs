@@ -175,6 +175,19 @@ struct State {
     core: ChatCore,
     surface: Arc<SlackSurface>,
     bot_user: String,
+    /// `https://<workspace>.slack.com/`, for links to threads.
+    workspace_url: String,
+}
+
+impl State {
+    /// A link to a thread: Slack's permalink form `archives/<channel>/p<ts without dot>`.
+    fn thread_link(&self, channel: &str, ts: &str) -> Option<String> {
+        if self.workspace_url.is_empty() {
+            return None;
+        }
+        let base = self.workspace_url.trim_end_matches('/');
+        Some(format!("{base}/archives/{channel}/p{}", ts.replace('.', "")))
+    }
 }
 
 /// Connects to Slack and runs until `shutdown`: over Socket Mode, or, given a bound
@@ -206,6 +219,7 @@ pub async fn start(
         core: core.clone(),
         surface: surface.clone(),
         bot_user: auth.user_id.0.clone(),
+        workspace_url: auth.url.0.to_string(),
     });
     let updater = tokio::spawn(StatusUpdater::new(core, surface).run(shutdown.clone()));
     match events {
@@ -325,6 +339,7 @@ fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
     let message = match event.event {
         // Top-level mentions arrive twice (app_mention and message): only app_mention counts.
         SlackEventCallbackBody::AppMention(ev) => Some(Message {
+            link: state.thread_link(&ev.channel.0, &ev.origin.thread_ts.as_ref().unwrap_or(&ev.origin.ts).0),
             channel: ev.channel.0,
             thread: ev.origin.thread_ts.map(|t| t.0),
             id: ev.origin.ts.0,
@@ -341,6 +356,7 @@ fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
                 None // handled as app_mention
             } else {
                 Some(Message {
+                    link: None,
                     channel: ev.origin.channel.map(|c| c.0).unwrap_or_default(),
                     thread: ev.origin.thread_ts.map(|t| t.0),
                     id: ev.origin.ts.0,

@@ -167,6 +167,7 @@ pub async fn start_pipeline(
             origin: Origin {
                 surface: "web".into(),
                 thread: uuid::Uuid::new_v4().simple().to_string(),
+                url: String::new(),
             },
             idempotency_key: idempotency_key(&headers),
         })
@@ -328,7 +329,7 @@ fn shown_pipeline(state: &WebState, p: &Pipeline) -> Value {
     let r = state.orch.redactor();
     json!({
         "id": p.id, "repo": r.redact(&strip_userinfo(&p.repo)), "branch": p.branch, "base_branch": p.base_branch,
-        "agent": p.agent, "title": r.redact(&p.title), "surface": p.origin.surface, "thread": p.origin.thread,
+        "agent": p.agent, "title": r.redact(&p.title), "surface": p.origin.surface, "thread": p.origin.thread, "thread_url": p.origin.url,
         "local_only": p.local_only, "created_at": p.created_at,
     })
 }

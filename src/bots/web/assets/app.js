@@ -210,7 +210,9 @@ async function dashboard() {
           el("td", { class: "mono" }, el("a", { href: `/pipelines/${p.pipeline.id}` }, p.pipeline.id)),
           el("td", {}, p.pipeline.repo),
           el("td", { class: "mono" }, p.latest && p.latest.branch_url ? el("a", { href: p.latest.branch_url }, p.pipeline.branch) : p.pipeline.branch),
-          el("td", {}, p.pipeline.surface === "web" ? el("a", { href: `/#${p.pipeline.id}` }, "web chat") : p.pipeline.surface),
+          el("td", { class: "from" }, p.pipeline.surface === "web" ? el("a", { href: `/#${p.pipeline.id}` }, "web chat")
+            : p.pipeline.thread_url ? el("a", { href: p.pipeline.thread_url, target: "_blank" }, `${p.pipeline.surface} thread`)
+            : p.pipeline.surface),
           el("td", {}, p.runs),
           el("td", {}, p.latest ? el("a", { href: `/runs/${p.latest.run_id}` }, el("span", { class: `dot ${p.latest.state}` }), " ", p.latest.headline) : "-"),
           el("td", {}, p.requested_by || "-"),
