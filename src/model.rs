@@ -264,6 +264,13 @@ impl Run {
     }
 }
 
+/// Unfinished runs before `run` in its pipeline (`runs` are that pipeline's runs).
+pub fn runs_ahead(runs: &[Run], run: &Run) -> usize {
+    runs.iter()
+        .filter(|r| r.seq < run.seq && !r.state.is_terminal())
+        .count()
+}
+
 /// One persisted state transition.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunEvent {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::render::{Action, Detail, StatusCard, branch_link, status_card};
+use super::render::{Action, BranchLinks, Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
 
@@ -158,11 +158,13 @@ pub struct ChatCore {
     orch: Orchestrator,
     surface: &'static str,
     bindings: Arc<BTreeMap<String, ChannelBinding>>,
+    links: Arc<BranchLinks>,
 }
 
 impl ChatCore {
     pub fn new(orch: Orchestrator, surface: &'static str, bindings: BTreeMap<String, ChannelBinding>) -> Self {
         ChatCore {
+            links: Arc::new(BranchLinks::new(orch.config())),
             orch,
             surface,
             bindings: Arc::new(bindings),
@@ -392,31 +394,8 @@ impl ChatCore {
             .find(|r| r.id == run.id)
             .cloned()
             .unwrap_or_else(|| run.clone());
-        let binding = self.binding(&thread.channel).cloned().unwrap_or_default();
-        let ahead = runs
-            .iter()
-            .filter(|r| r.seq < run.seq && !r.state.is_terminal())
-            .count();
-        let config = self.orch.config();
-        let template = config
-            .repos
-            .values()
-            .find(|r| {
-                r.url == pipeline.repo
-                    || std::fs::canonicalize(&r.url).is_ok_and(|p| p.display().to_string() == pipeline.repo)
-            })
-            .map(|r| r.branch_url.clone())
-            .unwrap_or_default();
-        let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
-        let card = status_card(
-            &pipeline,
-            &run,
-            ahead,
-            binding.detail,
-            branch_link(&template, &pipeline.branch).filter(|_| on_forge),
-            false,
-            self.orch.redactor(),
-        );
+        let detail = self.binding(&thread.channel).map(|b| b.detail).unwrap_or_default();
+        let card = card_in_context(&pipeline, &run, &runs, detail, &self.links, self.orch.redactor());
         Some((thread, card))
     }
 }

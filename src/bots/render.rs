@@ -164,6 +164,57 @@ pub fn branch_link(template: &str, branch: &str) -> Option<String> {
     (!template.is_empty()).then(|| template.replace("{branch}", branch))
 }
 
+/// The branch-link templates of the configured repositories, keyed the way pipelines
+/// store their repository (canonical paths), resolved once rather than per card.
+#[derive(Debug, Clone, Default)]
+pub struct BranchLinks(Vec<(String, String)>);
+
+impl BranchLinks {
+    pub fn new(config: &crate::config::Config) -> Self {
+        BranchLinks(
+            config
+                .repos
+                .values()
+                .filter(|r| !r.branch_url.is_empty())
+                .map(|r| {
+                    let key = std::fs::canonicalize(&r.url)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| r.url.clone());
+                    (key, r.branch_url.clone())
+                })
+                .collect(),
+        )
+    }
+
+    /// The link to the pipeline's branch, once some run up to `run` has pushed it.
+    fn for_run(&self, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> Option<String> {
+        let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
+        let (_, template) = self.0.iter().find(|(repo, _)| *repo == pipeline.repo)?;
+        branch_link(template, &pipeline.branch).filter(|_| on_forge)
+    }
+}
+
+/// The card of `run` among its pipeline's `runs`: its queue position and branch link
+/// come from them.
+pub fn card_in_context(
+    pipeline: &Pipeline,
+    run: &Run,
+    runs: &[Run],
+    detail: Detail,
+    links: &BranchLinks,
+    redactor: &Redactor,
+) -> StatusCard {
+    status_card(
+        pipeline,
+        run,
+        crate::model::runs_ahead(runs, run),
+        detail,
+        links.for_run(pipeline, run, runs),
+        false,
+        redactor,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

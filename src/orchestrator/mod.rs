@@ -344,14 +344,8 @@ impl Orchestrator {
 
     /// Runs ahead of `run` in its pipeline.
     pub async fn runs_ahead(&self, run: &Run) -> Result<usize, StoreError> {
-        Ok(self
-            .inner
-            .store
-            .runs(&run.pipeline_id)
-            .await?
-            .iter()
-            .filter(|r| r.seq < run.seq && !r.state.is_terminal())
-            .count())
+        let runs = self.inner.store.runs(&run.pipeline_id).await?;
+        Ok(crate::model::runs_ahead(&runs, run))
     }
 
     fn check_prompt(&self, prompt: &str) -> Result<String, SubmitError> {

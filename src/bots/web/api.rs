@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::WebState;
-use crate::bots::render::{Detail, StatusCard, branch_link, status_card};
+use crate::bots::render::{Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Pipeline, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, RunUpdate, SubmitError, Submitted};
 
@@ -296,33 +296,7 @@ async fn submitted_response(state: &WebState, s: Submitted) -> Response {
 /// The card of `run`, as the web shows it: on the user's own machine, so with the
 /// summary and the last log lines.
 fn card(state: &WebState, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> StatusCard {
-    let ahead = runs
-        .iter()
-        .filter(|r| r.seq < run.seq && !r.state.is_terminal())
-        .count();
-    let template = state
-        .orch
-        .config()
-        .repos
-        .values()
-        .find(|r| same_repo(&r.url, &pipeline.repo))
-        .map(|r| r.branch_url.clone())
-        .unwrap_or_default();
-    // The branch is on the forge once any run of the pipeline pushed it.
-    let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
-    status_card(
-        pipeline,
-        run,
-        ahead,
-        Detail::Logs,
-        branch_link(&template, &pipeline.branch).filter(|_| on_forge),
-        false,
-        state.orch.redactor(),
-    )
-}
-
-fn same_repo(configured: &str, stored: &str) -> bool {
-    configured == stored || std::fs::canonicalize(configured).is_ok_and(|p| p.display().to_string() == stored)
+    card_in_context(pipeline, run, runs, Detail::Logs, &state.links, state.orch.redactor())
 }
 
 fn shown_pipeline(state: &WebState, p: &Pipeline) -> Value {

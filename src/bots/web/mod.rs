@@ -39,6 +39,7 @@ pub enum WebError {
 pub struct WebState {
     pub orch: Orchestrator,
     token: Option<Secret>,
+    links: std::sync::Arc<crate::bots::render::BranchLinks>,
     /// Host headers accepted without a token (DNS-rebinding protection).
     local_hosts: Vec<String>,
 }
@@ -52,6 +53,7 @@ impl WebState {
             .flat_map(|h| [format!("{h}:{port}"), h.to_string()])
             .collect();
         WebState {
+            links: std::sync::Arc::new(crate::bots::render::BranchLinks::new(orch.config())),
             orch,
             token,
             local_hosts,
