@@ -431,15 +431,8 @@ impl Config {
                     ));
                 }
             }
-            for (channel, binding) in &self.slack.channels {
-                for name in &binding.repos {
-                    if !self.repos.contains_key(name) {
-                        return Err(invalid(
-                            &format!("slack.channels.{channel}.repos"),
-                            format!("names {name:?}, which is not under [repos]"),
-                        ));
-                    }
-                }
+            if let Some((key, name)) = self.unknown_bound_repo("slack", &self.slack.channels) {
+                return Err(invalid(&key, format!("names {name:?}, which is not under [repos]")));
             }
         }
         if self.discord.enabled {
@@ -449,15 +442,8 @@ impl Config {
                     "must be set when discord.enabled is true".into(),
                 ));
             }
-            for (channel, binding) in &self.discord.channels {
-                for name in &binding.repos {
-                    if !self.repos.contains_key(name) {
-                        return Err(invalid(
-                            &format!("discord.channels.{channel}.repos"),
-                            format!("names {name:?}, which is not under [repos]"),
-                        ));
-                    }
-                }
+            if let Some((key, name)) = self.unknown_bound_repo("discord", &self.discord.channels) {
+                return Err(invalid(&key, format!("names {name:?}, which is not under [repos]")));
             }
         }
         for (name, repo) in &self.repos {
@@ -509,6 +495,18 @@ impl Config {
         Ok(())
     }
 
+    /// The first repository a channel binding names that `[repos]` lacks, with its key.
+    fn unknown_bound_repo(
+        &self,
+        surface: &str,
+        channels: &BTreeMap<String, crate::bots::chat::ChannelBinding>,
+    ) -> Option<(String, String)> {
+        channels.iter().find_map(|(channel, binding)| {
+            let name = binding.repos.iter().find(|name| !self.repos.contains_key(*name))?;
+            Some((format!("{surface}.channels.{channel}.repos"), name.clone()))
+        })
+    }
+
     pub fn agent_names(&self) -> Vec<String> {
         self.agents.keys().cloned().collect()
     }
@@ -528,19 +526,13 @@ impl Config {
     /// Every secret value the configuration knows of, for redaction: the git token and
     /// the values of all passed-through environment variables.
     pub fn secret_values(&self) -> Vec<String> {
-        let mut values = Vec::new();
-        for secret in [
-            &self.git.token,
-            &self.web.token,
-            &self.slack.bot_token,
-            &self.slack.app_token,
-            &self.slack.signing_secret,
-            &self.discord.token,
-        ] {
-            if !secret.is_empty() {
-                values.push(secret.expose().to_owned());
-            }
-        }
+        let mut values: Vec<String> = self
+            .clone()
+            .secret_fields()
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.expose().to_owned())
+            .collect();
         for agent in self.agents.values() {
             for name in &agent.env {
                 if let Ok(v) = std::env::var(name) {
@@ -551,9 +543,29 @@ impl Config {
         values
     }
 
-    /// The configuration as TOML, for `threadline config --print-default`.
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+    /// Every secret the configuration holds: the one list both redaction and
+    /// `threadline config` use, so a new secret cannot be shown by one of them.
+    fn secret_fields(&mut self) -> [&mut Secret; 6] {
+        [
+            &mut self.git.token,
+            &mut self.web.token,
+            &mut self.slack.bot_token,
+            &mut self.slack.app_token,
+            &mut self.slack.signing_secret,
+            &mut self.discord.token,
+        ]
+    }
+
+    /// The configuration as TOML with every secret shown as `[REDACTED]`, for
+    /// `threadline config`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for secret in shown.secret_fields() {
+            if !secret.is_empty() {
+                *secret = Secret::new("[REDACTED]");
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_default()
     }
 }
 

@@ -182,7 +182,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Config { default } => {
             let shown = if default { Config::default() } else { config };
-            print!("{}", redacted_toml(&shown));
+            print!("{}", shown.to_redacted_toml());
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(doctor::doctor(config).await),
@@ -332,32 +332,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Resolves a run id; a pipeline id means its latest run. Needs only the store.
 async fn find_run(store: &Store, id: &str) -> anyhow::Result<Run> {
-    if let Some(run) = store.run(id).await? {
-        return Ok(run);
-    }
-    if let Some(p) = store.find_pipeline(id).await?
-        && let Some(run) = store.runs(&p.id).await?.pop()
-    {
-        return Ok(run);
-    }
-    anyhow::bail!("no run {id:?}; `threadline runs <PIPELINE>` lists them")
-}
-
-fn redacted_toml(config: &Config) -> String {
-    let mut shown = config.clone();
-    for secret in [
-        &mut shown.git.token,
-        &mut shown.web.token,
-        &mut shown.slack.bot_token,
-        &mut shown.slack.app_token,
-        &mut shown.slack.signing_secret,
-        &mut shown.discord.token,
-    ] {
-        if !secret.is_empty() {
-            *secret = crate::config::Secret::new("[REDACTED]");
-        }
-    }
-    shown.to_toml()
+    store
+        .find_run(id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no run {id:?}; `threadline runs <PIPELINE>` lists them"))
 }
 
 fn read_prompt(words: &[String]) -> anyhow::Result<String> {

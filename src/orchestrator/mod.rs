@@ -331,15 +331,11 @@ impl Orchestrator {
 
     /// Resolves a run id; a pipeline id means its latest run.
     pub async fn find_run(&self, id: &str) -> Result<Run, SubmitError> {
-        if let Some(run) = self.inner.store.run(id).await? {
-            return Ok(run);
-        }
-        if let Some(p) = self.inner.store.find_pipeline(id).await?
-            && let Some(run) = self.inner.store.runs(&p.id).await?.pop()
-        {
-            return Ok(run);
-        }
-        Err(SubmitError::UnknownRun(id.to_owned()))
+        self.inner
+            .store
+            .find_run(id)
+            .await?
+            .ok_or_else(|| SubmitError::UnknownRun(id.to_owned()))
     }
 
     /// Runs ahead of `run` in its pipeline.

@@ -291,6 +291,17 @@ impl Store {
         row.map(|r| run_from_row(&r)).transpose()
     }
 
+    /// A run by its id; a pipeline id (or unique prefix) means that pipeline's latest run.
+    pub async fn find_run(&self, id: &str) -> Result<Option<Run>> {
+        if let Some(run) = self.run(id).await? {
+            return Ok(Some(run));
+        }
+        match self.find_pipeline(id).await? {
+            Some(p) => Ok(self.runs(&p.id).await?.pop()),
+            None => Ok(None),
+        }
+    }
+
     /// Runs in any of `states`, oldest first.
     pub async fn runs_in_states(&self, states: &[RunState]) -> Result<Vec<Run>> {
         if states.is_empty() {
