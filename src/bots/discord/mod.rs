@@ -211,15 +211,7 @@ impl EventHandler for Handler {
             channel: parent,
             thread: thread.clone(),
             id: msg.id.get().to_string(),
-            sender: Sender {
-                id: msg.author.id.get().to_string(),
-                roles: msg
-                    .member
-                    .as_ref()
-                    .map(|m| m.roles.iter().map(|r| r.get().to_string()).collect())
-                    .unwrap_or_default(),
-                is_bot: false,
-            },
+            sender: sender(&msg.author, msg.member.as_ref().map(|m| &m.roles[..])),
             text: msg.content.clone(),
             mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot),
         };
@@ -280,15 +272,7 @@ impl Handler {
             id: c.id.get().to_string(),
             action,
             run_id,
-            sender: Sender {
-                id: c.user.id.get().to_string(),
-                roles: c
-                    .member
-                    .as_ref()
-                    .map(|m| m.roles.iter().map(|r| r.get().to_string()).collect())
-                    .unwrap_or_default(),
-                is_bot: false,
-            },
+            sender: sender(&c.user, c.member.as_ref().map(|m| &m.roles[..])),
         };
         let outcome = tokio::time::timeout(std::time::Duration::from_millis(2500), self.core.on_click(click)).await;
         match outcome {
@@ -305,6 +289,15 @@ impl Handler {
                     .await
             }
         }
+    }
+}
+
+/// Who sent a message or clicked, with their roles in the guild.
+fn sender(user: &serenity::all::User, roles: Option<&[serenity::all::RoleId]>) -> Sender {
+    Sender {
+        id: user.id.get().to_string(),
+        roles: roles.unwrap_or_default().iter().map(|r| r.get().to_string()).collect(),
+        is_bot: false,
     }
 }
 
