@@ -10,7 +10,7 @@ use threadline::config::Secret;
 use threadline::model::RunState;
 
 use crate::fake_discord::{FakeDiscord, click, message};
-use crate::harness::{TestEnv, finished, wait_for};
+use crate::harness::{TestEnv, appears, finished, wait_for};
 
 const CHANNEL: &str = "2000";
 const THREAD: &str = "3001";
@@ -107,14 +107,7 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     );
     for seq in [2, 3] {
         let id = format!("{}-{seq}", pipeline.id);
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while orch.store().run(&id).await.unwrap().is_none() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "follow-up {seq} never became a run"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        appears(orch.store(), &id).await;
         assert_eq!(finished(orch.store(), &id).await.state, RunState::Succeeded);
     }
     assert_eq!(env.origin_file(&pipeline.branch, "two.txt").as_deref(), Some("two\n"));
@@ -136,11 +129,7 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     // A long run; the gateway drops and the client comes back; the replayed message starts nothing.
     fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
     let long = format!("{}-4", pipeline.id);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while orch.store().run(&long).await.unwrap().is_none() {
-        assert!(tokio::time::Instant::now() < deadline, "the long run never started");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    appears(orch.store(), &long).await;
     wait_for(orch.store(), &long, "running", |r| r.state == RunState::Running).await;
     fake.drop_connections();
     fake.wait_until("a reconnect", |f| {

@@ -189,6 +189,15 @@ pub fn sh_agent() -> AgentProfile {
     }
 }
 
+/// Waits until a run with this id exists (a chat message became a run).
+pub async fn appears(store: &Store, run_id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.run(run_id).await.unwrap().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "run {run_id} never appeared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until the run reaches a state for which `done` holds.
 pub async fn wait_for(store: &Store, run_id: &str, what: &str, done: impl Fn(&Run) -> bool) -> Run {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

@@ -10,7 +10,7 @@ use threadline::config::Secret;
 use threadline::model::RunState;
 
 use crate::fake_slack::FakeSlack;
-use crate::harness::{TestEnv, finished, wait_for};
+use crate::harness::{TestEnv, appears, finished, wait_for};
 
 fn mention(user: &str, ts: &str, text: &str) -> Value {
     json!({"type": "app_mention", "user": user, "text": format!("<@UBOT> {text}"), "ts": ts,
@@ -145,14 +145,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     );
     let second = format!("{}-2", pipeline.id);
     let store = orch.store().clone();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while store.run(&second).await.unwrap().is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follow-up never became a run"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    appears(&store, &second).await;
     assert_eq!(finished(orch.store(), &second).await.state, RunState::Succeeded);
     assert_eq!(env.origin_file(&pipeline.branch, "two.txt").as_deref(), Some("two\n"));
     assert_eq!(
@@ -173,13 +166,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         thread_message("U2", "1700000004.000400", "1700000001.000100", "sleep 60"),
     );
     let third = format!("{}-3", pipeline.id);
-    while store.run(&third).await.unwrap().is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the third message never became a run"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    appears(&store, &third).await;
     wait_for(orch.store(), &third, "running", |r| r.state == RunState::Running).await;
     fake.wait_until("the Cancel button", |f| {
         status_texts(f, &third)
