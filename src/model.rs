@@ -40,6 +40,12 @@ impl RunState {
         RunState::TimedOut,
         RunState::Cancelled,
     ];
+    pub const UNFINISHED: [RunState; 4] = [
+        RunState::Queued,
+        RunState::Preparing,
+        RunState::Running,
+        RunState::Saving,
+    ];
     /// States in which a run holds a slot of the concurrency limit.
     pub const ACTIVE: [RunState; 3] = [RunState::Preparing, RunState::Running, RunState::Saving];
 
@@ -301,6 +307,13 @@ mod tests {
             assert_eq!(st.as_str().parse::<RunState>().unwrap(), st);
         }
         assert!("bogus".parse::<RunState>().is_err());
+    }
+
+    #[test]
+    fn unfinished_means_not_terminal() {
+        for st in RunState::ALL {
+            assert_eq!(RunState::UNFINISHED.contains(&st), !st.is_terminal(), "{st}");
+        }
     }
 
     #[test]

@@ -480,7 +480,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
             .core
             .orch
             .store()
-            .runs_in_states(&crate::model::RunState::ALL[..4])
+            .runs_in_states(&crate::model::RunState::UNFINISHED)
             .await
         {
             for run in active {
@@ -632,9 +632,6 @@ pub async fn deliver<S, Posted, PostedFut, Refresh, RefreshFut>(
         // Wait for a change, refreshing the elapsed time of an unfinished run meanwhile.
         tokio::select! {
             changed = rx.changed() => {
-                if changed.is_err() && card.terminal {
-                    return;
-                }
                 if changed.is_err() {
                     // The updater went away (shutdown): the next start picks the run up.
                     return;
