@@ -43,6 +43,17 @@ async fn start_chromedriver() -> (Driver, u16) {
     panic!("chromedriver did not start");
 }
 
+/// Types `text` into the `start` or `reply` form and presses its Send button.
+async fn send(browser: &fantoccini::Client, form: &str, text: &str) {
+    let field = browser.find(Locator::Id(&format!("{form}-prompt"))).await.unwrap();
+    field.send_keys(text).await.unwrap();
+    let button = browser
+        .find(Locator::Css(&format!("#{form} button[type=submit]")))
+        .await
+        .unwrap();
+    button.click().await.unwrap();
+}
+
 fn artifacts() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
@@ -89,20 +100,7 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
         .for_element(Locator::Css("#repo option[value=demo]"))
         .await
         .unwrap();
-    browser
-        .find(Locator::Id("start-prompt"))
-        .await
-        .unwrap()
-        .send_keys("echo from-browser > b.txt\necho browser-log-line")
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Css("#start button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send(&browser, "start", "echo from-browser > b.txt\necho browser-log-line").await;
 
     // Its card reaches succeeded, with the branch link and the log line.
     let card = wait(90)
@@ -125,40 +123,14 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     std::fs::write(artifacts().join("chat.png"), browser.screenshot().await.unwrap()).unwrap();
 
     // A follow-up in the same thread.
-    browser
-        .find(Locator::Id("reply-prompt"))
-        .await
-        .unwrap()
-        .send_keys("echo more >> b.txt")
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Css("#reply button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send(&browser, "reply", "echo more >> b.txt").await;
     wait(90)
         .for_element(Locator::Css("#messages li:nth-child(2) .card[data-state=succeeded]"))
         .await
         .unwrap();
 
     // A long run, cancelled from its card.
-    browser
-        .find(Locator::Id("reply-prompt"))
-        .await
-        .unwrap()
-        .send_keys("sleep 60")
-        .await
-        .unwrap();
-    browser
-        .find(Locator::Css("#reply button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    send(&browser, "reply", "sleep 60").await;
     let running = wait(60)
         .for_element(Locator::Css(
             "#messages li:nth-child(3) .card[data-state=running] button[data-action=cancel]",
