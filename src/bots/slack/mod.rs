@@ -198,7 +198,7 @@ pub async fn start(
     events: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), SlackError> {
-    let https = super::https_connector().map_err(SlackError::Tls)?;
+    let https = crate::http::https_connector().map_err(SlackError::Tls)?;
     // slack-morphism appends "/<method>" itself.
     let client = Arc::new(SlackClient::new(
         SlackClientHyperConnector::with_connector(https).with_slack_api_url(config.api_url.trim_end_matches('/')),
