@@ -166,8 +166,38 @@ pub struct RepoConfig {
     /// Default: `default_agent`.
     pub agent: Option<String>,
     /// A link to a branch on the forge, with `{branch}`:
-    /// `https://github.com/OWNER/REPO/tree/{branch}`.
+    /// `https://github.com/OWNER/REPO/tree/{branch}`. Default: made from the forge.
     pub branch_url: String,
+    /// Who may press Open PR for this repository (user or role ids), on top of the
+    /// channel's approvers. Empty: the channel decides.
+    pub approvers: Vec<String>,
+    /// Whoever prompted a pipeline may not open its pull request: someone else must.
+    pub require_other_approver: bool,
+    /// Where pull requests are opened.
+    pub forge: ForgeConfig,
+}
+
+/// The forge of a repository and how its pull requests are opened. Kind, API and
+/// project come from the remote URL where it tells them (github.com, gitlab.*,
+/// gitea.*, forgejo.*, codeberg.org); set them here where it does not.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForgeConfig {
+    /// `github`, `gitlab`, `gitea` (also Forgejo), or `none` for no pull requests.
+    pub kind: Option<crate::orchestrator::forge::ForgeKind>,
+    /// The REST API root, e.g. `https://ghe.example.com/api/v3` for GitHub Enterprise.
+    pub api_url: String,
+    /// The project's web page, e.g. `https://github.com/OWNER/REPO`.
+    pub web_url: String,
+    /// `OWNER/REPO` (GitLab: `GROUP/SUBGROUP/REPO`).
+    pub project: String,
+    /// The API token (also `THREADLINE_REPOS__NAME__FORGE__TOKEN`). Default: `git.token`.
+    pub token: Secret,
+    /// Open pull requests as drafts.
+    pub draft: bool,
+    pub labels: Vec<String>,
+    /// User names asked to review.
+    pub reviewers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -545,15 +575,17 @@ impl Config {
 
     /// Every secret the configuration holds: the one list both redaction and
     /// `threadline config` use, so a new secret cannot be shown by one of them.
-    fn secret_fields(&mut self) -> [&mut Secret; 6] {
-        [
+    fn secret_fields(&mut self) -> Vec<&mut Secret> {
+        let mut fields = vec![
             &mut self.git.token,
             &mut self.web.token,
             &mut self.slack.bot_token,
             &mut self.slack.app_token,
             &mut self.slack.signing_secret,
             &mut self.discord.token,
-        ]
+        ];
+        fields.extend(self.repos.values_mut().map(|r| &mut r.forge.token));
+        fields
     }
 
     /// The configuration as TOML with every secret shown as `[REDACTED]`, for

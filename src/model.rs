@@ -277,6 +277,33 @@ pub fn runs_ahead(runs: &[Run], run: &Run) -> usize {
         .count()
 }
 
+/// The pull request of a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PullRequestRecord {
+    pub pipeline_id: String,
+    /// `github`, `gitlab` or `gitea`.
+    pub forge: String,
+    pub number: i64,
+    pub url: String,
+    /// True when it was opened by hand and found, not opened by Threadline.
+    pub found: bool,
+    pub opened_by: String,
+    pub created_at: Millis,
+}
+
+/// One Open PR decision.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Approval {
+    pub pipeline_id: String,
+    pub run_id: String,
+    /// `surface:user id`.
+    pub actor: String,
+    pub approved: bool,
+    /// Why it was refused, or what came of it.
+    pub reason: String,
+    pub at: Millis,
+}
+
 /// One persisted state transition.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunEvent {

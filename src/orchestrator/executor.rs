@@ -651,7 +651,7 @@ async fn write_context(inner: &Inner, pipeline: &Pipeline, run: &Run) -> std::io
     Ok(dir)
 }
 
-fn mirror_lock(inner: &Inner, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
+pub(super) fn mirror_lock(inner: &Inner, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
     let path = inner.git.mirror_path(remote_url);
     inner.mirror_locks.lock().unwrap().entry(path).or_default().clone()
 }

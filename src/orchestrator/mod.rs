@@ -4,6 +4,8 @@
 
 pub mod container;
 mod executor;
+pub mod forge;
+mod pulls;
 mod scheduler;
 pub mod workspace;
 
@@ -21,6 +23,7 @@ use crate::redact::Redactor;
 use crate::store::{NewRun, Store, StoreError};
 
 pub use container::{ContainerError, ContainerRuntime};
+pub use pulls::{PullRequestError, PullRequestOutcome, PullRequestView};
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
 
@@ -145,6 +148,11 @@ pub(crate) struct Inner {
     executing: Mutex<HashSet<String>>,
     /// One git fetch into a mirror at a time.
     mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// One Open PR at a time per pipeline.
+    pr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The configured repositories as pipelines record them (canonical path or URL),
+    /// with their `[repos]` names.
+    repo_keys: Vec<(String, String)>,
     /// The daemon's own uid and gid.
     me: (u32, u32),
     counters: Counters,
@@ -154,6 +162,16 @@ impl Orchestrator {
     pub fn new(config: Arc<Config>, store: Store, runtime: ContainerRuntime) -> Self {
         let (events, _) = broadcast::channel(1024);
         let redactor = Redactor::new(config.secret_values());
+        let repo_keys = config
+            .repos
+            .iter()
+            .map(|(name, r)| {
+                let key = std::fs::canonicalize(&r.url)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| r.url.clone());
+                (key, name.clone())
+            })
+            .collect();
         Orchestrator {
             inner: Arc::new(Inner {
                 git: Git::new(&config),
@@ -169,6 +187,8 @@ impl Orchestrator {
                 tracker: TaskTracker::new(),
                 executing: Mutex::new(HashSet::new()),
                 mirror_locks: Mutex::new(HashMap::new()),
+                pr_locks: Mutex::new(HashMap::new()),
+                repo_keys,
                 counters: Counters::default(),
             }),
         }
@@ -391,6 +411,10 @@ impl Orchestrator {
             created,
             ahead,
         })
+    }
+
+    fn mirror_lock(&self, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
+        executor::mirror_lock(&self.inner, remote_url)
     }
 
     async fn publish_state(&self, run_id: &str) {

@@ -551,6 +551,58 @@ fn commit_message(pipeline_id: &str, info: &CommitInfo<'_>) -> String {
     )
 }
 
+/// Whether a pipeline's branch can become a pull request, as the remote has it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullRequestCheck {
+    /// Both branches exist and the branch has commits its base lacks: its changes
+    /// against the merge base.
+    Ready(Diffstat),
+    BranchMissing,
+    BaseMissing,
+    NoCommits,
+}
+
+impl Git {
+    /// Asks the remote which branches it has now (a fetch alone would keep deleted ones
+    /// in the mirror), fetches, and compares the pipeline's branch with its base.
+    pub fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError> {
+        let mirror = self.sync_mirror(&pipeline.remote_url)?;
+        let repo = Repository::open_bare(&mirror)?;
+        let mut remote = repo.remote_anonymous(&pipeline.remote_url)?;
+        let fetch_error = |e: git2::Error| GitError::Fetch {
+            remote: pipeline.remote_url.clone(),
+            detail: e.message().to_owned(),
+        };
+        remote
+            .connect_auth(git2::Direction::Fetch, Some(self.callbacks()), None)
+            .map_err(fetch_error)?;
+        let head_of = |name: &str| -> Result<Option<Oid>, GitError> {
+            let wanted = format!("refs/heads/{name}");
+            Ok(remote
+                .list()
+                .map_err(fetch_error)?
+                .iter()
+                .find(|h| h.name() == wanted)
+                .map(|h| h.oid()))
+        };
+        let (branch, base) = (head_of(&pipeline.branch)?, head_of(&pipeline.base_branch)?);
+        remote.disconnect().map_err(fetch_error)?;
+        let (Some(branch), Some(base)) = (branch, base) else {
+            return Ok(if branch.is_none() {
+                PullRequestCheck::BranchMissing
+            } else {
+                PullRequestCheck::BaseMissing
+            });
+        };
+        let (ahead, _) = repo.graph_ahead_behind(branch, base)?;
+        if ahead == 0 {
+            return Ok(PullRequestCheck::NoCommits);
+        }
+        let merge_base = repo.merge_base(branch, base)?;
+        Ok(PullRequestCheck::Ready(diffstat(&repo, merge_base, branch)?))
+    }
+}
+
 fn diffstat(repo: &Repository, from: Oid, to: Oid) -> Result<Diffstat, GitError> {
     if from == to {
         return Ok(Diffstat::default());

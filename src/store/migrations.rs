@@ -16,6 +16,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         include_str!("migrations/sqlite/0002_chat_messages.sql"),
     ),
     (3, "origin url", include_str!("migrations/sqlite/0003_origin_url.sql")),
+    (
+        4,
+        "pull requests",
+        include_str!("migrations/sqlite/0004_pull_requests.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -10,7 +10,9 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::model::{Diffstat, EndReason, Millis, Origin, Pipeline, Run, RunEvent, RunState, now_millis};
+use crate::model::{
+    Approval, Diffstat, EndReason, Millis, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState, now_millis,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -533,6 +535,90 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    // ---- pull requests and approvals ----------------------------------------------
+
+    pub async fn pull_request(&self, pipeline_id: &str) -> Result<Option<PullRequestRecord>> {
+        let row = sqlx::query(
+            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at FROM pull_requests \
+             WHERE pipeline_id = $1",
+        )
+        .bind(pipeline_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(PullRequestRecord {
+                pipeline_id: r.try_get("pipeline_id")?,
+                forge: r.try_get("forge")?,
+                number: r.try_get("number")?,
+                url: r.try_get("url")?,
+                found: r.try_get::<i64, _>("found")? != 0,
+                opened_by: r.try_get("opened_by")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records a pipeline's pull request; a pipeline keeps the first one recorded,
+    /// which is returned.
+    pub async fn set_pull_request(&self, pr: &PullRequestRecord) -> Result<PullRequestRecord> {
+        sqlx::query(
+            "INSERT INTO pull_requests (pipeline_id, forge, number, url, found, opened_by, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(&pr.pipeline_id)
+        .bind(&pr.forge)
+        .bind(pr.number)
+        .bind(&pr.url)
+        .bind(pr.found as i64)
+        .bind(&pr.opened_by)
+        .bind(pr.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(self.pull_request(&pr.pipeline_id).await?.unwrap_or_else(|| pr.clone()))
+    }
+
+    /// Records an Open PR decision once per `request_key`.
+    pub async fn record_approval(&self, request_key: &str, approval: &Approval) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO approvals (request_key, pipeline_id, run_id, actor, decision, reason, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
+        .bind(request_key)
+        .bind(&approval.pipeline_id)
+        .bind(&approval.run_id)
+        .bind(&approval.actor)
+        .bind(if approval.approved { "approved" } else { "refused" })
+        .bind(&approval.reason)
+        .bind(approval.at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A pipeline's Open PR decisions, oldest first.
+    pub async fn approvals(&self, pipeline_id: &str) -> Result<Vec<Approval>> {
+        let rows = sqlx::query(
+            "SELECT pipeline_id, run_id, actor, decision, reason, created_at FROM approvals \
+             WHERE pipeline_id = $1 ORDER BY created_at, request_key",
+        )
+        .bind(pipeline_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Approval {
+                    pipeline_id: r.try_get("pipeline_id")?,
+                    run_id: r.try_get("run_id")?,
+                    actor: r.try_get("actor")?,
+                    approved: r.try_get::<String, _>("decision")? == "approved",
+                    reason: r.try_get("reason")?,
+                    at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
     }
 
     // ---- process leases -----------------------------------------------------------

@@ -1,0 +1,441 @@
+//! Opening a pipeline's pull request: the forge of its repository, the checks that make
+//! a refusal say what to do, and the idempotency that keeps it to one pull request per
+//! pipeline however often Open PR is pressed.
+
+use std::fmt::Write as _;
+
+use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest};
+use super::workspace::PullRequestCheck;
+use super::{GitError, Orchestrator, RunUpdate};
+use crate::config::RepoConfig;
+use crate::model::{Approval, Pipeline, PullRequestRecord, Run, RunState, now_millis};
+use crate::store::StoreError;
+
+/// Why no pull request was opened, in words that say what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum PullRequestError {
+    #[error("no run or pipeline {0:?}")]
+    UnknownRun(String),
+    #[error(
+        "this pipeline's repository is local-only (it has no remote), so there is no forge to open a pull \
+         request on; its branch `{branch}` is in Threadline's mirror: `git fetch {mirror} {branch}`"
+    )]
+    LocalOnly { branch: String, mirror: String },
+    #[error(
+        "no forge is known for {remote}, so Threadline cannot open a pull request there; set `[repos.{repo}.forge] \
+         kind` (github, gitlab or gitea) to enable Open PR"
+    )]
+    NoForge { remote: String, repo: String },
+    #[error("the forge settings of {remote} are incomplete: {reason}; fix `[repos.{repo}.forge]` and try again")]
+    Misconfigured {
+        remote: String,
+        repo: String,
+        reason: String,
+    },
+    #[error(
+        "no {forge} token is configured; set `[repos.{repo}.forge] token` (or THREADLINE_REPOS__{env}__FORGE__TOKEN, \
+         or `git.token`) to a token that may open {noun}s, then press Open PR again"
+    )]
+    NoToken {
+        forge: &'static str,
+        noun: &'static str,
+        repo: String,
+        env: String,
+    },
+    #[error(
+        "{forge} refused the token (it is wrong, expired or revoked); replace `[repos.{repo}.forge] token`, then \
+         press Open PR again"
+    )]
+    Unauthorized { forge: &'static str, repo: String },
+    #[error(
+        "the token may not open {noun}s on {project} ({forge} said forbidden); give it write access to {noun}s \
+         there, then press Open PR again"
+    )]
+    Forbidden {
+        forge: &'static str,
+        noun: &'static str,
+        project: String,
+    },
+    #[error(
+        "{forge} has no project {project}, or the token cannot see it; check `[repos.{repo}.forge] project` and \
+         the token's access, then press Open PR again"
+    )]
+    ProjectNotFound {
+        forge: &'static str,
+        project: String,
+        repo: String,
+    },
+    #[error(
+        "the branch `{branch}` is not on the remote (deleted?); press Retry on the last run or send a follow-up \
+         to push it again, then press Open PR"
+    )]
+    BranchMissing { branch: String },
+    #[error(
+        "the base branch `{base}` is gone from the remote; recreate it there (or open the {noun} by hand against \
+         another branch), then press Open PR again"
+    )]
+    BaseMissing { base: String, noun: &'static str },
+    #[error(
+        "there is nothing to merge: `{branch}` has no commits that `{base}` lacks (already merged?); send a \
+         follow-up to make changes, then press Open PR"
+    )]
+    NoCommits { branch: String, base: String },
+    #[error("{forge} cannot be reached at {api} ({detail}); press Open PR again once it can")]
+    Unreachable {
+        forge: &'static str,
+        api: String,
+        detail: String,
+    },
+    #[error("{forge} refused the {noun} ({status}: {message}); press Open PR again once that is fixed")]
+    Refused {
+        forge: &'static str,
+        noun: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("cannot read the branches on the remote ({0}); press Open PR again")]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What Open PR produced.
+#[derive(Debug, Clone)]
+pub struct PullRequestOutcome {
+    pub pr: PullRequestRecord,
+    pub kind: ForgeKind,
+    /// Opened on the forge by this request.
+    pub opened: bool,
+    /// Recorded by this request: opened now, or found on the forge now. False when the
+    /// pipeline already had it (a second click).
+    pub fresh: bool,
+    /// Extras (labels, reviewers) that did not apply.
+    pub warnings: Vec<String>,
+}
+
+impl PullRequestOutcome {
+    /// One sentence for the thread.
+    pub fn sentence(&self) -> String {
+        let noun = self.kind.noun();
+        let reference = self.kind.reference(self.pr.number);
+        let mut text = if self.opened {
+            format!("Opened {noun} {reference}: {}", self.pr.url)
+        } else if self.pr.found {
+            format!("Found an open {noun} for this branch, {reference}: {}", self.pr.url)
+        } else {
+            format!("This pipeline already has {noun} {reference}: {}", self.pr.url)
+        };
+        for warning in &self.warnings {
+            let _ = write!(text, " (Note: {warning}.)");
+        }
+        text
+    }
+}
+
+/// How a pipeline's card shows pull requests: where its branch is on the forge, whether
+/// Open PR applies, and the pull request once there is one.
+#[derive(Debug, Clone, Default)]
+pub struct PullRequestView {
+    /// A template with `{branch}`.
+    pub branch_template: Option<String>,
+    /// The forge, when Open PR can work for this pipeline.
+    pub forge: Option<ForgeKind>,
+    /// Said instead of Open PR when there is no forge.
+    pub unavailable: Option<String>,
+    pub pr: Option<PullRequestRecord>,
+}
+
+impl Orchestrator {
+    /// The `[repos]` entry a pipeline came from (its name and settings), if any.
+    pub fn repo_settings(&self, pipeline: &Pipeline) -> Option<(&str, &RepoConfig)> {
+        let (_, name) = self.inner.repo_keys.iter().find(|(key, _)| *key == pipeline.repo)?;
+        self.inner
+            .config
+            .repos
+            .get_key_value(name)
+            .map(|(n, r)| (n.as_str(), r))
+    }
+
+    /// The forge of a pipeline's repository.
+    pub fn forge_of(&self, pipeline: &Pipeline) -> Result<Option<ForgeTarget>, PullRequestError> {
+        if pipeline.local_only {
+            return Ok(None);
+        }
+        let default = RepoConfig::default();
+        let (name, settings) = self.repo_settings(pipeline).unwrap_or(("NAME", &default));
+        forge::resolve(&pipeline.remote_url, &settings.forge).map_err(|reason| PullRequestError::Misconfigured {
+            remote: pipeline.remote_url.clone(),
+            repo: name.to_owned(),
+            reason,
+        })
+    }
+
+    /// What a pipeline's cards show about pull requests.
+    pub async fn pull_request_view(&self, pipeline: &Pipeline) -> PullRequestView {
+        let configured = self
+            .repo_settings(pipeline)
+            .map(|(_, r)| r.branch_url.clone())
+            .filter(|t| !t.is_empty());
+        let forge = self.forge_of(pipeline);
+        let target = forge.as_ref().ok().cloned().flatten();
+        let unavailable = match &forge {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(self.no_forge(pipeline).to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        PullRequestView {
+            branch_template: configured.or_else(|| target.as_ref().map(|t| t.branch_url("{branch}"))),
+            forge: target.map(|t| t.kind),
+            unavailable,
+            pr: self.inner.store.pull_request(&pipeline.id).await.ok().flatten(),
+        }
+    }
+
+    fn no_forge(&self, pipeline: &Pipeline) -> PullRequestError {
+        if pipeline.local_only {
+            PullRequestError::LocalOnly {
+                branch: pipeline.branch.clone(),
+                mirror: self.mirror_path(pipeline).display().to_string(),
+            }
+        } else {
+            PullRequestError::NoForge {
+                remote: pipeline.remote_url.clone(),
+                repo: self
+                    .repo_settings(pipeline)
+                    .map(|(n, _)| n)
+                    .unwrap_or("NAME")
+                    .to_owned(),
+            }
+        }
+    }
+
+    /// Opens the pull request of `run`'s pipeline, or finds the one it has (recorded
+    /// here, or opened by hand on the forge). One at a time per pipeline, so a double
+    /// click opens one.
+    pub async fn open_pull_request(&self, run_id: &str, actor: &str) -> Result<PullRequestOutcome, PullRequestError> {
+        let store = &self.inner.store;
+        let run = store
+            .find_run(run_id)
+            .await?
+            .ok_or_else(|| PullRequestError::UnknownRun(run_id.to_owned()))?;
+        let pipeline = store
+            .pipeline(&run.pipeline_id)
+            .await?
+            .ok_or_else(|| PullRequestError::UnknownRun(run_id.to_owned()))?;
+        let Some(target) = self.forge_of(&pipeline)? else {
+            return Err(self.no_forge(&pipeline));
+        };
+        let lock = self
+            .inner
+            .pr_locks
+            .lock()
+            .unwrap()
+            .entry(pipeline.id.clone())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
+        let outcome = |pr, opened, warnings| PullRequestOutcome {
+            pr,
+            kind: target.kind,
+            opened,
+            fresh: true,
+            warnings,
+        };
+        if let Some(pr) = store.pull_request(&pipeline.id).await? {
+            return Ok(PullRequestOutcome {
+                fresh: false,
+                ..outcome(pr, false, Vec::new())
+            });
+        }
+        let default = RepoConfig::default();
+        let (name, settings) = self.repo_settings(&pipeline).unwrap_or(("NAME", &default));
+        let token = if settings.forge.token.is_empty() {
+            &self.inner.config.git.token
+        } else {
+            &settings.forge.token
+        };
+        let explain = |e: ForgeError| self.explain(e, &pipeline, &target, name);
+        let client = forge::client(&target, token.expose()).map_err(explain)?;
+        let record = |number, url, found| PullRequestRecord {
+            pipeline_id: pipeline.id.clone(),
+            forge: format!("{:?}", target.kind).to_lowercase(),
+            number,
+            url,
+            found,
+            opened_by: actor.to_owned(),
+            created_at: now_millis(),
+        };
+        let (head, base) = (&pipeline.branch, &pipeline.base_branch);
+        if let Some(found) = client.find_open(head, base).await.map_err(explain)? {
+            let pr = store.set_pull_request(&record(found.number, found.url, true)).await?;
+            self.republish(&pipeline.id).await;
+            return Ok(outcome(pr, false, Vec::new()));
+        }
+        let check = {
+            let (git, lock) = (self.inner.git.clone(), self.mirror_lock(&pipeline.remote_url));
+            let pipeline = pipeline.clone();
+            let _mirror = lock.lock_owned().await;
+            tokio::task::spawn_blocking(move || git.check_pull_request(&pipeline))
+                .await
+                .expect("the branch check does not panic")?
+        };
+        let diffstat = match check {
+            PullRequestCheck::Ready(d) => d,
+            PullRequestCheck::BranchMissing => return Err(explain(ForgeError::BranchMissing)),
+            PullRequestCheck::BaseMissing => return Err(explain(ForgeError::BaseMissing)),
+            PullRequestCheck::NoCommits => return Err(explain(ForgeError::NoCommits)),
+        };
+        let runs = store.runs(&pipeline.id).await?;
+        let request = NewPullRequest {
+            head: head.clone(),
+            base: base.clone(),
+            title: pipeline.title.clone(),
+            body: self.pull_request_body(&pipeline, &runs, &diffstat.to_string()),
+            draft: settings.forge.draft,
+            labels: settings.forge.labels.clone(),
+            reviewers: settings.forge.reviewers.clone(),
+        };
+        let (pr, opened, warnings) = match client.open(&request).await {
+            Ok(done) => (record(done.pr.number, done.pr.url, false), true, done.warnings),
+            // Someone (another instance, or a person) opened one meanwhile.
+            Err(ForgeError::AlreadyExists) => match client.find_open(head, base).await.map_err(explain)? {
+                Some(found) => (record(found.number, found.url, true), false, Vec::new()),
+                None => return Err(explain(ForgeError::AlreadyExists)),
+            },
+            Err(e) => return Err(explain(e)),
+        };
+        let pr = store.set_pull_request(&pr).await?;
+        tracing::info!(pipeline = %pipeline.id, number = pr.number, actor, "pull request recorded");
+        self.republish(&pipeline.id).await;
+        Ok(outcome(pr, opened, warnings))
+    }
+
+    /// Records an Open PR decision (once per `key`, a click's id); a failure to record
+    /// is logged, not fatal.
+    pub async fn record_approval(&self, key: &str, run: &Run, actor: &str, approved: bool, reason: &str) {
+        let approval = Approval {
+            pipeline_id: run.pipeline_id.clone(),
+            run_id: run.id.clone(),
+            actor: actor.to_owned(),
+            approved,
+            reason: self.inner.redactor.redact(reason),
+            at: now_millis(),
+        };
+        if let Err(e) = self.inner.store.record_approval(key, &approval).await {
+            tracing::warn!(run = %run.id, error = %e, "cannot record an Open PR decision");
+        }
+    }
+
+    /// The pull request's description: what was asked, what came of each run, the
+    /// changes, and where the conversation is.
+    fn pull_request_body(&self, pipeline: &Pipeline, runs: &[Run], diffstat: &str) -> String {
+        let redact = |s: &str| self.inner.redactor.redact(s);
+        let mut body = String::new();
+        let place = match (pipeline.origin.surface.as_str(), pipeline.origin.url.as_str()) {
+            (_, url) if !url.is_empty() => format!("[this {} thread]({url})", pipeline.origin.surface),
+            ("web", _) => "Threadline's web chat".to_owned(),
+            (surface, _) => format!("Threadline ({surface})"),
+        };
+        let _ = writeln!(body, "Made by coding agents prompted from {place}.\n");
+        let _ = writeln!(body, "## Runs\n");
+        for run in runs.iter().filter(|r| r.state.is_terminal()) {
+            let changes = match (&run.diffstat, run.changed) {
+                (Some(d), true) => d.short(),
+                _ => "no changes".to_owned(),
+            };
+            let prompt: String = redact(&run.prompt).chars().take(500).collect();
+            let quoted = prompt
+                .lines()
+                .map(|l| format!("   > {l}"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let _ = writeln!(
+                body,
+                "{}. **{}** ({}, agent {}, {changes})\n{quoted}",
+                run.seq,
+                outcome_word(run.state),
+                run.requested_by,
+                run.agent
+            );
+        }
+        let _ = writeln!(body, "\n## Changes\n\n{diffstat}");
+        let _ = write!(
+            body,
+            "\nBranch `{}` into `{}`; pipeline `{}`.",
+            pipeline.branch, pipeline.base_branch, pipeline.id
+        );
+        body
+    }
+
+    fn explain(&self, e: ForgeError, pipeline: &Pipeline, target: &ForgeTarget, repo: &str) -> PullRequestError {
+        let forge = target.kind.name();
+        let noun = target.kind.noun();
+        let repo = repo.to_owned();
+        match e {
+            ForgeError::NoToken => PullRequestError::NoToken {
+                forge,
+                noun,
+                env: repo.to_uppercase(),
+                repo,
+            },
+            ForgeError::Unauthorized => PullRequestError::Unauthorized { forge, repo },
+            ForgeError::Forbidden => PullRequestError::Forbidden {
+                forge,
+                noun,
+                project: target.project.clone(),
+            },
+            ForgeError::ProjectNotFound => PullRequestError::ProjectNotFound {
+                forge,
+                project: target.project.clone(),
+                repo,
+            },
+            ForgeError::BranchMissing => PullRequestError::BranchMissing {
+                branch: pipeline.branch.clone(),
+            },
+            ForgeError::BaseMissing => PullRequestError::BaseMissing {
+                base: pipeline.base_branch.clone(),
+                noun,
+            },
+            ForgeError::NoCommits => PullRequestError::NoCommits {
+                branch: pipeline.branch.clone(),
+                base: pipeline.base_branch.clone(),
+            },
+            ForgeError::Unreachable(detail) => PullRequestError::Unreachable {
+                forge,
+                api: target.api_url.clone(),
+                detail,
+            },
+            ForgeError::AlreadyExists => PullRequestError::Refused {
+                forge,
+                noun,
+                status: 422,
+                message: format!("a {noun} for this branch exists but is not open; reopen it by hand"),
+            },
+            ForgeError::Other { status, message } => PullRequestError::Refused {
+                forge,
+                noun,
+                status,
+                message: self.inner.redactor.redact(&message),
+            },
+        }
+    }
+
+    /// Sends the pipeline's latest run again, so every status message redraws.
+    async fn republish(&self, pipeline_id: &str) {
+        if let Ok(runs) = self.inner.store.runs(pipeline_id).await {
+            for run in runs.into_iter().filter(|r| r.state == RunState::Succeeded && r.pushed) {
+                let _ = self.inner.events.send(RunUpdate::State(Box::new(run)));
+            }
+        }
+    }
+}
+
+fn outcome_word(state: RunState) -> &'static str {
+    match state {
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+        RunState::TimedOut => "timed out",
+        RunState::Cancelled => "cancelled",
+        _ => "unfinished",
+    }
+}
