@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::render::{Action, BranchLinks, Detail, StatusCard, card_in_context};
+use super::render::{Action, Detail, StatusCard, capitalized, card_in_context};
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
 
@@ -27,6 +27,8 @@ pub struct ChannelBinding {
     pub prompters: Vec<String>,
     /// User (or role) ids that may press Cancel, Retry and Open PR. Empty: the prompters.
     pub approvers: Vec<String>,
+    /// Whoever prompted a pipeline may not open its pull request: another approver must.
+    pub require_other_approver: bool,
     /// What status messages show beyond metadata.
     pub detail: Detail,
 }
@@ -158,13 +160,11 @@ pub struct ChatCore {
     orch: Orchestrator,
     surface: &'static str,
     bindings: Arc<BTreeMap<String, ChannelBinding>>,
-    links: Arc<BranchLinks>,
 }
 
 impl ChatCore {
     pub fn new(orch: Orchestrator, surface: &'static str, bindings: BTreeMap<String, ChannelBinding>) -> Self {
         ChatCore {
-            links: Arc::new(BranchLinks::new(orch.config())),
             orch,
             surface,
             bindings: Arc::new(bindings),
@@ -348,6 +348,9 @@ impl ChatCore {
             };
         };
         let binding = self.binding(&thread.channel).cloned().unwrap_or_default();
+        if click.action == Action::OpenPr {
+            return self.open_pr(&click, &run, &pipeline, thread, &binding).await;
+        }
         if !binding.may_approve(&click.sender) {
             return Outcome::Private {
                 text: format!(
@@ -371,13 +374,70 @@ impl ChatCore {
                     thread: thread.clone(),
                     submitted: Box::new(submitted),
                 }),
-            Action::OpenPr => Ok(Outcome::Private {
-                text:
-                    "Opening pull requests from chat is not available yet; the branch is pushed, open one on the forge."
-                        .into(),
-            }),
+            Action::OpenPr => unreachable!("handled above"),
         };
         result.unwrap_or_else(|e| Outcome::Private { text: sentence(&e) })
+    }
+
+    /// Open PR: the approval policy of the channel and the repository, then the
+    /// orchestrator. Every decision is recorded; a refusal changes nothing else.
+    async fn open_pr(
+        &self,
+        click: &Click,
+        run: &Run,
+        pipeline: &crate::model::Pipeline,
+        thread: ThreadRef,
+        binding: &ChannelBinding,
+    ) -> Outcome {
+        let actor = format!("{}:{}", self.surface, click.sender.id);
+        let key = format!("{}:click:{}", self.surface, click.id);
+        let settings = self.orch.repo_settings(pipeline);
+        let repo_approvers = settings.map(|(_, r)| r.approvers.as_slice()).unwrap_or_default();
+        let other_required = binding.require_other_approver || settings.is_some_and(|(_, r)| r.require_other_approver);
+        let prompted = || async {
+            let runs = self.orch.store().runs(&pipeline.id).await.unwrap_or_default();
+            runs.iter().any(|r| r.requested_by == actor)
+        };
+        let refusal = if !binding.may_approve(&click.sender) {
+            Some("You are not allowed to approve pull requests in this channel; ask one of its approvers.".to_owned())
+        } else if !repo_approvers.is_empty() && !allowed(repo_approvers, &click.sender) {
+            Some(format!(
+                "Only the approvers of {} may open its pull requests; ask one of them.",
+                settings.map(|(n, _)| n).unwrap_or("this repository")
+            ))
+        } else if other_required && prompted().await {
+            Some(
+                "You prompted this pipeline, and its pull request must be approved by someone else; ask another \
+                 approver."
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.orch.record_approval(&key, run, &actor, false, &reason).await;
+            return Outcome::Private {
+                text: format!("{reason} Nothing was changed."),
+            };
+        }
+        match self.orch.open_pull_request(&run.id, &actor).await {
+            Ok(done) => {
+                let text = done.sentence();
+                self.orch.record_approval(&key, run, &actor, true, &text).await;
+                if done.fresh {
+                    Outcome::Reply { thread, text }
+                } else {
+                    Outcome::Private { text }
+                }
+            }
+            Err(e) => {
+                let text = capitalized(&self.orch.redactor().redact(&e.to_string()));
+                self.orch
+                    .record_approval(&key, run, &actor, true, &format!("failed: {text}"))
+                    .await;
+                Outcome::Reply { thread, text }
+            }
+        }
     }
 
     /// The card of a run as this surface shows it (the channel's detail level).
@@ -395,7 +455,8 @@ impl ChatCore {
             .cloned()
             .unwrap_or_else(|| run.clone());
         let detail = self.binding(&thread.channel).map(|b| b.detail).unwrap_or_default();
-        let card = card_in_context(&pipeline, &run, &runs, detail, &self.links, self.orch.redactor());
+        let view = self.orch.pull_request_view(&pipeline).await;
+        let card = card_in_context(&pipeline, &run, &runs, detail, &view, self.orch.redactor());
         Some((thread, card))
     }
 }
@@ -417,12 +478,7 @@ fn queued(here: ThreadRef, result: Result<Submitted, SubmitError>, text: impl Fn
 
 /// A user-facing sentence from a submission error (it already says what to do).
 fn sentence(e: &SubmitError) -> String {
-    let text = e.to_string();
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => format!("{}{}.", first.to_uppercase(), chars.as_str()),
-        None => text,
-    }
+    capitalized(&e.to_string())
 }
 
 // ---- the status message ------------------------------------------------------------
@@ -751,6 +807,8 @@ mod tests {
             summary: None,
             log_lines: Vec::new(),
             buttons: Vec::new(),
+            pull_request: None,
+            note: None,
         }
     }
 

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Pipeline, Run, RunState, format_duration, now_millis};
+use crate::orchestrator::PullRequestView;
+use crate::orchestrator::forge::ForgeKind;
 use crate::redact::Redactor;
 
 /// How much a card shows beyond metadata: a per-channel choice, since chat platforms
@@ -42,9 +44,20 @@ impl Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Button {
     pub action: Action,
-    pub label: &'static str,
+    pub label: String,
     /// The run the action applies to.
     pub run_id: String,
+    /// Set for a link rather than an action: Open PR once the pull request exists.
+    pub url: Option<String>,
+}
+
+/// A pipeline's pull request as a card shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PrLink {
+    pub number: i64,
+    pub url: String,
+    /// `PR #3`, `MR !3`.
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -74,6 +87,10 @@ pub struct StatusCard {
     pub summary: Option<String>,
     pub log_lines: Vec<String>,
     pub buttons: Vec<Button>,
+    /// The pipeline's pull request, once there is one.
+    pub pull_request: Option<PrLink>,
+    /// A line about pull requests: none is possible here and why, or this run updated one.
+    pub note: Option<String>,
 }
 
 /// Log lines a card shows at `Detail::Logs`.
@@ -107,8 +124,9 @@ pub fn status_card(
     let mut add = |action: Action| {
         buttons.push(Button {
             action,
-            label: action.label(),
+            label: action.label().to_owned(),
             run_id: run.id.clone(),
+            url: None,
         })
     };
     if run.state.can_cancel() {
@@ -155,6 +173,8 @@ pub fn status_card(
         },
         log_lines,
         buttons,
+        pull_request: None,
+        note: None,
     }
 }
 
@@ -164,61 +184,105 @@ pub fn branch_link(template: &str, branch: &str) -> Option<String> {
     (!template.is_empty()).then(|| template.replace("{branch}", branch))
 }
 
-/// The branch-link templates of the configured repositories, keyed the way pipelines
-/// store their repository (canonical paths), resolved once rather than per card.
-#[derive(Debug, Clone, Default)]
-pub struct BranchLinks(Vec<(String, String)>);
-
-impl BranchLinks {
-    pub fn new(config: &crate::config::Config) -> Self {
-        BranchLinks(
-            config
-                .repos
-                .values()
-                .filter(|r| !r.branch_url.is_empty())
-                .map(|r| {
-                    let key = std::fs::canonicalize(&r.url)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|_| r.url.clone());
-                    (key, r.branch_url.clone())
-                })
-                .collect(),
-        )
-    }
-
-    /// The link to the pipeline's branch, once some run up to `run` has pushed it.
-    fn for_run(&self, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> Option<String> {
-        let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
-        let (_, template) = self.0.iter().find(|(repo, _)| *repo == pipeline.repo)?;
-        branch_link(template, &pipeline.branch).filter(|_| on_forge)
-    }
-}
-
-/// The card of `run` among its pipeline's `runs`: its queue position and branch link
-/// come from them.
+/// The card of `run` among its pipeline's `runs` (its queue position and whether the
+/// branch is on the forge come from them), with what `view` knows of pull requests.
 pub fn card_in_context(
     pipeline: &Pipeline,
     run: &Run,
     runs: &[Run],
     detail: Detail,
-    links: &BranchLinks,
+    view: &PullRequestView,
     redactor: &Redactor,
 ) -> StatusCard {
-    status_card(
+    let on_forge = !pipeline.local_only && runs.iter().any(|r| r.pushed && r.seq <= run.seq);
+    let branch_url = view
+        .branch_template
+        .as_deref()
+        .and_then(|t| branch_link(t, &pipeline.branch))
+        .filter(|_| on_forge);
+    let can_open = view.forge.is_some() && view.pr.is_none();
+    let mut card = status_card(
         pipeline,
         run,
         crate::model::runs_ahead(runs, run),
         detail,
-        links.for_run(pipeline, run, runs),
-        false,
+        branch_url,
+        can_open,
         redactor,
-    )
+    );
+    let kind = view.forge.unwrap_or(ForgeKind::Github);
+    if let Some(pr) = &view.pr {
+        let short = if kind == ForgeKind::Gitlab { "MR" } else { "PR" };
+        let label = format!("{short} {}", kind.reference(pr.number));
+        card.buttons.push(Button {
+            action: Action::OpenPr,
+            label: format!("View {label}"),
+            run_id: run.id.clone(),
+            url: Some(pr.url.clone()),
+        });
+        if run.pushed && run.finished_at.is_some_and(|end| end >= pr.created_at) {
+            card.note = Some(format!(
+                "Pushed to {} {}: it now shows this run's changes.",
+                kind.noun(),
+                kind.reference(pr.number)
+            ));
+        }
+        card.pull_request = Some(PrLink {
+            number: pr.number,
+            url: pr.url.clone(),
+            label,
+        });
+    } else if run.state == RunState::Succeeded && run.pushed && view.forge.is_none() {
+        card.note = view
+            .unavailable
+            .as_deref()
+            .map(|why| redactor.redact(&capitalized(why)));
+    }
+    card
+}
+
+/// A sentence from an error message: capitalized, with a full stop.
+pub fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => {
+            let stop = if text.ends_with('.') { "" } else { "." };
+            format!("{}{}{stop}", first.to_uppercase(), chars.as_str())
+        }
+        None => String::new(),
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Diffstat, Origin};
+
+    /// A succeeded run's card with a link to pull request #4, for the adapters' tests.
+    pub(crate) fn card_with_pull_request() -> StatusCard {
+        let view = PullRequestView {
+            forge: Some(ForgeKind::Github),
+            pr: Some(crate::model::PullRequestRecord {
+                pipeline_id: "p1".into(),
+                forge: "github".into(),
+                number: 4,
+                url: "https://gh/o/r/pull/4".into(),
+                found: false,
+                opened_by: "slack:U1".into(),
+                created_at: 0,
+            }),
+            ..Default::default()
+        };
+        let done = run(RunState::Succeeded);
+        card_in_context(
+            &pipeline(),
+            &done,
+            std::slice::from_ref(&done),
+            Detail::Metadata,
+            &view,
+            &Redactor::default(),
+        )
+    }
 
     fn pipeline() -> Pipeline {
         Pipeline {
@@ -286,6 +350,58 @@ mod tests {
             &r,
         );
         assert!(no_forge.buttons.is_empty());
+    }
+
+    #[test]
+    fn a_pull_request_turns_open_pr_into_a_link_and_no_forge_says_so() {
+        let r = Redactor::default();
+        let p = pipeline();
+        let done = run(RunState::Succeeded);
+        let runs = [done.clone()];
+        let no_forge = PullRequestView {
+            unavailable: Some("no forge is known for /r".into()),
+            ..Default::default()
+        };
+        let card = card_in_context(&p, &done, &runs, Detail::Metadata, &no_forge, &r);
+        assert!(card.buttons.is_empty());
+        assert_eq!(card.note.as_deref(), Some("No forge is known for /r."));
+
+        let mut view = PullRequestView {
+            branch_template: Some("https://gl/x/-/tree/{branch}".into()),
+            forge: Some(ForgeKind::Gitlab),
+            ..Default::default()
+        };
+        let card = card_in_context(&p, &done, &runs, Detail::Metadata, &view, &r);
+        assert_eq!(card.buttons.len(), 1);
+        assert_eq!(
+            (card.buttons[0].action, card.buttons[0].url.clone()),
+            (Action::OpenPr, None)
+        );
+        assert_eq!(card.branch_url.as_deref(), Some("https://gl/x/-/tree/threadline/x-p1"));
+
+        view.pr = Some(crate::model::PullRequestRecord {
+            pipeline_id: "p1".into(),
+            forge: "gitlab".into(),
+            number: 4,
+            url: "https://gl/x/-/merge_requests/4".into(),
+            found: false,
+            opened_by: "slack:U1".into(),
+            created_at: 70_000,
+        });
+        // This run ended before the merge request was opened: no "updated" note.
+        let card = card_in_context(&p, &done, &runs, Detail::Metadata, &view, &r);
+        let link = &card.buttons[0];
+        assert_eq!(link.label, "View MR !4");
+        assert_eq!(link.url.as_deref(), Some("https://gl/x/-/merge_requests/4"));
+        assert_eq!(card.pull_request.as_ref().map(|p| p.label.as_str()), Some("MR !4"));
+        assert_eq!(card.note, None);
+        let mut later = done.clone();
+        later.finished_at = Some(80_000);
+        let card = card_in_context(&p, &later, &[later.clone()], Detail::Metadata, &view, &r);
+        assert_eq!(
+            card.note.as_deref(),
+            Some("Pushed to merge request !4: it now shows this run's changes.")
+        );
     }
 
     #[test]

@@ -96,6 +96,44 @@ pub async fn doctor(config: Config) -> ExitCode {
         r.ok("git credentials available (token or ssh-agent)");
     }
 
+    for (name, repo) in &config.repos {
+        let source = match crate::orchestrator::workspace::resolve_repo(&repo.url) {
+            Ok(source) => source,
+            Err(e) => {
+                r.fail(&format!("repo {name}: {e}"), &format!("fix repos.{name}.url"));
+                continue;
+            }
+        };
+        if source.local_only {
+            r.ok(&format!("repo {name}: local-only (no remote), so no pull requests"));
+            continue;
+        }
+        match crate::orchestrator::forge::resolve(&source.remote_url, &repo.forge) {
+            Ok(Some(target)) if repo.forge.token.is_empty() && config.git.token.is_empty() => r.warn(
+                &format!(
+                    "repo {name}: {} {} has no token: Open PR will fail",
+                    target.kind.name(),
+                    target.project
+                ),
+                &format!("set repos.{name}.forge.token (or git.token)"),
+            ),
+            Ok(Some(target)) => r.ok(&format!(
+                "repo {name}: pull requests on {} {} ({})",
+                target.kind.name(),
+                target.project,
+                target.api_url
+            )),
+            Ok(None) => r.warn(
+                &format!("repo {name}: no forge is known for its remote, so Open PR is not offered"),
+                &format!("set repos.{name}.forge.kind (github, gitlab or gitea) if it has one"),
+            ),
+            Err(reason) => r.fail(
+                &format!("repo {name}: forge settings: {reason}"),
+                &format!("fix [repos.{name}.forge]"),
+            ),
+        }
+    }
+
     match ContainerRuntime::connect().await {
         Err(e) => r.fail(&format!("docker: {e}"), "start Docker, or set DOCKER_HOST"),
         Ok(runtime) => {

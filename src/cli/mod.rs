@@ -215,11 +215,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for r in &mut runs {
                 r.prompt = redactor.redact(&r.prompt);
             }
+            let pull_request = store.pull_request(&p.id).await?;
+            let approvals = store.approvals(&p.id).await?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "pipeline": p, "runs": runs }))?
-                );
+                let shown = serde_json::json!({
+                    "pipeline": p, "runs": runs, "pull_request": pull_request, "approvals": approvals,
+                });
+                println!("{}", serde_json::to_string_pretty(&shown)?);
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
@@ -246,6 +248,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 if let Some(e) = &r.error {
                     println!("{:<12} └ {}", "", e);
+                }
+            }
+            if let Some(pr) = pull_request {
+                let how = if pr.found { "found, opened by hand" } else { "opened" };
+                println!(
+                    "\npull request #{} {} ({how}; approved by {})",
+                    pr.number, pr.url, pr.opened_by
+                );
+            }
+            if !approvals.is_empty() {
+                println!("\nOPEN PR DECISIONS");
+                for a in approvals {
+                    let when = format!("{:>8} ago", format_duration(now_millis() - a.at));
+                    let decision = if a.approved { "approved" } else { "refused" };
+                    println!("{when}  {:<24} {decision:<8} {}  {}", a.actor, a.run_id, a.reason);
                 }
             }
             Ok(ExitCode::SUCCESS)

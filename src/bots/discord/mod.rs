@@ -88,6 +88,12 @@ pub fn card_message(card: &StatusCard) -> Value {
     if let Some(e) = &card.error {
         lines.push(format!("⚠️ {e}"));
     }
+    if let Some(pr) = &card.pull_request {
+        lines.push(format!("pull request [{}]({})", pr.label, pr.url));
+    }
+    if let Some(n) = &card.note {
+        lines.push(format!("*{n}*"));
+    }
     if let Some(s) = &card.summary {
         lines.push(format!("> {s}"));
     }
@@ -103,7 +109,13 @@ pub fn card_message(card: &StatusCard) -> Value {
                 Action::Retry => 1,
                 Action::OpenPr => 3,
             };
-            json!({"type": 2, "style": style, "label": b.label, "custom_id": custom_id(b.action, &b.run_id)})
+            match &b.url {
+                // A link button (style 5) has a url and no custom id.
+                Some(url) => json!({"type": 2, "style": 5, "label": b.label, "url": url}),
+                None => {
+                    json!({"type": 2, "style": style, "label": b.label, "custom_id": custom_id(b.action, &b.run_id)})
+                }
+            }
         })
         .collect();
     let components = if buttons.is_empty() {
@@ -343,6 +355,15 @@ pub async fn start(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pull_request_link_is_a_link_button() {
+        let message = card_message(&crate::bots::render::tests::card_with_pull_request());
+        let button = &message["components"][0]["components"][0];
+        assert_eq!(button["style"], 5);
+        assert_eq!(button["url"], "https://gh/o/r/pull/4");
+        assert!(button.get("custom_id").is_none());
+    }
+
     use super::*;
 
     #[test]

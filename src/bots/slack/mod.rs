@@ -120,6 +120,12 @@ pub fn card_blocks(card: &StatusCard) -> Value {
     if let Some(e) = &card.error {
         lines.push(format!(":warning: {e}"));
     }
+    if let Some(pr) = &card.pull_request {
+        lines.push(format!("pull request <{}|{}>", pr.url, pr.label));
+    }
+    if let Some(n) = &card.note {
+        lines.push(format!("_{n}_"));
+    }
     if let Some(s) = &card.summary {
         lines.push(format!("> {s}"));
     }
@@ -138,6 +144,12 @@ pub fn card_blocks(card: &StatusCard) -> Value {
                     "text": {"type": "plain_text", "text": b.label},
                     "value": b.run_id,
                 });
+                if let Some(url) = &b.url {
+                    // A link: Slack opens it and still reports the click, which
+                    // `action_from` does not know and so ignores.
+                    button["url"] = json!(url);
+                    button["action_id"] = json!("threadline_link");
+                }
                 if b.action == Action::Cancel {
                     button["style"] = json!("danger");
                 }
@@ -449,5 +461,33 @@ async fn act(
         }
         Outcome::Reply { thread, text } => state.surface.say(&thread, &text).await,
         Outcome::Private { text } => state.surface.whisper(channel, user, thread, &text).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_request_link_is_a_url_button_slack_accepts() {
+        let card = crate::bots::render::tests::card_with_pull_request();
+        let blocks = card_blocks(&card);
+        let button = &blocks[1]["elements"][0];
+        assert_eq!(button["url"], "https://gh/o/r/pull/4");
+        assert_eq!(button["text"]["text"], "View PR #4");
+        // Its clicks are not actions of ours.
+        assert_eq!(action_from(button["action_id"].as_str().unwrap()), None);
+        // slack-morphism takes it as a button with its url (a dropped block would be silent).
+        let parsed: Vec<SlackBlock> = serde_json::from_value(blocks.clone()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&parsed).unwrap()[1]["elements"][0]["url"],
+            button["url"]
+        );
+        assert!(
+            blocks[0]["text"]["text"]
+                .as_str()
+                .unwrap()
+                .contains("<https://gh/o/r/pull/4|PR #4>")
+        );
     }
 }

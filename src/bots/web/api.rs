@@ -13,9 +13,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::WebState;
-use crate::bots::render::{Detail, StatusCard, card_in_context};
+use crate::bots::render::{Detail, StatusCard, capitalized, card_in_context};
 use crate::model::{Origin, Pipeline, Run};
-use crate::orchestrator::{FollowUp, NewPipeline, RunUpdate, SubmitError, Submitted};
+use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
 
 /// An API error: a status and a sentence saying what to do.
 pub struct ApiError(StatusCode, String);
@@ -55,11 +55,12 @@ pub async fn index() -> Json<Value> {
             {"method": "GET", "path": "/api/repos", "does": "configured repositories and agents"},
             {"method": "GET", "path": "/api/pipelines[?surface=web|cli|slack|discord]", "does": "pipelines, newest first, each with its latest run's card"},
             {"method": "POST", "path": "/api/pipelines", "body": {"repo": "name from /api/repos", "agent": "optional", "prompt": "text"}, "does": "start a pipeline (a web thread); send Idempotency-Key to make it safe to repeat"},
-            {"method": "GET", "path": "/api/pipelines/{id}", "does": "a pipeline with every run, its card and queue position"},
+            {"method": "GET", "path": "/api/pipelines/{id}", "does": "a pipeline with every run, its card and queue position, its pull request and every Open PR decision"},
             {"method": "POST", "path": "/api/pipelines/{id}/runs", "body": {"prompt": "text", "agent": "optional"}, "does": "a follow-up"},
             {"method": "GET", "path": "/api/runs/{id}", "does": "a run: its state history, card and redacted log tail"},
             {"method": "POST", "path": "/api/runs/{id}/cancel", "does": "cancel (work so far is saved)"},
             {"method": "POST", "path": "/api/runs/{id}/retry", "does": "run a failed, timed out or cancelled run's prompt again"},
+            {"method": "POST", "path": "/api/runs/{id}/open-pr", "does": "open the pipeline's pull request (or find the one it has): 201 opened or found now, 200 already had one, 422 with `error` saying what to do"},
             {"method": "GET", "path": "/api/events", "does": "Server-Sent Events: `card` (a run changed), `log` (a log line), `resync` (missed events: fetch again)"},
             {"method": "GET", "path": "/healthz", "does": "liveness, no token needed"},
             {"method": "GET", "path": "/metrics", "does": "Prometheus metrics"}
@@ -115,7 +116,7 @@ pub async fn list_pipelines(State(state): State<WebState>, Query(q): Query<ListQ
         }
         let runs = store.runs(&s.pipeline.id).await?;
         let latest = match runs.last() {
-            Some(run) => Some(card(&state, &s.pipeline, run, &runs)),
+            Some(run) => Some(card(&state, &s.pipeline, run, &runs).await),
             None => None,
         };
         out.push(json!({
@@ -210,6 +211,34 @@ pub async fn cancel(State(state): State<WebState>, Path(id): Path<String>) -> Ap
     Ok(Json(json!({ "dequeued": done.dequeued, "stopping": done.stopping })))
 }
 
+/// Open PR from the web chat. Whoever holds the web UI (loopback, or the token) is the
+/// operator, so no channel policy applies; the decision is recorded all the same.
+pub async fn open_pr(State(state): State<WebState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
+    let run = state.orch.find_run(&id).await?;
+    let key = idempotency_key(&headers).unwrap_or_else(|| format!("web:open-pr:{}", uuid::Uuid::new_v4()));
+    let result = state.orch.open_pull_request(&run.id, "web").await;
+    let (status, body) = match &result {
+        Ok(done) => (
+            if done.fresh {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            json!({ "text": done.sentence(), "pull_request": done.pr }),
+        ),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": capitalized(&state.orch.redactor().redact(&e.to_string())) }),
+        ),
+    };
+    let reason = match &result {
+        Ok(done) => done.sentence(),
+        Err(e) => format!("failed: {e}"),
+    };
+    state.orch.record_approval(&key, &run, "web", true, &reason).await;
+    Ok((status, Json(body)).into_response())
+}
+
 pub async fn get_pipeline(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let store = state.orch.store();
     let pipeline = store
@@ -217,13 +246,18 @@ pub async fn get_pipeline(State(state): State<WebState>, Path(id): Path<String>)
         .await?
         .ok_or_else(|| ApiError::from(SubmitError::UnknownPipeline(id.clone())))?;
     let runs = store.runs(&pipeline.id).await?;
+    let view = state.orch.pull_request_view(&pipeline).await;
     let shown: Vec<Value> = runs
         .iter()
-        .map(|r| json!({ "run": shown_run(&state, r), "card": card(&state, &pipeline, r, &runs) }))
+        .map(|r| json!({ "run": shown_run(&state, r), "card": web_card(&state, &pipeline, r, &runs, &view) }))
         .collect();
-    Ok(Json(
-        json!({ "pipeline": shown_pipeline(&state, &pipeline), "runs": shown }),
-    ))
+    let approvals = store.approvals(&pipeline.id).await?;
+    Ok(Json(json!({
+        "pipeline": shown_pipeline(&state, &pipeline),
+        "runs": shown,
+        "pull_request": view.pr,
+        "approvals": approvals,
+    })))
 }
 
 pub async fn get_run(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
@@ -238,7 +272,7 @@ pub async fn get_run(State(state): State<WebState>, Path(id): Path<String>) -> A
     Ok(Json(json!({
         "pipeline": shown_pipeline(&state, &pipeline),
         "run": shown_run(&state, &run),
-        "card": card(&state, &pipeline, &run, &runs),
+        "card": card(&state, &pipeline, &run, &runs).await,
         "events": events,
         "log_tail": run.log_tail,
     })))
@@ -261,7 +295,7 @@ pub async fn events(State(state): State<WebState>) -> Sse<impl Stream<Item = Res
                     let latest = runs.iter().find(|r| r.id == run.id).cloned().unwrap_or(*run);
                     Event::default()
                         .event("card")
-                        .json_data(card(&state, &pipeline, &latest, &runs))
+                        .json_data(card(&state, &pipeline, &latest, &runs).await)
                 }
                 Ok(RunUpdate::Log { run_id, line }) => Event::default()
                     .event("log")
@@ -286,7 +320,7 @@ async fn submitted_response(state: &WebState, s: Submitted) -> Response {
     let body = json!({
         "pipeline": shown_pipeline(state, &s.pipeline),
         "run": shown_run(state, &s.run),
-        "card": card(state, &s.pipeline, &s.run, &runs),
+        "card": card(state, &s.pipeline, &s.run, &runs).await,
         "created": s.created,
         "ahead": s.ahead,
     });
@@ -295,8 +329,13 @@ async fn submitted_response(state: &WebState, s: Submitted) -> Response {
 
 /// The card of `run`, as the web shows it: on the user's own machine, so with the
 /// summary and the last log lines.
-fn card(state: &WebState, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> StatusCard {
-    card_in_context(pipeline, run, runs, Detail::Logs, &state.links, state.orch.redactor())
+async fn card(state: &WebState, pipeline: &Pipeline, run: &Run, runs: &[Run]) -> StatusCard {
+    let view = state.orch.pull_request_view(pipeline).await;
+    web_card(state, pipeline, run, runs, &view)
+}
+
+fn web_card(state: &WebState, pipeline: &Pipeline, run: &Run, runs: &[Run], view: &PullRequestView) -> StatusCard {
+    card_in_context(pipeline, run, runs, Detail::Logs, view, state.orch.redactor())
 }
 
 fn shown_pipeline(state: &WebState, p: &Pipeline) -> Value {

@@ -39,7 +39,6 @@ pub enum WebError {
 pub struct WebState {
     pub orch: Orchestrator,
     token: Option<Secret>,
-    links: std::sync::Arc<crate::bots::render::BranchLinks>,
     /// Host headers accepted without a token (DNS-rebinding protection).
     local_hosts: Vec<String>,
 }
@@ -53,7 +52,6 @@ impl WebState {
             .flat_map(|h| [format!("{h}:{port}"), h.to_string()])
             .collect();
         WebState {
-            links: std::sync::Arc::new(crate::bots::render::BranchLinks::new(orch.config())),
             orch,
             token,
             local_hosts,
@@ -97,6 +95,7 @@ pub fn router(state: WebState) -> Router {
         .route("/api/runs/{id}", get(api::get_run))
         .route("/api/runs/{id}/cancel", post(api::cancel))
         .route("/api/runs/{id}/retry", post(api::retry))
+        .route("/api/runs/{id}/open-pr", post(api::open_pr))
         .route("/api/events", get(api::events))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         // Health checks need no token.

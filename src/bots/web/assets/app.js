@@ -41,13 +41,15 @@ function renderCard(card, logs) {
     card.commit ? el("span", { class: "mono" }, `commit ${card.commit}`) : null,
     card.exit_code !== null && card.exit_code !== undefined ? el("span", {}, `exit ${card.exit_code}`) : null);
   const lines = logs && logs.length ? logs : card.log_lines;
-  const buttons = el("div", { class: "buttons" }, card.buttons.map((b) =>
-    el("button", { "data-action": b.action, onclick: (ev) => act(ev.target, b) }, b.label)));
+  const buttons = el("div", { class: "buttons" }, card.buttons.map((b) => b.url
+    ? el("a", { class: "button pr-link", href: b.url, target: "_blank" }, b.label)
+    : el("button", { "data-action": b.action, onclick: (ev) => act(ev.target, b) }, b.label)));
   return el("div", { class: `card ${card.state}`, "data-run": card.run_id, "data-state": card.state },
     el("div", { class: "head" }, el("span", { class: "state" }, card.headline), elapsed),
     meta,
     card.diffstat ? el("div", { class: "diffstat" }, card.diffstat) : (card.terminal && !card.changed ? el("div", { class: "diffstat" }, "no changes") : null),
     card.error ? el("div", { class: "err" }, card.error) : null,
+    card.note ? el("div", { class: "note" }, card.note) : null,
     card.summary ? el("div", { class: "summary" }, card.summary) : null,
     lines && lines.length ? el("pre", { class: "log" }, lines.join("\n")) : null,
     card.buttons.length ? buttons : null);
@@ -58,7 +60,7 @@ async function act(button, b) {
   try {
     if (b.action === "cancel") await api("POST", `/api/runs/${b.run_id}/cancel`, {});
     else if (b.action === "retry") await api("POST", `/api/runs/${b.run_id}/retry`, {});
-    else throw new Error("opening pull requests is not available yet");
+    else if (b.action === "open_pr") await api("POST", `/api/runs/${b.run_id}/open-pr`, {});
     await refresh();
   } catch (e) {
     alert(e.message);
@@ -194,11 +196,20 @@ async function dashboard() {
   } else if (path.startsWith("/pipelines/")) {
     const id = decodeURIComponent(path.slice(11));
     refresh = async () => {
-      const { pipeline, runs } = await api("GET", `/api/pipelines/${id}`);
+      const { pipeline, runs, pull_request, approvals } = await api("GET", `/api/pipelines/${id}`);
       view.replaceChildren(
         el("h1", {}, pipeline.title),
         el("p", {}, `${pipeline.repo} · branch ${pipeline.branch} from ${pipeline.base_branch} · from ${pipeline.surface}`),
-        runsTable(runs));
+        pull_request ? el("p", { id: "pull-request" }, pull_request.found ? "pull request (found, opened by hand) " : "pull request ",
+          el("a", { href: pull_request.url, target: "_blank" }, `#${pull_request.number}`), ` · by ${pull_request.opened_by}`) : null,
+        runsTable(runs),
+        approvals.length ? el("h2", {}, "Open PR decisions") : null,
+        approvals.length ? el("table", { id: "approvals" },
+          el("tr", {}, ["when", "who", "run", "decision", "detail"].map((h) => el("th", {}, h))),
+          approvals.map((a) => el("tr", {},
+            el("td", {}, when(a.at)), el("td", {}, a.actor), el("td", { class: "mono" }, a.run_id),
+            el("td", { class: a.approved ? "approved" : "refused" }, a.approved ? "approved" : "refused"),
+            el("td", {}, a.reason)))) : null);
     };
   } else {
     refresh = async () => {

@@ -1,0 +1,497 @@
+//! Open PR end to end: a chat thread (the chat core every adapter uses, and the web
+//! chat's API), a real orchestrator and containers, and a fake forge on 127.0.0.1 that
+//! serves git over smart HTTP and each forge's pull request API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use threadline::bots::chat::{ChannelBinding, ChatCore, Click, Message, Outcome, Sender};
+use threadline::bots::render::Action;
+use threadline::bots::web::{WebState, router};
+use threadline::config::{Config, ForgeConfig, RepoConfig, Secret};
+use threadline::model::{Origin, Run, RunState};
+use threadline::orchestrator::forge::ForgeKind;
+use threadline::orchestrator::{ContainerRuntime, NewPipeline, Orchestrator};
+use threadline::store::Store;
+use tower::ServiceExt;
+
+use crate::fake_forge::{FakeForge, READ_ONLY_TOKEN, TOKEN};
+use crate::harness::{TestEnv, cli, finished, write_cli_config};
+
+fn user(id: &str) -> Sender {
+    Sender {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+fn click(id: &str, run: &Run, who: &str) -> Click {
+    Click {
+        id: id.into(),
+        action: Action::OpenPr,
+        run_id: run.id.clone(),
+        sender: user(who),
+    }
+}
+
+/// U1 and U2 prompt; U1 and U3 approve; whoever prompted may not approve.
+fn bindings() -> BTreeMap<String, ChannelBinding> {
+    BTreeMap::from([(
+        "C1".to_owned(),
+        ChannelBinding {
+            repos: vec!["app".into()],
+            prompters: vec!["U1".into(), "U2".into()],
+            approvers: vec!["U1".into(), "U3".into()],
+            require_other_approver: true,
+            ..Default::default()
+        },
+    )])
+}
+
+/// An environment whose repository "app" is `project` on a fake forge of `kind`.
+async fn forge_env(kind: ForgeKind, project: &str) -> (TestEnv, FakeForge) {
+    let mut env = TestEnv::new();
+    let fake = FakeForge::start(&env.dir.path().join("forge")).await;
+    let url = fake.create_repo(project, &[]);
+    let name = format!("{kind:?}").to_lowercase();
+    env.config.repos.insert(
+        "app".into(),
+        RepoConfig {
+            url,
+            forge: ForgeConfig {
+                kind: Some(kind),
+                api_url: fake.api_url(&name),
+                token: Secret::new(TOKEN),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    (env, fake)
+}
+
+/// An orchestrator (not executing runs) on the same store with changed settings: how
+/// a person fixing their config is played.
+async fn core_with(env: &TestEnv, edit: impl FnOnce(&mut Config)) -> ChatCore {
+    let mut config = env.config.clone();
+    edit(&mut config);
+    config.validate(None).unwrap();
+    let store = Store::open(&config.database_url()).await.unwrap();
+    let orch = Orchestrator::new(Arc::new(config), store, ContainerRuntime::connect().await.unwrap());
+    ChatCore::new(orch, "slack", bindings())
+}
+
+fn forge_of(config: &mut Config) -> &mut ForgeConfig {
+    &mut config.repos.get_mut("app").unwrap().forge
+}
+
+/// A mention in C1 that becomes a pipeline; returns its finished first run.
+async fn prompt(core: &ChatCore, store: &Store, ts: &str, who: &str, script: &str) -> Run {
+    let msg = Message {
+        channel: "C1".into(),
+        thread: None,
+        id: ts.into(),
+        sender: user(who),
+        text: format!("<@UBOT> {script}"),
+        mentions_bot: true,
+        link: Some(format!("https://chat.example/C1/{ts}")),
+    };
+    let Outcome::Queued { submitted, .. } = core.on_message(msg).await else {
+        panic!("the mention did not queue a run");
+    };
+    let run = finished(store, &submitted.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    assert!(run.pushed);
+    run
+}
+
+fn reply_text(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Reply { text, .. } => text,
+        other => panic!("expected a reply in the thread, got {other:?}"),
+    }
+}
+
+fn private_text(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Private { text } => text,
+        other => panic!("expected an ephemeral answer, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
+    let (mut env, fake) = forge_env(ForgeKind::Github, "acme/widget").await;
+    let forge = &mut env.config.repos.get_mut("app").unwrap().forge;
+    forge.draft = true;
+    forge.labels = vec!["agent".into()];
+    forge.reviewers = vec!["octocat".into()];
+    let orch = env.orchestrator().await;
+    let store = orch.store().clone();
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+
+    let run = prompt(&core, &store, "100.1", "U1", "echo one > one.txt").await;
+    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    // The branch really is on the forge, and the card links to it the forge's way.
+    assert_eq!(fake.head("acme/widget", &pipeline.branch), run.head_commit);
+    let (_, card) = core.card(&run).await.unwrap();
+    assert!(
+        card.buttons
+            .iter()
+            .any(|b| b.action == Action::OpenPr && b.url.is_none())
+    );
+    assert_eq!(
+        card.branch_url,
+        Some(format!("http://{}/acme/widget/tree/{}", fake.addr, pipeline.branch))
+    );
+
+    // Refused: a prompter who is not an approver; an approver who prompted it.
+    let text = private_text(core.on_click(click("k1", &run, "U2")).await);
+    assert!(
+        text.contains("not allowed") && text.contains("Nothing was changed"),
+        "{text}"
+    );
+    let text = private_text(core.on_click(click("k2", &run, "U1")).await);
+    assert!(text.contains("You prompted this pipeline"), "{text}");
+    assert!(fake.prs().is_empty());
+
+    // Approved, and double-clicked: one pull request.
+    let (a, b) = tokio::join!(
+        core.on_click(click("k3", &run, "U3")),
+        core.on_click(click("k4", &run, "U3"))
+    );
+    let (opened, again) = match (a, b) {
+        (Outcome::Reply { text, .. }, Outcome::Private { text: other }) => (text, other),
+        (Outcome::Private { text: other }, Outcome::Reply { text, .. }) => (text, other),
+        other => panic!("one click should open, one find: {other:?}"),
+    };
+    let pr_url = format!("http://{}/acme/widget/pull/1", fake.addr);
+    assert_eq!(opened, format!("Opened pull request #1: {pr_url}"));
+    assert_eq!(again, format!("This pipeline already has pull request #1: {pr_url}"));
+    let prs = fake.prs();
+    assert_eq!(prs.len(), 1);
+    let pr = &prs[0];
+    assert_eq!((pr.head.as_str(), pr.base.as_str()), (pipeline.branch.as_str(), "main"));
+    assert_eq!(pr.title, "echo one > one.txt");
+    assert!(pr.draft);
+    assert_eq!(pr.labels, ["agent"]);
+    assert_eq!(pr.reviewers, ["octocat"]);
+    for part in [
+        "[this slack thread](https://chat.example/C1/100.1)",
+        "> echo one > one.txt",
+        "**succeeded**",
+        "slack:U1",
+        "1 file changed, 1 insertion(+), 0 deletions(-)",
+        &format!("Branch `{}` into `main`", pipeline.branch),
+    ] {
+        assert!(pr.body.contains(part), "{part:?} is missing from:\n{}", pr.body);
+    }
+    // A redelivered click opens nothing and is recorded once.
+    let text = private_text(core.on_click(click("k3", &run, "U3")).await);
+    assert!(text.contains("already has pull request #1"), "{text}");
+    assert_eq!(fake.calls("POST /api/v3/repos/acme/widget/pulls"), 1);
+
+    // The button became a link to the pull request.
+    let (_, card) = core.card(&run).await.unwrap();
+    let link = card.buttons.iter().find(|b| b.action == Action::OpenPr).unwrap();
+    assert_eq!(
+        (link.label.as_str(), link.url.as_deref()),
+        ("View PR #1", Some(pr_url.as_str()))
+    );
+
+    // A follow-up pushes to the same branch, and its status message says the PR updated.
+    let msg = Message {
+        channel: "C1".into(),
+        thread: Some("100.1".into()),
+        id: "100.2".into(),
+        sender: user("U2"),
+        text: "echo two > two.txt".into(),
+        mentions_bot: false,
+        link: None,
+    };
+    let Outcome::Queued { submitted, .. } = core.on_message(msg).await else {
+        panic!("the follow-up was not queued");
+    };
+    let follow = finished(&store, &submitted.run.id).await;
+    assert!(follow.pushed);
+    assert_eq!(fake.head("acme/widget", &pipeline.branch), follow.head_commit);
+    let (_, card) = core.card(&follow).await.unwrap();
+    assert_eq!(
+        card.note.as_deref(),
+        Some("Pushed to pull request #1: it now shows this run's changes.")
+    );
+    assert_eq!(fake.prs().len(), 1, "{:?}", fake.prs());
+
+    // Every decision is recorded, once per click, and `threadline runs` shows them.
+    let approvals = store.approvals(&pipeline.id).await.unwrap();
+    let seen: Vec<(&str, bool)> = approvals.iter().map(|a| (a.actor.as_str(), a.approved)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("slack:U2", false),
+            ("slack:U1", false),
+            ("slack:U3", true),
+            ("slack:U3", true)
+        ]
+    );
+    let config = write_cli_config(&env, "");
+    let out = cli(&config, &["runs", &pipeline.id]).output().unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains(&format!("pull request #1 {pr_url} (opened; approved by slack:U3)")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("OPEN PR DECISIONS") && shown.contains("refused"),
+        "{shown}"
+    );
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forge_errors_reach_the_thread_and_open_pr_works_once_they_are_fixed() {
+    let (env, fake) = forge_env(ForgeKind::Github, "acme/errs").await;
+    let orch = env.orchestrator().await;
+    let store = orch.store().clone();
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+    let run = prompt(&core, &store, "200.1", "U1", "echo e > e.txt").await;
+    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    let branch = pipeline.branch.clone();
+    let mut n = 0;
+    let mut press = async |core: &ChatCore| {
+        n += 1;
+        reply_text(core.on_click(click(&format!("e{n}"), &run, "U3")).await)
+    };
+
+    let no_token = core_with(&env, |c| forge_of(c).token = Secret::default()).await;
+    let text = press(&no_token).await;
+    assert!(
+        text.starts_with("No GitHub token is configured") && text.contains("THREADLINE_REPOS__APP__FORGE__TOKEN"),
+        "{text}"
+    );
+    let bad = core_with(&env, |c| forge_of(c).token = Secret::new("forge-token-wrong-9999")).await;
+    let text = press(&bad).await;
+    assert!(text.starts_with("GitHub refused the token"), "{text}");
+    assert!(!text.contains("forge-token-wrong-9999"));
+    let read_only = core_with(&env, |c| forge_of(c).token = Secret::new(READ_ONLY_TOKEN)).await;
+    let text = press(&read_only).await;
+    assert!(text.contains("may not open pull requests on acme/errs"), "{text}");
+    let elsewhere = core_with(&env, |c| forge_of(c).project = "acme/missing".into()).await;
+    let text = press(&elsewhere).await;
+    assert!(text.contains("has no project acme/missing"), "{text}");
+    let down = core_with(&env, |c| forge_of(c).api_url = "http://127.0.0.1:9/api/v3".into()).await;
+    let text = press(&down).await;
+    assert!(
+        text.contains("cannot be reached at http://127.0.0.1:9/api/v3"),
+        "{text}"
+    );
+
+    // The branch deleted on the forge.
+    let head = fake.head("acme/errs", &branch).unwrap();
+    fake.git("acme/errs", &["update-ref", "-d", &format!("refs/heads/{branch}")]);
+    let text = press(&core).await;
+    assert!(text.contains(&format!("`{branch}` is not on the remote")), "{text}");
+    fake.git("acme/errs", &["update-ref", &format!("refs/heads/{branch}"), &head]);
+    // Already merged: the base holds every commit of the branch.
+    let main = fake.head("acme/errs", "main").unwrap();
+    fake.git("acme/errs", &["update-ref", "refs/heads/main", &head]);
+    let text = press(&core).await;
+    assert!(text.starts_with("There is nothing to merge"), "{text}");
+    // The base branch gone.
+    fake.git("acme/errs", &["update-ref", "-d", "refs/heads/main"]);
+    let text = press(&core).await;
+    assert!(
+        text.starts_with("The base branch `main` is gone from the remote"),
+        "{text}"
+    );
+    fake.git("acme/errs", &["update-ref", "refs/heads/main", &main]);
+
+    // Nothing was opened, and Open PR is still offered; now it works.
+    assert!(fake.prs().is_empty());
+    let (_, card) = core.card(&run).await.unwrap();
+    assert!(
+        card.buttons
+            .iter()
+            .any(|b| b.action == Action::OpenPr && b.url.is_none())
+    );
+    let text = press(&core).await;
+    assert!(text.starts_with("Opened pull request #1"), "{text}");
+    assert_eq!(fake.prs().len(), 1);
+    let failures = store
+        .approvals(&pipeline.id)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|a| a.reason.starts_with("failed: "))
+        .count();
+    assert_eq!(failures, 8);
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_opened_by_hand_on_gitea_is_found_not_duplicated() {
+    let (env, fake) = forge_env(ForgeKind::Gitea, "team/tool").await;
+    let orch = env.orchestrator().await;
+    let store = orch.store().clone();
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+    let run = prompt(&core, &store, "300.1", "U1", "echo g > g.txt").await;
+    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    let (_, card) = core.card(&run).await.unwrap();
+    assert_eq!(
+        card.branch_url,
+        Some(format!("http://{}/team/tool/src/branch/{}", fake.addr, pipeline.branch))
+    );
+    // Someone else's pull request first, then the one for this branch, opened by hand.
+    fake.add_pr("feature", "main", "unrelated");
+    let number = fake.add_pr(&pipeline.branch, "main", "opened by hand");
+    let text = reply_text(core.on_click(click("g1", &run, "U3")).await);
+    assert_eq!(
+        text,
+        format!(
+            "Found an open pull request for this branch, #{number}: http://{}/team/tool/pull/{number}",
+            fake.addr
+        )
+    );
+    assert_eq!(fake.calls("POST /api/v1/repos/team/tool/pulls"), 0);
+    assert_eq!(fake.prs().len(), 2);
+    let recorded = store.pull_request(&pipeline.id).await.unwrap().unwrap();
+    assert!(recorded.found);
+    orch.shutdown().await;
+}
+
+/// The web chat's Open PR, on GitLab: a draft merge request with labels and reviewers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_chat_opens_a_gitlab_merge_request() {
+    let (mut env, fake) = forge_env(ForgeKind::Gitlab, "group/sub/app").await;
+    let forge = &mut env.config.repos.get_mut("app").unwrap().forge;
+    forge.draft = true;
+    forge.labels = vec!["agent".into(), "bot".into()];
+    forge.reviewers = vec!["maria".into()];
+    let orch = env.orchestrator().await;
+    let url = env.config.repos["app"].url.clone();
+    let submitted = orch
+        .submit_pipeline(NewPipeline {
+            repo: url,
+            base_branch: None,
+            agent: None,
+            prompt: "echo web > web.txt".into(),
+            requested_by: "web".into(),
+            origin: Origin {
+                surface: "web".into(),
+                thread: String::new(),
+                url: String::new(),
+            },
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    let run = finished(orch.store(), &submitted.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let app = router(WebState::new(orch.clone(), "127.0.0.1:8080".parse().unwrap()));
+    let call = async |method: &str, uri: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+    };
+    let (_, shown) = call("GET", &format!("/api/runs/{}", run.id)).await;
+    assert_eq!(shown["card"]["buttons"][0]["action"], "open_pr", "{shown}");
+
+    let mr_url = format!("http://{}/group/sub/app/-/merge_requests/1", fake.addr);
+    let (status, body) = call("POST", &format!("/api/runs/{}/open-pr", run.id)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["text"], format!("Opened merge request !1: {mr_url}"));
+    let (status, body) = call("POST", &format!("/api/runs/{}/open-pr", run.id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let prs = fake.prs();
+    assert_eq!(prs.len(), 1);
+    assert_eq!(prs[0].head, submitted.pipeline.branch);
+    assert_eq!(prs[0].base, "main");
+    assert_eq!(prs[0].title, "Draft: echo web > web.txt");
+    assert!(prs[0].body.contains("Threadline's web chat"), "{}", prs[0].body);
+    assert_eq!(prs[0].labels, ["agent", "bot"]);
+    assert_eq!(prs[0].reviewers.len(), 1);
+
+    let (_, detail) = call("GET", &format!("/api/pipelines/{}", submitted.pipeline.id)).await;
+    assert_eq!(detail["pull_request"]["url"], mr_url.as_str());
+    assert_eq!(detail["approvals"].as_array().map(Vec::len), Some(2));
+    assert_eq!(detail["approvals"][0]["actor"], "web");
+    let card = &detail["runs"][0]["card"];
+    assert_eq!(card["pull_request"]["label"], "MR !1");
+    assert_eq!(card["buttons"][0]["url"], mr_url.as_str());
+    orch.shutdown().await;
+}
+
+/// A checkout without a remote: no Open PR, and the card and the button say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_only_repository_says_there_is_no_forge() {
+    let env = TestEnv::new();
+    let checkout = env.dir.path().join("checkout");
+    crate::harness::git(
+        env.dir.path(),
+        &["clone", "-q", &env.origin_url(), checkout.to_str().unwrap()],
+    );
+    crate::harness::git(&checkout, &["remote", "remove", "origin"]);
+    let orch = env.orchestrator().await;
+    let submitted = orch
+        .submit_pipeline(NewPipeline {
+            repo: checkout.display().to_string(),
+            base_branch: None,
+            agent: None,
+            prompt: "echo local > local.txt".into(),
+            requested_by: "web".into(),
+            origin: Origin {
+                surface: "web".into(),
+                thread: String::new(),
+                url: String::new(),
+            },
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    assert!(submitted.pipeline.local_only);
+    let run = finished(orch.store(), &submitted.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let app = router(WebState::new(orch.clone(), "127.0.0.1:8080".parse().unwrap()));
+    let req = |method: &str, uri: String| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, "127.0.0.1:8080")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let res = app
+        .clone()
+        .oneshot(req("GET", format!("/api/runs/{}", run.id)))
+        .await
+        .unwrap();
+    let shown: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let card = &shown["card"];
+    assert_eq!(card["buttons"].as_array().map(Vec::len), Some(0), "{card}");
+    let note = card["note"].as_str().unwrap_or_default();
+    assert!(note.starts_with("This pipeline's repository is local-only"), "{note}");
+    assert!(note.contains(&format!(
+        "git fetch {}",
+        orch.mirror_path(&submitted.pipeline).display()
+    )));
+    let res = app
+        .oneshot(req("POST", format!("/api/runs/{}/open-pr", run.id)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    orch.shutdown().await;
+}
