@@ -263,6 +263,32 @@ impl Api {
         Ok(res)
     }
 
+    /// Creates a pull request at `path`; the answer names it by `number_key` and `url_key`.
+    async fn create(
+        &self,
+        path: &str,
+        body: &Value,
+        number_key: &str,
+        url_key: &str,
+    ) -> Result<PullRequest, ForgeError> {
+        let res = self.call("POST", path, Some(body)).await?;
+        if !res.is_success() {
+            return Err(create_error(&res));
+        }
+        number_and_url(&res.json, number_key, url_key).ok_or_else(|| ForgeError::Other {
+            status: res.status,
+            message: format!("the answer has no {number_key} or {url_key}"),
+        })
+    }
+
+    /// A call that adds something to a pull request that exists; a failure becomes a
+    /// warning, since the pull request stands.
+    async fn add(&self, path: &str, body: Value, what: &str, warnings: &mut Vec<String>) {
+        if let Err(e) = self.ok("POST", path, Some(&body)).await {
+            warnings.push(format!("{what} ({e})"));
+        }
+    }
+
     /// Calls and turns the common failures (401, 403, 404) into errors.
     async fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ForgeError> {
         let res = self.call(method, path, body).await?;
@@ -382,33 +408,24 @@ impl Forge for GitHub {
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
         let project = &self.0.target.project;
         let body = json!({"title": pr.title, "head": pr.head, "base": pr.base, "body": pr.body, "draft": pr.draft});
-        let res = self
+        let opened = self
             .0
-            .call("POST", &format!("/repos/{project}/pulls"), Some(&body))
+            .create(&format!("/repos/{project}/pulls"), &body, "number", "html_url")
             .await?;
-        if !res.is_success() {
-            return Err(create_error(&res));
-        }
-        let opened = number_and_url(&res.json, "number", "html_url").ok_or_else(|| ForgeError::Other {
-            status: res.status,
-            message: "the answer has no number or html_url".into(),
-        })?;
         let mut warnings = Vec::new();
         if !pr.labels.is_empty() {
             let path = format!("/repos/{project}/issues/{}/labels", opened.number);
-            if let Err(e) = self.0.ok("POST", &path, Some(&json!({"labels": pr.labels}))).await {
-                warnings.push(format!("the labels were not added ({e})"));
-            }
+            let labels = json!({"labels": pr.labels});
+            self.0
+                .add(&path, labels, "the labels were not added", &mut warnings)
+                .await;
         }
         if !pr.reviewers.is_empty() {
             let path = format!("/repos/{project}/pulls/{}/requested_reviewers", opened.number);
-            if let Err(e) = self
-                .0
-                .ok("POST", &path, Some(&json!({"reviewers": pr.reviewers})))
-                .await
-            {
-                warnings.push(format!("the reviewers were not requested ({e})"));
-            }
+            let reviewers = json!({"reviewers": pr.reviewers});
+            self.0
+                .add(&path, reviewers, "the reviewers were not requested", &mut warnings)
+                .await;
         }
         Ok(Opened { pr: opened, warnings })
     }
@@ -467,17 +484,8 @@ impl Forge for GitLab {
         if !reviewer_ids.is_empty() {
             body["reviewer_ids"] = json!(reviewer_ids);
         }
-        let res = self
-            .0
-            .call("POST", &format!("{}/merge_requests", self.project_path()), Some(&body))
-            .await?;
-        if !res.is_success() {
-            return Err(create_error(&res));
-        }
-        let opened = number_and_url(&res.json, "iid", "web_url").ok_or_else(|| ForgeError::Other {
-            status: res.status,
-            message: "the answer has no iid or web_url".into(),
-        })?;
+        let path = format!("{}/merge_requests", self.project_path());
+        let opened = self.0.create(&path, &body, "iid", "web_url").await?;
         Ok(Opened { pr: opened, warnings })
     }
 }
@@ -539,26 +547,16 @@ impl Forge for Gitea {
         if !label_ids.is_empty() {
             body["labels"] = json!(label_ids);
         }
-        let res = self
+        let opened = self
             .0
-            .call("POST", &format!("/repos/{project}/pulls"), Some(&body))
+            .create(&format!("/repos/{project}/pulls"), &body, "number", "html_url")
             .await?;
-        if !res.is_success() {
-            return Err(create_error(&res));
-        }
-        let opened = number_and_url(&res.json, "number", "html_url").ok_or_else(|| ForgeError::Other {
-            status: res.status,
-            message: "the answer has no number or html_url".into(),
-        })?;
         if !pr.reviewers.is_empty() {
             let path = format!("/repos/{project}/pulls/{}/requested_reviewers", opened.number);
-            if let Err(e) = self
-                .0
-                .ok("POST", &path, Some(&json!({"reviewers": pr.reviewers})))
-                .await
-            {
-                warnings.push(format!("the reviewers were not requested ({e})"));
-            }
+            let reviewers = json!({"reviewers": pr.reviewers});
+            self.0
+                .add(&path, reviewers, "the reviewers were not requested", &mut warnings)
+                .await;
         }
         Ok(Opened { pr: opened, warnings })
     }

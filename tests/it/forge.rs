@@ -89,6 +89,35 @@ fn forge_of(config: &mut Config) -> &mut ForgeConfig {
     &mut config.repos.get_mut("app").unwrap().forge
 }
 
+/// A thread whose first run has succeeded and pushed.
+struct Story {
+    env: TestEnv,
+    fake: FakeForge,
+    orch: Orchestrator,
+    store: Store,
+    core: ChatCore,
+    run: Run,
+    pipeline: threadline::model::Pipeline,
+}
+
+/// Starts the orchestrator on `env` and runs `script` from a mention by U1 in C1.
+async fn story(env: TestEnv, fake: FakeForge, ts: &str, script: &str) -> Story {
+    let orch = env.orchestrator().await;
+    let store = orch.store().clone();
+    let core = ChatCore::new(orch.clone(), "slack", bindings());
+    let run = prompt(&core, &store, ts, "U1", script).await;
+    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    Story {
+        env,
+        fake,
+        orch,
+        store,
+        core,
+        run,
+        pipeline,
+    }
+}
+
 /// A mention in C1 that becomes a pipeline; returns its finished first run.
 async fn prompt(core: &ChatCore, store: &Store, ts: &str, who: &str, script: &str) -> Run {
     let msg = Message {
@@ -130,12 +159,15 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
     forge.draft = true;
     forge.labels = vec!["agent".into()];
     forge.reviewers = vec!["octocat".into()];
-    let orch = env.orchestrator().await;
-    let store = orch.store().clone();
-    let core = ChatCore::new(orch.clone(), "slack", bindings());
-
-    let run = prompt(&core, &store, "100.1", "U1", "echo one > one.txt").await;
-    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    let Story {
+        env,
+        fake,
+        orch,
+        store,
+        core,
+        run,
+        pipeline,
+    } = story(env, fake, "100.1", "echo one > one.txt").await;
     // The branch really is on the forge, and the card links to it the forge's way.
     assert_eq!(fake.head("acme/widget", &pipeline.branch), run.head_commit);
     let (_, card) = core.card(&run).await.unwrap();
@@ -256,11 +288,15 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forge_errors_reach_the_thread_and_open_pr_works_once_they_are_fixed() {
     let (env, fake) = forge_env(ForgeKind::Github, "acme/errs").await;
-    let orch = env.orchestrator().await;
-    let store = orch.store().clone();
-    let core = ChatCore::new(orch.clone(), "slack", bindings());
-    let run = prompt(&core, &store, "200.1", "U1", "echo e > e.txt").await;
-    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    let Story {
+        env,
+        fake,
+        orch,
+        store,
+        core,
+        run,
+        pipeline,
+    } = story(env, fake, "200.1", "echo e > e.txt").await;
     let branch = pipeline.branch.clone();
     let mut n = 0;
     let mut press = async |core: &ChatCore| {
@@ -336,11 +372,15 @@ async fn forge_errors_reach_the_thread_and_open_pr_works_once_they_are_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_request_opened_by_hand_on_gitea_is_found_not_duplicated() {
     let (env, fake) = forge_env(ForgeKind::Gitea, "team/tool").await;
-    let orch = env.orchestrator().await;
-    let store = orch.store().clone();
-    let core = ChatCore::new(orch.clone(), "slack", bindings());
-    let run = prompt(&core, &store, "300.1", "U1", "echo g > g.txt").await;
-    let pipeline = store.pipeline(&run.pipeline_id).await.unwrap().unwrap();
+    let Story {
+        env: _temp_dir,
+        fake,
+        orch,
+        store,
+        core,
+        run,
+        pipeline,
+    } = story(env, fake, "300.1", "echo g > g.txt").await;
     let (_, card) = core.card(&run).await.unwrap();
     assert_eq!(
         card.branch_url,
@@ -493,5 +533,84 @@ async fn a_local_only_repository_says_there_is_no_forge() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    orch.shutdown().await;
+}
+
+/// Open PR through the Slack adapter and the real slack-morphism client: the refusal is
+/// ephemeral, the link goes to the thread, and the status message's button becomes a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_pr_from_a_slack_status_message() {
+    let slack_fake = crate::fake_slack::FakeSlack::start().await;
+    let (mut env, fake) = forge_env(ForgeKind::Github, "acme/chat").await;
+    env.config.slack.enabled = true;
+    env.config.slack.bot_token = Secret::new("xoxb-test-token");
+    env.config.slack.app_token = Secret::new("xapp-test-token");
+    env.config.slack.api_url = slack_fake.api_url.clone();
+    env.config.slack.channels = bindings();
+    let orch = env.orchestrator().await;
+    let (adapter, stop) = crate::slack::start_socket_mode(&slack_fake, &env, &orch).await;
+
+    slack_fake.push_event(
+        "Ev1",
+        crate::slack::mention("U1", "1700000001.000100", "echo s > s.txt"),
+    );
+    let run_id = loop {
+        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
+            break format!("{}-1", p.pipeline.id);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    crate::harness::appears(orch.store(), &run_id).await;
+    assert_eq!(finished(orch.store(), &run_id).await.state, RunState::Succeeded);
+    slack_fake
+        .wait_until("the Open PR button", |f| {
+            crate::slack::status_texts(f, &run_id)
+                .last()
+                .is_some_and(|c| c["blocks"].to_string().contains("threadline_open_pr"))
+        })
+        .await;
+
+    // U1 prompted it: refused, privately, and nothing opened.
+    let ephemerals = slack_fake.calls("chat.postEphemeral").len();
+    slack_fake.click("U1", "C1", "1700000100.000009", "threadline_open_pr", &run_id);
+    slack_fake
+        .wait_until("the refusal", |f| f.calls("chat.postEphemeral").len() > ephemerals)
+        .await;
+    let refusal = slack_fake.calls("chat.postEphemeral").pop().unwrap();
+    assert_eq!(refusal["user"], "U1");
+    assert!(refusal["text"].as_str().unwrap().contains("You prompted this pipeline"));
+    assert!(fake.prs().is_empty());
+
+    // U3 approves: the link in the thread, and the button turns into it.
+    slack_fake.click("U3", "C1", "1700000100.000009", "threadline_open_pr", &run_id);
+    let pr_url = format!("http://{}/acme/chat/pull/1", fake.addr);
+    let said = format!("Opened pull request #1: {pr_url}");
+    slack_fake
+        .wait_until("the link in the thread", |f| {
+            f.calls("chat.postMessage").iter().any(|c| c["text"] == said.as_str())
+        })
+        .await;
+    let posted = slack_fake.calls("chat.postMessage");
+    let link = posted.iter().find(|c| c["text"] == said.as_str()).unwrap();
+    assert_eq!(link["thread_ts"], "1700000001.000100");
+    slack_fake
+        .wait_until("the status message's link button", |f| {
+            crate::slack::status_texts(f, &run_id)
+                .last()
+                .is_some_and(|c| c["blocks"].to_string().contains(&format!("\"url\":\"{pr_url}\"")))
+        })
+        .await;
+    let prs = fake.prs();
+    assert_eq!(prs.len(), 1);
+    assert!(
+        prs[0]
+            .body
+            .contains("https://fake.slack.com/archives/C1/p1700000001000100"),
+        "{}",
+        prs[0].body
+    );
+
+    stop.cancel();
+    adapter.await.unwrap().unwrap();
     orch.shutdown().await;
 }

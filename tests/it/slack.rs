@@ -9,10 +9,14 @@ use threadline::bots::slack;
 use threadline::config::Secret;
 use threadline::model::RunState;
 
+use threadline::orchestrator::Orchestrator;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use crate::fake_slack::FakeSlack;
 use crate::harness::{TestEnv, appears, finished, wait_for};
 
-fn mention(user: &str, ts: &str, text: &str) -> Value {
+pub fn mention(user: &str, ts: &str, text: &str) -> Value {
     json!({"type": "app_mention", "user": user, "text": format!("<@UBOT> {text}"), "ts": ts,
            "channel": "C1", "event_ts": ts, "client_msg_id": format!("m-{ts}")})
 }
@@ -38,7 +42,7 @@ fn slack_env(fake: &FakeSlack) -> TestEnv {
 }
 
 /// The status message updates of one run.
-fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
+pub fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
     let prefix = format!("Threadline run {run_id}:");
     fake.calls("chat.postMessage")
         .into_iter()
@@ -47,17 +51,13 @@ fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
-    let fake = FakeSlack::start().await;
-    let mut env = slack_env(&fake);
-    env.config.slack.app_token = Secret::new("xapp-test-token");
-    let c1 = env.config.slack.channels.get_mut("C1").unwrap();
-    c1.prompters = vec!["U1".into(), "U2".into()];
-    c1.approvers = vec!["U1".into()];
-    fake.recorded.lock().unwrap().rate_limit_updates = 1;
-    let orch = env.orchestrator().await;
-    let stop = tokio_util::sync::CancellationToken::new();
+/// The Slack adapter over Socket Mode against `fake`, connected; stop it with the token.
+pub async fn start_socket_mode(
+    fake: &FakeSlack,
+    env: &TestEnv,
+    orch: &Orchestrator,
+) -> (JoinHandle<Result<(), slack::SlackError>>, CancellationToken) {
+    let stop = CancellationToken::new();
     let slack_config = env.config.slack.clone();
     let adapter = tokio::spawn({
         let (orch, stop) = (orch.clone(), stop.clone());
@@ -76,7 +76,22 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         !f.calls("apps.connections.open").is_empty()
     })
     .await;
+    // The websocket is up a moment after the connection was opened.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (adapter, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
+    let fake = FakeSlack::start().await;
+    let mut env = slack_env(&fake);
+    env.config.slack.app_token = Secret::new("xapp-test-token");
+    let c1 = env.config.slack.channels.get_mut("C1").unwrap();
+    c1.prompters = vec!["U1".into(), "U2".into()];
+    c1.approvers = vec!["U1".into()];
+    fake.recorded.lock().unwrap().rate_limit_updates = 1;
+    let orch = env.orchestrator().await;
+    let (adapter, stop) = start_socket_mode(&fake, &env, &orch).await;
 
     // A mention starts a pipeline: a reaction, a reply naming repo, branch and agent.
     let env_id = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
