@@ -61,7 +61,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show a pipeline's runs: state, exit code, duration, commit, diffstat.
+    /// Show a pipeline's runs (state, exit code, duration, commit, diffstat), its pull
+    /// request and every Open PR decision (who, when, approved or refused).
     Runs {
         pipeline: String,
         #[arg(long)]

@@ -722,11 +722,17 @@ async fn a_daemon_killed_mid_run_finishes_its_runs_on_restart_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_runs_a_pipeline_shows_its_config_and_opens_a_shell() {
     let env = TestEnv::new();
-    let config_path = crate::harness::write_cli_config(&env, "[git]\ntoken = \"supersecret-xyz-123\"\n");
+    let extra = format!(
+        "[git]\ntoken = \"supersecret-xyz-123\"\n[repos.app]\nurl = {:?}\n",
+        env.origin_url()
+    );
+    let config_path = crate::harness::write_cli_config(&env, &extra);
     let cli = |args: &[&str]| crate::harness::cli(&config_path, args);
 
     let out = cli(&["config"])
         .env("THREADLINE_MAX_CONCURRENT_RUNS", "7")
+        .env("THREADLINE_REPOS__APP__FORGE__KIND", "gitlab")
+        .env("THREADLINE_REPOS__APP__FORGE__TOKEN", "forge-secret-456")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -738,6 +744,11 @@ async fn the_cli_runs_a_pipeline_shows_its_config_and_opens_a_shell() {
         !text.contains("supersecret-xyz-123") && text.contains("[REDACTED]"),
         "{text}"
     );
+    // A forge token from the environment is taken, and never printed.
+    let forge = &text[text.find("[repos.app.forge]").expect("the forge section")..];
+    assert!(forge.contains("kind = \"gitlab\""), "{text}");
+    assert!(forge.contains("token = \"[REDACTED]\""), "{text}");
+    assert!(!text.contains("forge-secret-456"), "{text}");
 
     let out = cli(&[
         "run",

@@ -9,11 +9,15 @@ use threadline::bots::discord;
 use threadline::config::Secret;
 use threadline::model::RunState;
 
+use threadline::orchestrator::Orchestrator;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
 use crate::fake_discord::{FakeDiscord, click, message};
 use crate::harness::{TestEnv, appears, finished, wait_for};
 
-const CHANNEL: &str = "2000";
-const THREAD: &str = "3001";
+pub const CHANNEL: &str = "2000";
+pub const THREAD: &str = "3001";
 
 /// The embeds posted to or edited in the thread for run `seq`.
 fn status_embeds(fake: &FakeDiscord, seq: i64) -> Vec<Value> {
@@ -24,6 +28,24 @@ fn status_embeds(fake: &FakeDiscord, seq: i64) -> Vec<Value> {
         .filter_map(|(_, b)| b["embeds"].get(0).cloned())
         .filter(|e| e["title"].as_str().is_some_and(|t| t.starts_with(&title)))
         .collect()
+}
+
+/// The Discord adapter against `fake`, identified on the gateway; stop it with the token.
+pub async fn start_gateway(
+    fake: &FakeDiscord,
+    env: &TestEnv,
+    orch: &Orchestrator,
+) -> (JoinHandle<Result<(), discord::DiscordError>>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let config = env.config.discord.clone();
+    let adapter = tokio::spawn({
+        let (orch, stop) = (orch.clone(), stop.clone());
+        async move { discord::start(orch, &config, stop).await }
+    });
+    fake.wait_until("an Identify", |f| f.recorded.lock().unwrap().identifies >= 1)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (adapter, stop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,15 +65,7 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     env.config.discord.channels = BTreeMap::from([(CHANNEL.to_owned(), binding)]);
     fake.recorded.lock().unwrap().rate_limit_edits = 1;
     let orch = env.orchestrator().await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let config = env.config.discord.clone();
-    let adapter = tokio::spawn({
-        let (orch, stop) = (orch.clone(), stop.clone());
-        async move { discord::start(orch, &config, stop).await }
-    });
-    fake.wait_until("an Identify", |f| f.recorded.lock().unwrap().identifies >= 1)
-        .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (adapter, stop) = start_gateway(&fake, &env, &orch).await;
 
     // A mention opens a thread on the message and answers in it.
     fake.dispatch(

@@ -138,6 +138,19 @@ async fn prompt(core: &ChatCore, store: &Store, ts: &str, who: &str, script: &st
     run
 }
 
+/// Waits for the first pipeline a chat adapter starts, and for its first run to succeed.
+async fn first_run_succeeds(store: &Store) -> String {
+    let run_id = loop {
+        if let Some(p) = store.pipelines(1).await.unwrap().pop() {
+            break format!("{}-1", p.pipeline.id);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    crate::harness::appears(store, &run_id).await;
+    assert_eq!(finished(store, &run_id).await.state, RunState::Succeeded);
+    run_id
+}
+
 fn reply_text(outcome: Outcome) -> String {
     match outcome {
         Outcome::Reply { text, .. } => text,
@@ -554,14 +567,7 @@ async fn open_pr_from_a_slack_status_message() {
         "Ev1",
         crate::slack::mention("U1", "1700000001.000100", "echo s > s.txt"),
     );
-    let run_id = loop {
-        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
-            break format!("{}-1", p.pipeline.id);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    crate::harness::appears(orch.store(), &run_id).await;
-    assert_eq!(finished(orch.store(), &run_id).await.state, RunState::Succeeded);
+    let run_id = first_run_succeeds(orch.store()).await;
     slack_fake
         .wait_until("the Open PR button", |f| {
             crate::slack::status_texts(f, &run_id)
@@ -612,5 +618,102 @@ async fn open_pr_from_a_slack_status_message() {
 
     stop.cancel();
     adapter.await.unwrap().unwrap();
+    orch.shutdown().await;
+}
+
+/// Open PR through the Discord adapter and serenity, with the repository's own policy:
+/// approvers by role, and whoever prompted may not approve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
+    use crate::discord::{CHANNEL, THREAD};
+    use crate::fake_discord::{FakeDiscord, click, message};
+
+    let discord_fake = FakeDiscord::start().await;
+    let (mut env, fake) = forge_env(ForgeKind::Gitea, "team/bot").await;
+    let app = env.config.repos.get_mut("app").unwrap();
+    app.approvers = vec!["777".into()]; // a role
+    app.require_other_approver = true;
+    env.config.discord.enabled = true;
+    env.config.discord.token = Secret::new("bot-token-123");
+    env.config.discord.api_url = discord_fake.base.clone();
+    let binding = ChannelBinding {
+        repos: vec!["app".into()],
+        prompters: vec!["101".into()],
+        approvers: vec!["101".into(), "202".into(), "203".into()],
+        ..Default::default()
+    };
+    env.config.discord.channels = BTreeMap::from([(CHANNEL.to_owned(), binding)]);
+    let orch = env.orchestrator().await;
+    let (adapter, stop) = crate::discord::start_gateway(&discord_fake, &env, &orch).await;
+
+    discord_fake.dispatch(
+        "MESSAGE_CREATE",
+        message(THREAD, CHANNEL, "101", &["777"], "<@900> echo d > d.txt", true),
+    );
+    let run_id = first_run_succeeds(orch.store()).await;
+    let custom_id = format!("threadline:open_pr:{run_id}");
+    let answer = async |id: &str, who: &str, roles: &[&str]| {
+        discord_fake.dispatch("INTERACTION_CREATE", click(id, THREAD, "5001", who, roles, &custom_id));
+        let path = format!("/interactions/{id}/");
+        discord_fake
+            .wait_until("the interaction's answer", |f| !f.calls("POST", &path).is_empty())
+            .await;
+        discord_fake.calls("POST", &path).remove(0).1
+    };
+
+    // The prompter, even with the role; then an approver of the channel without it.
+    let refusal = answer("8001", "101", &["777"]).await;
+    assert_eq!(refusal["data"]["flags"], 64, "{refusal}");
+    assert!(
+        refusal["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("You prompted this pipeline")
+    );
+    let refusal = answer("8002", "202", &[]).await;
+    assert!(
+        refusal["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only the approvers of app"),
+        "{refusal}"
+    );
+    assert!(fake.prs().is_empty());
+
+    // Someone else with the role: the pull request, its link in the thread, a link button.
+    let ack = answer("8003", "203", &["777"]).await;
+    assert_eq!(ack["type"], 6, "{ack}");
+    let pr_url = format!("http://{}/team/bot/pull/1", fake.addr);
+    let said = format!("Opened pull request #1: {pr_url}");
+    discord_fake
+        .wait_until("the link in the thread", |f| {
+            f.calls("POST", &format!("/channels/{THREAD}/messages"))
+                .iter()
+                .any(|(_, b)| b["content"] == said.as_str())
+        })
+        .await;
+    discord_fake
+        .wait_until("the link button", |f| {
+            f.calls("PATCH", &format!("/channels/{THREAD}/messages/"))
+                .iter()
+                .any(|(_, b)| {
+                    let button = &b["components"][0]["components"][0];
+                    button["style"] == 5 && button["url"] == pr_url.as_str()
+                })
+        })
+        .await;
+    assert_eq!(fake.prs().len(), 1);
+    let decisions: Vec<bool> = orch
+        .store()
+        .approvals(&run_id[..run_id.len() - 2])
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.approved)
+        .collect();
+    assert_eq!(decisions, [false, false, true]);
+
+    stop.cancel();
+    let _ = adapter.await;
     orch.shutdown().await;
 }

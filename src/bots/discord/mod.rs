@@ -286,20 +286,52 @@ impl Handler {
             run_id,
             sender: sender(&c.user, c.member.as_ref().map(|m| &m.roles[..])),
         };
-        let outcome = tokio::time::timeout(std::time::Duration::from_millis(2500), self.core.on_click(click)).await;
+        // The decision goes on in its own task: Open PR calls a forge and may take longer
+        // than Discord waits, and it must not be dropped halfway.
+        let core = self.core.clone();
+        let mut decision = tokio::spawn(async move { core.on_click(click).await });
+        let outcome = match tokio::time::timeout(std::time::Duration::from_millis(2500), &mut decision).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "a Discord click failed");
+                let text = "Something went wrong handling that click; try again.";
+                return respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await;
+            }
+            Err(_) => {
+                let text = "Still working on it; the result will be posted here.";
+                respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await;
+                let Ok(late) = decision.await else { return };
+                let here = c.channel_id.get().to_string();
+                match late {
+                    Outcome::Queued {
+                        thread,
+                        submitted,
+                        text,
+                    } if submitted.created => self.say(&thread.thread, &text, None).await,
+                    Outcome::Reply { thread, text } => self.say(&thread.thread, &text, None).await,
+                    Outcome::Private { text } => self.say(&here, &text, None).await,
+                    _ => {}
+                }
+                return;
+            }
+        };
         match outcome {
-            Ok(Outcome::Private { text }) => respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await,
-            Ok(Outcome::Queued { thread, submitted, text }) => {
+            Outcome::Private { text } => respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await,
+            Outcome::Queued {
+                thread,
+                submitted,
+                text,
+            } => {
                 respond(json!({"type": 6})).await;
                 if submitted.created {
                     self.say(&thread.thread, &text, None).await;
                 }
             }
-            Ok(_) => respond(json!({"type": 6})).await,
-            Err(_) => {
-                respond(json!({"type": 4, "data": {"content": "Still working on it; the status message will show the result.", "flags": 64}}))
-                    .await
+            Outcome::Reply { thread, text } => {
+                respond(json!({"type": 6})).await;
+                self.say(&thread.thread, &text, None).await;
             }
+            Outcome::Ignored | Outcome::Done => respond(json!({"type": 6})).await,
         }
     }
 }
