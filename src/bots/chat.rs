@@ -23,9 +23,10 @@ pub struct ChannelBinding {
     pub repos: Vec<String>,
     /// The agent for new pipelines (default: the repository's, then `default_agent`).
     pub agent: Option<String>,
-    /// User (or role) ids that may prompt. Empty: everyone in the channel.
+    /// User ids (or Discord role ids, or Slack user group ids) that may prompt. Empty:
+    /// everyone in the channel.
     pub prompters: Vec<String>,
-    /// User (or role) ids that may press Cancel, Retry and Open PR. Empty: the prompters.
+    /// The same kinds of ids, that may press Cancel, Retry and Open PR. Empty: the prompters.
     pub approvers: Vec<String>,
     /// Whoever prompted a pipeline may not open its pull request: another approver must.
     pub require_other_approver: bool,
@@ -54,7 +55,8 @@ fn allowed(list: &[String], who: &Sender) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Sender {
     pub id: String,
-    /// Discord roles (empty on Slack).
+    /// Discord role ids, or the Slack user groups (`S…`) named in the config that the
+    /// sender is in; they count like user ids in prompters and approvers.
     pub roles: Vec<String>,
     pub is_bot: bool,
 }

@@ -24,6 +24,8 @@ pub struct Recorded {
     next_ts: u64,
     /// chat.update answers 429 this many more times.
     pub rate_limit_updates: u32,
+    /// User groups (subteams) and their members, for usergroups.users.list.
+    pub usergroups: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -150,7 +152,13 @@ fn uuid_like() -> String {
     format!("{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-async fn api(State(state): State<AppState>, Path(method): Path<String>, headers: HeaderMap, body: String) -> Response {
+async fn api(
+    State(state): State<AppState>,
+    Path(method): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
     let wanted = if method == "apps.connections.open" {
         "Bearer xapp-"
@@ -160,8 +168,14 @@ async fn api(State(state): State<AppState>, Path(method): Path<String>, headers:
     if !auth.starts_with(wanted) {
         return axum::Json(json!({"ok": false, "error": "not_authed"})).into_response();
     }
+    // A JSON body, a form body, or (for GET methods) the query string.
     let parsed: Value = serde_json::from_str(&body).unwrap_or_else(|_| {
-        let form: Vec<(String, String)> = serde_urlencoded_pairs(&body);
+        let form = if body.is_empty() {
+            uri.query().unwrap_or("")
+        } else {
+            &body
+        };
+        let form: Vec<(String, String)> = serde_urlencoded_pairs(form);
         Value::Object(form.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
     });
     // The parameters the Web API spec marks required (shared/api-specs/slack-web-openapi-v2.json).
@@ -170,6 +184,7 @@ async fn api(State(state): State<AppState>, Path(method): Path<String>, headers:
         "chat.update" => &["channel", "ts"],
         "chat.postEphemeral" => &["channel", "user"],
         "reactions.add" => &["channel", "name", "timestamp"],
+        "usergroups.users.list" => &["usergroup"],
         _ => &[],
     };
     if let Some(missing) = required.iter().find(|k| parsed[**k].as_str().is_none_or(str::is_empty)) {
@@ -203,6 +218,10 @@ async fn api(State(state): State<AppState>, Path(method): Path<String>, headers:
         }
         "chat.postEphemeral" => json!({"ok": true, "message_ts": "1700000200.000001"}),
         "reactions.add" => json!({"ok": true}),
+        "usergroups.users.list" => match r.usergroups.get(parsed["usergroup"].as_str().unwrap_or("")) {
+            Some(users) => json!({"ok": true, "users": users}),
+            None => json!({"ok": false, "error": "no_such_subteam"}),
+        },
         _ => json!({"ok": false, "error": "unknown_method"}),
     };
     axum::Json(answer).into_response()

@@ -560,6 +560,14 @@ async fn open_pr_from_a_slack_status_message() {
     env.config.slack.app_token = Secret::new("xapp-test-token");
     env.config.slack.api_url = slack_fake.api_url.clone();
     env.config.slack.channels = bindings();
+    // U3 approves as a member of a Slack user group.
+    env.config.slack.channels.get_mut("C1").unwrap().approvers = vec!["U1".into(), "S0REVIEW".into()];
+    slack_fake
+        .recorded
+        .lock()
+        .unwrap()
+        .usergroups
+        .insert("S0REVIEW".into(), vec!["U7".into(), "U3".into()]);
     let orch = env.orchestrator().await;
     let (adapter, stop) = crate::slack::start_socket_mode(&slack_fake, &env, &orch).await;
 
@@ -576,15 +584,20 @@ async fn open_pr_from_a_slack_status_message() {
         })
         .await;
 
-    // U1 prompted it: refused, privately, and nothing opened.
-    let ephemerals = slack_fake.calls("chat.postEphemeral").len();
-    slack_fake.click("U1", "C1", "1700000100.000009", "threadline_open_pr", &run_id);
-    slack_fake
-        .wait_until("the refusal", |f| f.calls("chat.postEphemeral").len() > ephemerals)
-        .await;
-    let refusal = slack_fake.calls("chat.postEphemeral").pop().unwrap();
-    assert_eq!(refusal["user"], "U1");
-    assert!(refusal["text"].as_str().unwrap().contains("You prompted this pipeline"));
+    // A refused click is answered privately, to the clicker.
+    let refused = async |who: &str| {
+        let ephemerals = slack_fake.calls("chat.postEphemeral").len();
+        slack_fake.click(who, "C1", "1700000100.000009", "threadline_open_pr", &run_id);
+        slack_fake
+            .wait_until("the refusal", |f| f.calls("chat.postEphemeral").len() > ephemerals)
+            .await;
+        let refusal = slack_fake.calls("chat.postEphemeral").pop().unwrap();
+        assert_eq!(refusal["user"], who);
+        refusal["text"].as_str().unwrap().to_owned()
+    };
+    // U1 prompted it; U2 is in no group that approves.
+    assert!(refused("U1").await.contains("You prompted this pipeline"));
+    assert!(refused("U2").await.contains("not allowed"));
     assert!(fake.prs().is_empty());
 
     // U3 approves: the link in the thread, and the button turns into it.
@@ -614,6 +627,11 @@ async fn open_pr_from_a_slack_status_message() {
             .contains("https://fake.slack.com/archives/C1/p1700000001000100"),
         "{}",
         prs[0].body
+    );
+    let lookups = slack_fake.calls("usergroups.users.list");
+    assert!(
+        !lookups.is_empty() && lookups.iter().all(|c| c["usergroup"] == "S0REVIEW"),
+        "{lookups:?}"
     );
 
     stop.cancel();

@@ -189,9 +189,55 @@ struct State {
     bot_user: String,
     /// `https://<workspace>.slack.com/`, for links to threads.
     workspace_url: String,
+    /// User groups (`S…` ids) named as prompters or approvers, with their members as
+    /// last read (kept for a minute).
+    groups: Vec<String>,
+    members: tokio::sync::Mutex<std::collections::HashMap<String, (tokio::time::Instant, Vec<String>)>>,
+}
+
+/// How long a user group's member list is trusted.
+const GROUP_MEMBERS_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A Slack user group (subteam) id, as opposed to a user (`U…`, `W…`).
+fn is_usergroup(id: &str) -> bool {
+    id.len() > 1 && id.starts_with('S') && id.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 impl State {
+    /// The configured user groups `user` belongs to: their roles, as far as approval
+    /// goes. A group that cannot be read counts as not containing them.
+    async fn groups_of(&self, user: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for group in &self.groups {
+            let mut members = self.members.lock().await;
+            let fresh = members
+                .get(group)
+                .filter(|(at, _)| at.elapsed() < GROUP_MEMBERS_TTL)
+                .map(|(_, users)| users.clone());
+            let users = match fresh {
+                Some(users) => users,
+                None => {
+                    let req = SlackApiUserGroupsUsersListRequest::new(group.clone().into());
+                    match self.surface.session().usergroups_users_list(&req).await {
+                        Ok(res) => {
+                            let users: Vec<String> = res.users.into_iter().map(|u| u.0).collect();
+                            members.insert(group.clone(), (tokio::time::Instant::now(), users.clone()));
+                            users
+                        }
+                        Err(e) => {
+                            tracing::warn!(group, error = %e, "cannot read a Slack user group (scope usergroups:read?)");
+                            Vec::new()
+                        }
+                    }
+                }
+            };
+            if users.iter().any(|u| u == user) {
+                found.push(group.clone());
+            }
+        }
+        found
+    }
+
     /// A link to a thread: Slack's permalink form `archives/<channel>/p<ts without dot>`.
     fn thread_link(&self, channel: &str, ts: &str) -> Option<String> {
         if self.workspace_url.is_empty() {
@@ -227,11 +273,21 @@ pub async fn start(
         token,
     });
     let core = ChatCore::new(orch.clone(), SURFACE, config.channels.clone());
+    let named = config
+        .channels
+        .values()
+        .flat_map(|b| b.prompters.iter().chain(&b.approvers))
+        .chain(orch.config().repos.values().flat_map(|r| &r.approvers));
+    let mut groups: Vec<String> = named.filter(|id| is_usergroup(id)).cloned().collect();
+    groups.sort();
+    groups.dedup();
     let state = Arc::new(State {
         core: core.clone(),
         surface: surface.clone(),
         bot_user: auth.user_id.0.clone(),
         workspace_url: auth.url.0.to_string(),
+        groups,
+        members: Default::default(),
     });
     let updater = tokio::spawn(StatusUpdater::new(core, surface).run(shutdown.clone()));
     match events {
@@ -385,8 +441,11 @@ fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
         }
         _ => None,
     };
-    if let Some(msg) = message {
+    if let Some(mut msg) = message {
         tokio::spawn(async move {
+            if !msg.sender.is_bot {
+                msg.sender.roles = state.groups_of(&msg.sender.id).await;
+            }
             let (channel, ts, user, thread) = (
                 msg.channel.clone(),
                 msg.id.clone(),
@@ -428,7 +487,9 @@ fn handle_interaction(state: Arc<State>, event: SlackInteractionEvent) {
             },
         };
         let (state, user, channel) = (state.clone(), user.clone(), channel.clone());
+        let mut click = click;
         tokio::spawn(async move {
+            click.sender.roles = state.groups_of(&user).await;
             let outcome = state.core.on_click(click).await;
             act(&state, outcome, &channel, &user, None, None).await;
         });
@@ -467,6 +528,12 @@ async fn act(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_groups_are_told_from_users() {
+        assert!(is_usergroup("S0REVIEW") && is_usergroup("S123ABC"));
+        assert!(!is_usergroup("U123ABC") && !is_usergroup("W1") && !is_usergroup("S") && !is_usergroup("Sx1"));
+    }
 
     #[test]
     fn a_pull_request_link_is_a_url_button_slack_accepts() {
