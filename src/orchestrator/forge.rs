@@ -217,6 +217,35 @@ pub trait Forge: Send + Sync {
     async fn find_open(&self, head: &str, base: &str) -> Result<Option<PullRequest>, ForgeError>;
     /// Opens a pull request; labels and reviewers are applied as the forge allows.
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError>;
+    /// Whether pull request `number` is still open, or was merged or closed.
+    async fn state(&self, number: i64) -> Result<PrState, ForgeError>;
+}
+
+/// Where a pull request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrState {
+    Open,
+    Merged,
+    Closed,
+}
+
+impl PrState {
+    /// From GitHub's and Gitea's `state` and `merged`, or GitLab's `state`.
+    fn from_json(json: &Value) -> PrState {
+        match (json["state"].as_str(), json["merged"].as_bool()) {
+            (Some("open" | "opened" | "locked"), _) => PrState::Open,
+            (Some("merged"), _) | (_, Some(true)) => PrState::Merged,
+            _ => PrState::Closed,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            PrState::Open => "open",
+            PrState::Merged => "merged",
+            PrState::Closed => "closed",
+        }
+    }
 }
 
 /// The client for `target`, authenticating with `token`.
@@ -405,6 +434,11 @@ impl Forge for GitHub {
             .and_then(|prs| prs.iter().find_map(|pr| number_and_url(pr, "number", "html_url"))))
     }
 
+    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+        let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
+        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
+    }
+
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
         let project = &self.0.target.project;
         let body = json!({"title": pr.title, "head": pr.head, "base": pr.base, "body": pr.body, "draft": pr.draft});
@@ -451,6 +485,11 @@ impl Forge for GitLab {
         Ok(list
             .as_array()
             .and_then(|mrs| mrs.iter().find_map(|mr| number_and_url(mr, "iid", "web_url"))))
+    }
+
+    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+        let path = format!("{}/merge_requests/{number}", self.project_path());
+        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
     }
 
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
@@ -514,6 +553,11 @@ impl Forge for Gitea {
             }
         }
         Ok(None)
+    }
+
+    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+        let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
+        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
     }
 
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {

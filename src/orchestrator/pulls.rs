@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest};
+use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest, PrState};
 use super::workspace::PullRequestCheck;
 use super::{GitError, Orchestrator, RunUpdate};
 use crate::config::RepoConfig;
@@ -93,6 +93,11 @@ pub enum PullRequestError {
         status: u16,
         message: String,
     },
+    #[error("{what}; {source}")]
+    AfterEnded {
+        what: String,
+        source: Box<PullRequestError>,
+    },
     #[error("cannot read the branches on the remote ({0}); press Open PR again")]
     Git(#[from] GitError),
     #[error(transparent)]
@@ -109,6 +114,8 @@ pub struct PullRequestOutcome {
     /// Recorded by this request: opened now, or found on the forge now. False when the
     /// pipeline already had it (a second click).
     pub fresh: bool,
+    /// The pipeline's earlier pull request, merged or closed since, that this one follows.
+    pub previous: Option<(i64, PrState)>,
     /// Extras (labels, reviewers) that did not apply.
     pub warnings: Vec<String>,
 }
@@ -118,7 +125,16 @@ impl PullRequestOutcome {
     pub fn sentence(&self) -> String {
         let noun = self.kind.noun();
         let reference = self.kind.reference(self.pr.number);
-        let mut text = if self.opened {
+        let mut text = match self.previous {
+            Some((number, state)) => format!(
+                "{} {} was {}. ",
+                capitalized_noun(noun),
+                self.kind.reference(number),
+                state.word()
+            ),
+            None => String::new(),
+        };
+        text += &if self.opened {
             format!("Opened {noun} {reference}: {}", self.pr.url)
         } else if self.pr.found {
             format!("Found an open {noun} for this branch, {reference}: {}", self.pr.url)
@@ -234,19 +250,6 @@ impl Orchestrator {
             .or_default()
             .clone();
         let _one_at_a_time = lock.lock().await;
-        let outcome = |pr, opened, warnings| PullRequestOutcome {
-            pr,
-            kind: target.kind,
-            opened,
-            fresh: true,
-            warnings,
-        };
-        if let Some(pr) = store.pull_request(&pipeline.id).await? {
-            return Ok(PullRequestOutcome {
-                fresh: false,
-                ..outcome(pr, false, Vec::new())
-            });
-        }
         let default = RepoConfig::default();
         let (name, settings) = self.repo_settings(&pipeline).unwrap_or(("NAME", &default));
         let token = if settings.forge.token.is_empty() {
@@ -255,59 +258,110 @@ impl Orchestrator {
             &settings.forge.token
         };
         let explain = |e: ForgeError| self.explain(e, &pipeline, &target, name);
-        let client = forge::client(&target, token.expose()).map_err(explain)?;
-        let record = |number, url, found| PullRequestRecord {
-            pipeline_id: pipeline.id.clone(),
-            forge: format!("{:?}", target.kind).to_lowercase(),
-            number,
-            url,
-            found,
-            opened_by: actor.to_owned(),
-            created_at: now_millis(),
-        };
-        let (head, base) = (&pipeline.branch, &pipeline.base_branch);
-        if let Some(found) = client.find_open(head, base).await.map_err(explain)? {
-            let pr = store.set_pull_request(&record(found.number, found.url, true)).await?;
-            self.republish(&pipeline.id).await;
-            return Ok(outcome(pr, false, Vec::new()));
+        let client = forge::client(&target, token.expose());
+        let mut previous = None;
+        if let Some(pr) = store.pull_request(&pipeline.id).await? {
+            // A merged or closed one makes way for a new one; while it is open, or when
+            // the forge cannot say, it is the pipeline's pull request.
+            let state = match &client {
+                Ok(client) => client.state(pr.number).await.ok(),
+                Err(_) => None,
+            };
+            match state {
+                Some(ended @ (PrState::Merged | PrState::Closed)) => {
+                    store.clear_pull_request(&pipeline.id, pr.number).await?;
+                    self.republish(&pipeline.id).await;
+                    previous = Some((pr.number, ended));
+                }
+                _ => {
+                    return Ok(PullRequestOutcome {
+                        pr,
+                        kind: target.kind,
+                        opened: false,
+                        fresh: false,
+                        previous: None,
+                        warnings: Vec::new(),
+                    });
+                }
+            }
         }
-        let check = {
-            let (git, lock) = (self.inner.git.clone(), self.mirror_lock(&pipeline.remote_url));
-            let pipeline = pipeline.clone();
-            let _mirror = lock.lock_owned().await;
-            tokio::task::spawn_blocking(move || git.check_pull_request(&pipeline))
-                .await
-                .expect("the branch check does not panic")?
+        let outcome = |pr, opened, warnings| PullRequestOutcome {
+            pr,
+            kind: target.kind,
+            opened,
+            fresh: true,
+            previous,
+            warnings,
         };
-        let diffstat = match check {
-            PullRequestCheck::Ready(d) => d,
-            PullRequestCheck::BranchMissing => return Err(explain(ForgeError::BranchMissing)),
-            PullRequestCheck::BaseMissing => return Err(explain(ForgeError::BaseMissing)),
-            PullRequestCheck::NoCommits => return Err(explain(ForgeError::NoCommits)),
-        };
-        let runs = store.runs(&pipeline.id).await?;
-        let request = NewPullRequest {
-            head: head.clone(),
-            base: base.clone(),
-            title: pipeline.title.clone(),
-            body: self.pull_request_body(&pipeline, &runs, &diffstat.to_string()),
-            draft: settings.forge.draft,
-            labels: settings.forge.labels.clone(),
-            reviewers: settings.forge.reviewers.clone(),
-        };
-        let (pr, opened, warnings) = match client.open(&request).await {
-            Ok(done) => (record(done.pr.number, done.pr.url, false), true, done.warnings),
-            // Someone (another instance, or a person) opened one meanwhile.
-            Err(ForgeError::AlreadyExists) => match client.find_open(head, base).await.map_err(explain)? {
-                Some(found) => (record(found.number, found.url, true), false, Vec::new()),
-                None => return Err(explain(ForgeError::AlreadyExists)),
+        let result = async {
+            let client = client.map_err(explain)?;
+            let record = |number, url, found| PullRequestRecord {
+                pipeline_id: pipeline.id.clone(),
+                forge: format!("{:?}", target.kind).to_lowercase(),
+                number,
+                url,
+                found,
+                opened_by: actor.to_owned(),
+                created_at: now_millis(),
+            };
+            let (head, base) = (&pipeline.branch, &pipeline.base_branch);
+            if let Some(found) = client.find_open(head, base).await.map_err(explain)? {
+                let pr = store.set_pull_request(&record(found.number, found.url, true)).await?;
+                self.republish(&pipeline.id).await;
+                return Ok(outcome(pr, false, Vec::new()));
+            }
+            let check = {
+                let (git, lock) = (self.inner.git.clone(), self.mirror_lock(&pipeline.remote_url));
+                let pipeline = pipeline.clone();
+                let _mirror = lock.lock_owned().await;
+                tokio::task::spawn_blocking(move || git.check_pull_request(&pipeline))
+                    .await
+                    .expect("the branch check does not panic")?
+            };
+            let diffstat = match check {
+                PullRequestCheck::Ready(d) => d,
+                PullRequestCheck::BranchMissing => return Err(explain(ForgeError::BranchMissing)),
+                PullRequestCheck::BaseMissing => return Err(explain(ForgeError::BaseMissing)),
+                PullRequestCheck::NoCommits => return Err(explain(ForgeError::NoCommits)),
+            };
+            let runs = store.runs(&pipeline.id).await?;
+            let request = NewPullRequest {
+                head: head.clone(),
+                base: base.clone(),
+                title: pipeline.title.clone(),
+                body: self.pull_request_body(&pipeline, &runs, &diffstat.to_string()),
+                draft: settings.forge.draft,
+                labels: settings.forge.labels.clone(),
+                reviewers: settings.forge.reviewers.clone(),
+            };
+            let (pr, opened, warnings) = match client.open(&request).await {
+                Ok(done) => (record(done.pr.number, done.pr.url, false), true, done.warnings),
+                // Someone (another instance, or a person) opened one meanwhile.
+                Err(ForgeError::AlreadyExists) => match client.find_open(head, base).await.map_err(explain)? {
+                    Some(found) => (record(found.number, found.url, true), false, Vec::new()),
+                    None => return Err(explain(ForgeError::AlreadyExists)),
+                },
+                Err(e) => return Err(explain(e)),
+            };
+            let pr = store.set_pull_request(&pr).await?;
+            tracing::info!(pipeline = %pipeline.id, number = pr.number, actor, "pull request recorded");
+            self.republish(&pipeline.id).await;
+            Ok(outcome(pr, opened, warnings))
+        }
+        .await;
+        // Say what became of the earlier one, whatever comes of this one.
+        result.map_err(|e| match previous {
+            Some((number, state)) => PullRequestError::AfterEnded {
+                what: format!(
+                    "{} {} was {}",
+                    capitalized_noun(target.kind.noun()),
+                    target.kind.reference(number),
+                    state.word()
+                ),
+                source: Box::new(e),
             },
-            Err(e) => return Err(explain(e)),
-        };
-        let pr = store.set_pull_request(&pr).await?;
-        tracing::info!(pipeline = %pipeline.id, number = pr.number, actor, "pull request recorded");
-        self.republish(&pipeline.id).await;
-        Ok(outcome(pr, opened, warnings))
+            None => e,
+        })
     }
 
     /// Records an Open PR decision (once per `key`, a click's id); a failure to record
@@ -430,6 +484,14 @@ impl Orchestrator {
     }
 }
 
+fn capitalized_noun(noun: &str) -> String {
+    let mut chars = noun.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
 fn outcome_word(state: RunState) -> &'static str {
     match state {
         RunState::Succeeded => "succeeded",
@@ -437,5 +499,35 @@ fn outcome_word(state: RunState) -> &'static str {
         RunState::TimedOut => "timed out",
         RunState::Cancelled => "cancelled",
         _ => "unfinished",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_hears_what_became_of_an_earlier_pull_request() {
+        let outcome = PullRequestOutcome {
+            pr: PullRequestRecord {
+                pipeline_id: "p".into(),
+                forge: "gitlab".into(),
+                number: 2,
+                url: "https://gl/x/-/merge_requests/2".into(),
+                found: false,
+                opened_by: "slack:U1".into(),
+                created_at: 0,
+            },
+            kind: ForgeKind::Gitlab,
+            opened: true,
+            fresh: true,
+            previous: Some((1, PrState::Closed)),
+            warnings: vec!["the reviewer \"x\" was not found".into()],
+        };
+        assert_eq!(
+            outcome.sentence(),
+            "Merge request !1 was closed. Opened merge request !2: https://gl/x/-/merge_requests/2 \
+             (Note: the reviewer \"x\" was not found.)"
+        );
     }
 }

@@ -580,6 +580,17 @@ impl Store {
         Ok(self.pull_request(&pr.pipeline_id).await?.unwrap_or_else(|| pr.clone()))
     }
 
+    /// Forgets pull request `number` of a pipeline (it was merged or closed), so the
+    /// pipeline can have a new one.
+    pub async fn clear_pull_request(&self, pipeline_id: &str, number: i64) -> Result<()> {
+        sqlx::query("DELETE FROM pull_requests WHERE pipeline_id = $1 AND number = $2")
+            .bind(pipeline_id)
+            .bind(number)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records an Open PR decision once per `request_key`.
     pub async fn record_approval(&self, request_key: &str, approval: &Approval) -> Result<()> {
         sqlx::query(

@@ -32,6 +32,7 @@ pub struct Pr {
     pub labels: Vec<String>,
     pub reviewers: Vec<String>,
     pub open: bool,
+    pub merged: bool,
 }
 
 #[derive(Default)]
@@ -144,8 +145,21 @@ impl FakeForge {
             labels: Vec::new(),
             reviewers: Vec::new(),
             open: true,
+            merged: false,
         });
         number
+    }
+
+    /// Merges pull request `number` of `project` as a fast-forward of its base.
+    pub fn merge_pr(&self, project: &str, number: i64) {
+        let (head, base) = {
+            let mut rec = self.rec.lock().unwrap();
+            let pr = rec.prs.iter_mut().find(|p| p.number == number).unwrap();
+            (pr.open, pr.merged) = (false, true);
+            (pr.head.clone(), pr.base.clone())
+        };
+        let sha = self.head(project, &head).unwrap();
+        self.git(project, &["update-ref", &format!("refs/heads/{base}"), &sha]);
     }
 
     pub fn prs(&self) -> Vec<Pr> {
@@ -219,13 +233,14 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
     let shown = |pr: &Pr| match kind {
         Kind::GitLab => json!({
             "id": 1000 + pr.number, "iid": pr.number, "project_id": 1, "title": pr.title, "description": pr.body,
-            "state": if pr.open { "opened" } else { "closed" }, "source_branch": pr.head, "target_branch": pr.base,
+            "state": if pr.open { "opened" } else if pr.merged { "merged" } else { "closed" },
+            "source_branch": pr.head, "target_branch": pr.base,
             "draft": pr.title.starts_with("Draft:"), "labels": pr.labels,
             "web_url": format!("{web}/-/merge_requests/{}", pr.number),
         }),
         _ => json!({
             "id": 1000 + pr.number, "number": pr.number, "title": pr.title, "body": pr.body,
-            "state": if pr.open { "open" } else { "closed" }, "draft": pr.draft,
+            "state": if pr.open { "open" } else { "closed" }, "merged": pr.merged, "draft": pr.draft,
             "head": {"ref": pr.head, "label": format!("{}:{}", project.split('/').next().unwrap_or(""), pr.head)},
             "base": {"ref": pr.base},
             "html_url": format!("{web}/pull/{}", pr.number),
@@ -276,6 +291,12 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
         (Kind::Gitea, "GET", ["labels"]) => {
             axum::Json(json!([{"id": 7, "name": "agent"}, {"id": 8, "name": "needs-review"}])).into_response()
         }
+        (Kind::GitHub | Kind::Gitea, "GET", ["pulls", n]) | (Kind::GitLab, "GET", ["merge_requests", n]) => {
+            match rec.prs.iter().find(|p| p.number.to_string() == *n) {
+                Some(pr) => axum::Json(shown(pr)).into_response(),
+                None => (StatusCode::NOT_FOUND, axum::Json(json!({"message": "Not Found"}))).into_response(),
+            }
+        }
         // ---- creating ------------------------------------------------------------
         (Kind::GitHub | Kind::Gitea, "POST", ["pulls"]) | (Kind::GitLab, "POST", ["merge_requests"]) => {
             let field = |gh: &str, gl: &str| {
@@ -324,6 +345,7 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
                 labels,
                 reviewers,
                 open: true,
+                merged: false,
             };
             let answer = shown(&pr);
             rec.prs.push(pr);

@@ -258,7 +258,7 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
         mentions_bot: false,
         link: None,
     };
-    let Outcome::Queued { submitted, .. } = core.on_message(msg).await else {
+    let Outcome::Queued { submitted, .. } = core.on_message(msg.clone()).await else {
         panic!("the follow-up was not queued");
     };
     let follow = finished(&store, &submitted.run.id).await;
@@ -271,6 +271,34 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
     );
     assert_eq!(fake.prs().len(), 1, "{:?}", fake.prs());
 
+    // Merged on the forge: Open PR now says there is nothing new, and once a follow-up
+    // has made something, it opens a second pull request.
+    fake.merge_pr("acme/widget", 1);
+    let text = reply_text(core.on_click(click("k5", &run, "U3")).await);
+    assert!(
+        text.starts_with("Pull request #1 was merged; there is nothing to merge"),
+        "{text}"
+    );
+    let msg = Message {
+        id: "100.3".into(),
+        text: "echo three > three.txt".into(),
+        ..msg
+    };
+    let Outcome::Queued { submitted, .. } = core.on_message(msg).await else {
+        panic!("the second follow-up was not queued");
+    };
+    let third = finished(&store, &submitted.run.id).await;
+    let (_, card) = core.card(&third).await.unwrap();
+    assert!(
+        card.buttons
+            .iter()
+            .any(|b| b.action == Action::OpenPr && b.url.is_none())
+    );
+    let text = reply_text(core.on_click(click("k6", &third, "U3")).await);
+    let second_url = format!("http://{}/acme/widget/pull/2", fake.addr);
+    assert_eq!(text, format!("Opened pull request #2: {second_url}"));
+    assert_eq!(fake.prs().len(), 2);
+
     // Every decision is recorded, once per click, and `threadline runs` shows them.
     let approvals = store.approvals(&pipeline.id).await.unwrap();
     let seen: Vec<(&str, bool)> = approvals.iter().map(|a| (a.actor.as_str(), a.approved)).collect();
@@ -280,6 +308,8 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
             ("slack:U2", false),
             ("slack:U1", false),
             ("slack:U3", true),
+            ("slack:U3", true),
+            ("slack:U3", true),
             ("slack:U3", true)
         ]
     );
@@ -288,7 +318,7 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{shown}");
     assert!(
-        shown.contains(&format!("pull request #1 {pr_url} (opened; approved by slack:U3)")),
+        shown.contains(&format!("pull request #2 {second_url} (opened; approved by slack:U3)")),
         "{shown}"
     );
     assert!(
