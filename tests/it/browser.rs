@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
 use threadline::bots::web::{WebState, serve};
+use threadline::config::{ForgeConfig, Secret};
+use threadline::orchestrator::forge::ForgeKind;
 
+use crate::fake_forge::FakeForge;
 use crate::harness::TestEnv;
 
 struct Driver(Child);
@@ -64,6 +67,18 @@ fn artifacts() -> std::path::PathBuf {
 async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     let mut env = TestEnv::new();
     env.add_demo_repo();
+    // The demo origin is also a project on a fake GitHub, so Open PR works from the page.
+    let root = env.dir.path().parent().unwrap();
+    let project = format!("{}/origin", env.dir.path().file_name().unwrap().to_str().unwrap());
+    let forge = FakeForge::start(root).await;
+    env.config.repos.get_mut("demo").unwrap().forge = ForgeConfig {
+        kind: Some(ForgeKind::Github),
+        api_url: forge.api_url("github"),
+        web_url: format!("http://{}/{project}", forge.addr),
+        project: project.clone(),
+        token: Secret::new(crate::fake_forge::TOKEN),
+        ..Default::default()
+    };
     let orch = env.orchestrator().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -122,12 +137,30 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     let pipeline_id = thread.attr("data-pipeline").await.unwrap().unwrap();
     std::fs::write(artifacts().join("chat.png"), browser.screenshot().await.unwrap()).unwrap();
 
-    // A follow-up in the same thread.
+    // Open PR from the card: the button becomes a link to the pull request.
+    card.find(Locator::Css("button[data-action=open_pr]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let pr_link = wait(30)
+        .for_element(Locator::Css("#messages li:nth-child(1) .card a.pr-link"))
+        .await
+        .unwrap();
+    let pr_url = format!("http://{}/{project}/pull/1", forge.addr);
+    assert_eq!(pr_link.attr("href").await.unwrap().as_deref(), Some(pr_url.as_str()));
+    assert_eq!(pr_link.text().await.unwrap(), "View PR #1");
+    assert_eq!(forge.prs().len(), 1);
+
+    // A follow-up in the same thread; its card says the pull request has it.
     send(&browser, "reply", "echo more >> b.txt").await;
-    wait(90)
+    let second = wait(90)
         .for_element(Locator::Css("#messages li:nth-child(2) .card[data-state=succeeded]"))
         .await
         .unwrap();
+    let note = second.find(Locator::Css(".note")).await.unwrap().text().await.unwrap();
+    assert_eq!(note, "Pushed to pull request #1: it now shows this run's changes.");
 
     // A long run, cancelled from its card.
     send(&browser, "reply", "sleep 60").await;
@@ -156,6 +189,20 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
         .unwrap();
     assert!(row.text().await.unwrap().contains("web chat"));
     std::fs::write(artifacts().join("dashboard.png"), browser.screenshot().await.unwrap()).unwrap();
+    // The pipeline's page: its pull request and who opened it.
+    browser
+        .goto(&format!("http://{addr}/pipelines/{pipeline_id}"))
+        .await
+        .unwrap();
+    let approvals = wait(20).for_element(Locator::Css("#approvals")).await.unwrap();
+    let approvals = approvals.text().await.unwrap();
+    assert!(
+        approvals.contains("web") && approvals.contains("approved"),
+        "{approvals}"
+    );
+    let pr = browser.find(Locator::Css("#pull-request a")).await.unwrap();
+    assert_eq!(pr.attr("href").await.unwrap().as_deref(), Some(pr_url.as_str()));
+    std::fs::write(artifacts().join("pipeline.png"), browser.screenshot().await.unwrap()).unwrap();
     browser
         .goto(&format!("http://{addr}/runs/{pipeline_id}-1"))
         .await
