@@ -313,6 +313,26 @@ pub struct RunEvent {
     pub detail: String,
 }
 
+/// `text` with its first letter in upper case.
+pub fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// A sentence for people from a message (an error's `Display`): capitalized, with a
+/// full stop.
+pub fn sentence(text: &str) -> String {
+    let stop = if text.is_empty() || text.ends_with('.') {
+        ""
+    } else {
+        "."
+    };
+    format!("{}{stop}", capitalize(text))
+}
+
 /// Formats a duration as `m:ss` (or `h:mm:ss`).
 pub fn format_duration(millis: Millis) -> String {
     let secs = millis.max(0) / 1000;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::render::{Action, Detail, StatusCard, capitalized, card_in_context};
+use super::render::{Action, Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
 
@@ -393,21 +393,18 @@ impl ChatCore {
     ) -> Outcome {
         let actor = format!("{}:{}", self.surface, click.sender.id);
         let key = format!("{}:click:{}", self.surface, click.id);
-        let settings = self.orch.repo_settings(pipeline);
-        let repo_approvers = settings.map(|(_, r)| r.approvers.as_slice()).unwrap_or_default();
-        let other_required = binding.require_other_approver || settings.is_some_and(|(_, r)| r.require_other_approver);
+        let (repo, settings) = self.orch.repo_settings(pipeline);
         let prompted = || async {
             let runs = self.orch.store().runs(&pipeline.id).await.unwrap_or_default();
             runs.iter().any(|r| r.requested_by == actor)
         };
         let refusal = if !binding.may_approve(&click.sender) {
             Some("You are not allowed to approve pull requests in this channel; ask one of its approvers.".to_owned())
-        } else if !repo_approvers.is_empty() && !allowed(repo_approvers, &click.sender) {
+        } else if !settings.approvers.is_empty() && !allowed(&settings.approvers, &click.sender) {
             Some(format!(
-                "Only the approvers of {} may open its pull requests; ask one of them.",
-                settings.map(|(n, _)| n).unwrap_or("this repository")
+                "Only the approvers of {repo} may open its pull requests; ask one of them."
             ))
-        } else if other_required && prompted().await {
+        } else if (binding.require_other_approver || settings.require_other_approver) && prompted().await {
             Some(
                 "You prompted this pipeline, and its pull request must be approved by someone else; ask another \
                  approver."
@@ -422,23 +419,13 @@ impl ChatCore {
                 text: format!("{reason} Nothing was changed."),
             };
         }
-        match self.orch.open_pull_request(&run.id, &actor).await {
-            Ok(done) => {
-                let text = done.sentence();
-                self.orch.record_approval(&key, run, &actor, true, &text).await;
-                if done.fresh {
-                    Outcome::Reply { thread, text }
-                } else {
-                    Outcome::Private { text }
-                }
-            }
-            Err(e) => {
-                let text = capitalized(&self.orch.redactor().redact(&e.to_string()));
-                self.orch
-                    .record_approval(&key, run, &actor, true, &format!("failed: {text}"))
-                    .await;
-                Outcome::Reply { thread, text }
-            }
+        match self.orch.approve_pull_request(&key, run, &actor).await {
+            Ok(done) if done.fresh => Outcome::Reply {
+                thread,
+                text: done.sentence(),
+            },
+            Ok(done) => Outcome::Private { text: done.sentence() },
+            Err(text) => Outcome::Reply { thread, text },
         }
     }
 
@@ -480,7 +467,7 @@ fn queued(here: ThreadRef, result: Result<Submitted, SubmitError>, text: impl Fn
 
 /// A user-facing sentence from a submission error (it already says what to do).
 fn sentence(e: &SubmitError) -> String {
-    capitalized(&e.to_string())
+    crate::model::sentence(&e.to_string())
 }
 
 // ---- the status message ------------------------------------------------------------

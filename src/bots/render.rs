@@ -236,21 +236,9 @@ pub fn card_in_context(
         card.note = view
             .unavailable
             .as_deref()
-            .map(|why| redactor.redact(&capitalized(why)));
+            .map(|why| redactor.redact(&crate::model::sentence(why)));
     }
     card
-}
-
-/// A sentence from an error message: capitalized, with a full stop.
-pub fn capitalized(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => {
-            let stop = if text.ends_with('.') { "" } else { "." };
-            format!("{}{}{stop}", first.to_uppercase(), chars.as_str())
-        }
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,13 @@
 //! pipeline however often Open PR is pressed.
 
 use std::fmt::Write as _;
+use std::sync::LazyLock;
 
 use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest, PrState};
 use super::workspace::PullRequestCheck;
 use super::{GitError, Orchestrator, RunUpdate};
 use crate::config::RepoConfig;
-use crate::model::{Approval, Pipeline, PullRequestRecord, Run, RunState, now_millis};
+use crate::model::{Approval, Pipeline, PullRequestRecord, Run, RunState, capitalize, now_millis, sentence};
 use crate::store::StoreError;
 
 /// Why no pull request was opened, in words that say what to do next.
@@ -128,7 +129,7 @@ impl PullRequestOutcome {
         let mut text = match self.previous {
             Some((number, state)) => format!(
                 "{} {} was {}. ",
-                capitalized_noun(noun),
+                capitalize(noun),
                 self.kind.reference(number),
                 state.word()
             ),
@@ -162,14 +163,17 @@ pub struct PullRequestView {
 }
 
 impl Orchestrator {
-    /// The `[repos]` entry a pipeline came from (its name and settings), if any.
-    pub fn repo_settings(&self, pipeline: &Pipeline) -> Option<(&str, &RepoConfig)> {
-        let (_, name) = self.inner.repo_keys.iter().find(|(key, _)| *key == pipeline.repo)?;
+    /// The `[repos]` entry a pipeline came from, by name; for a repository named only on
+    /// the command line, `NAME` (for messages that say where to configure it) and the
+    /// defaults.
+    pub fn repo_settings(&self, pipeline: &Pipeline) -> (&str, &RepoConfig) {
+        static UNCONFIGURED: LazyLock<RepoConfig> = LazyLock::new(RepoConfig::default);
         self.inner
-            .config
-            .repos
-            .get_key_value(name)
-            .map(|(n, r)| (n.as_str(), r))
+            .repo_keys
+            .iter()
+            .find(|(key, _)| *key == pipeline.repo)
+            .and_then(|(_, name)| self.inner.config.repos.get_key_value(name))
+            .map_or(("NAME", &*UNCONFIGURED), |(n, r)| (n.as_str(), r))
     }
 
     /// The forge of a pipeline's repository.
@@ -177,8 +181,7 @@ impl Orchestrator {
         if pipeline.local_only {
             return Ok(None);
         }
-        let default = RepoConfig::default();
-        let (name, settings) = self.repo_settings(pipeline).unwrap_or(("NAME", &default));
+        let (name, settings) = self.repo_settings(pipeline);
         forge::resolve(&pipeline.remote_url, &settings.forge).map_err(|reason| PullRequestError::Misconfigured {
             remote: pipeline.remote_url.clone(),
             repo: name.to_owned(),
@@ -188,10 +191,7 @@ impl Orchestrator {
 
     /// What a pipeline's cards show about pull requests.
     pub async fn pull_request_view(&self, pipeline: &Pipeline) -> PullRequestView {
-        let configured = self
-            .repo_settings(pipeline)
-            .map(|(_, r)| r.branch_url.clone())
-            .filter(|t| !t.is_empty());
+        let configured = Some(self.repo_settings(pipeline).1.branch_url.clone()).filter(|t| !t.is_empty());
         let forge = self.forge_of(pipeline);
         let target = forge.as_ref().ok().cloned().flatten();
         let unavailable = match &forge {
@@ -216,11 +216,7 @@ impl Orchestrator {
         } else {
             PullRequestError::NoForge {
                 remote: pipeline.remote_url.clone(),
-                repo: self
-                    .repo_settings(pipeline)
-                    .map(|(n, _)| n)
-                    .unwrap_or("NAME")
-                    .to_owned(),
+                repo: self.repo_settings(pipeline).0.to_owned(),
             }
         }
     }
@@ -228,7 +224,7 @@ impl Orchestrator {
     /// Opens the pull request of `run`'s pipeline, or finds the one it has (recorded
     /// here, or opened by hand on the forge). One at a time per pipeline, so a double
     /// click opens one.
-    pub async fn open_pull_request(&self, run_id: &str, actor: &str) -> Result<PullRequestOutcome, PullRequestError> {
+    async fn open_pull_request(&self, run_id: &str, actor: &str) -> Result<PullRequestOutcome, PullRequestError> {
         let store = &self.inner.store;
         let run = store
             .find_run(run_id)
@@ -250,8 +246,7 @@ impl Orchestrator {
             .or_default()
             .clone();
         let _one_at_a_time = lock.lock().await;
-        let default = RepoConfig::default();
-        let (name, settings) = self.repo_settings(&pipeline).unwrap_or(("NAME", &default));
+        let (name, settings) = self.repo_settings(&pipeline);
         let token = if settings.forge.token.is_empty() {
             &self.inner.config.git.token
         } else {
@@ -354,7 +349,7 @@ impl Orchestrator {
             Some((number, state)) => PullRequestError::AfterEnded {
                 what: format!(
                     "{} {} was {}",
-                    capitalized_noun(target.kind.noun()),
+                    capitalize(target.kind.noun()),
                     target.kind.reference(number),
                     state.word()
                 ),
@@ -362,6 +357,22 @@ impl Orchestrator {
             },
             None => e,
         })
+    }
+
+    /// Open PR pressed by `actor`, whom the front end has let through: opens (or finds)
+    /// the pull request and records the approval with what came of it, once per `key`
+    /// (a click's id). An error is the sentence to show, redacted.
+    pub async fn approve_pull_request(&self, key: &str, run: &Run, actor: &str) -> Result<PullRequestOutcome, String> {
+        let result = self
+            .open_pull_request(&run.id, actor)
+            .await
+            .map_err(|e| sentence(&self.inner.redactor.redact(&e.to_string())));
+        let reason = match &result {
+            Ok(done) => done.sentence(),
+            Err(text) => format!("failed: {text}"),
+        };
+        self.record_approval(key, run, actor, true, &reason).await;
+        result
     }
 
     /// Records an Open PR decision (once per `key`, a click's id); a failure to record
@@ -482,14 +493,6 @@ impl Orchestrator {
             }
         }
     }
-}
-
-fn capitalized_noun(noun: &str) -> String {
-    let mut chars = noun.chars();
-    chars
-        .next()
-        .map(|c| c.to_uppercase().chain(chars).collect())
-        .unwrap_or_default()
 }
 
 fn outcome_word(state: RunState) -> &'static str {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::WebState;
-use crate::bots::render::{Detail, StatusCard, capitalized, card_in_context};
+use crate::bots::render::{Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Pipeline, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
 
@@ -216,8 +216,7 @@ pub async fn cancel(State(state): State<WebState>, Path(id): Path<String>) -> Ap
 pub async fn open_pr(State(state): State<WebState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
     let run = state.orch.find_run(&id).await?;
     let key = idempotency_key(&headers).unwrap_or_else(|| format!("web:open-pr:{}", uuid::Uuid::new_v4()));
-    let result = state.orch.open_pull_request(&run.id, "web").await;
-    let (status, body) = match &result {
+    let (status, body) = match state.orch.approve_pull_request(&key, &run, "web").await {
         Ok(done) => (
             if done.fresh {
                 StatusCode::CREATED
@@ -226,16 +225,8 @@ pub async fn open_pr(State(state): State<WebState>, Path(id): Path<String>, head
             },
             json!({ "text": done.sentence(), "pull_request": done.pr }),
         ),
-        Err(e) => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!({ "error": capitalized(&state.orch.redactor().redact(&e.to_string())) }),
-        ),
+        Err(text) => (StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": text })),
     };
-    let reason = match &result {
-        Ok(done) => done.sentence(),
-        Err(e) => format!("failed: {e}"),
-    };
-    state.orch.record_approval(&key, &run, "web", true, &reason).await;
     Ok((status, Json(body)).into_response())
 }
 
