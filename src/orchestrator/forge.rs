@@ -248,13 +248,13 @@ impl PrState {
     }
 }
 
-/// The client for `target`, authenticating with `token`.
-pub fn client(target: &ForgeTarget, token: &str) -> Result<Box<dyn Forge>, ForgeError> {
+/// The client for `target` over `http`, authenticating with `token`.
+pub fn client(target: &ForgeTarget, token: &str, http: &JsonClient) -> Result<Box<dyn Forge>, ForgeError> {
     if token.is_empty() {
         return Err(ForgeError::NoToken);
     }
     let api = Api {
-        http: JsonClient::new().map_err(|e| ForgeError::Unreachable(e.to_string()))?,
+        http: http.clone(),
         target: target.clone(),
         auth: match target.kind {
             ForgeKind::Gitea => format!("token {token}"),
@@ -264,7 +264,8 @@ pub fn client(target: &ForgeTarget, token: &str) -> Result<Box<dyn Forge>, Forge
     Ok(match target.kind {
         ForgeKind::Github => Box::new(GitHub(api)),
         ForgeKind::Gitlab => Box::new(GitLab(api)),
-        ForgeKind::Gitea | ForgeKind::None => Box::new(Gitea(api)),
+        ForgeKind::Gitea => Box::new(Gitea(api)),
+        ForgeKind::None => unreachable!("resolve gives no target for kind none"),
     })
 }
 

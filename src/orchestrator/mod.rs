@@ -148,6 +148,8 @@ pub(crate) struct Inner {
     executing: Mutex<HashSet<String>>,
     /// One git fetch into a mirror at a time.
     mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// The forges' HTTP client, made on the first Open PR (not at start-up).
+    http: std::sync::OnceLock<crate::http::JsonClient>,
     /// One Open PR at a time per pipeline.
     pr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The configured repositories as pipelines record them (canonical path or URL),
@@ -187,6 +189,7 @@ impl Orchestrator {
                 tracker: TaskTracker::new(),
                 executing: Mutex::new(HashSet::new()),
                 mirror_locks: Mutex::new(HashMap::new()),
+                http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
                 repo_keys,
                 counters: Counters::default(),

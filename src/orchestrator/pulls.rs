@@ -253,7 +253,9 @@ impl Orchestrator {
             &settings.forge.token
         };
         let explain = |e: ForgeError| self.explain(e, &pipeline, &target, name);
-        let client = forge::client(&target, token.expose());
+        let client = self
+            .http()
+            .and_then(|http| forge::client(&target, token.expose(), http));
         let mut previous = None;
         if let Some(pr) = store.pull_request(&pipeline.id).await? {
             // A merged or closed one makes way for a new one; while it is open, or when
@@ -485,7 +487,17 @@ impl Orchestrator {
         }
     }
 
-    /// Sends the pipeline's latest run again, so every status message redraws.
+    /// The HTTP client the forges share (its TLS roots are read once).
+    fn http(&self) -> Result<&crate::http::JsonClient, ForgeError> {
+        if let Some(http) = self.inner.http.get() {
+            return Ok(http);
+        }
+        let made = crate::http::JsonClient::new().map_err(|e| ForgeError::Unreachable(e.to_string()))?;
+        Ok(self.inner.http.get_or_init(|| made))
+    }
+
+    /// Sends the pipeline's pushed, succeeded runs again, so their status messages
+    /// redraw (Open PR becomes a link, or comes back).
     async fn republish(&self, pipeline_id: &str) {
         if let Ok(runs) = self.inner.store.runs(pipeline_id).await {
             for run in runs.into_iter().filter(|r| r.state == RunState::Succeeded && r.pushed) {
