@@ -259,6 +259,12 @@ impl Git {
 
     /// Creates the mirror if needed and fetches every branch of the remote into it.
     pub fn sync_mirror(&self, remote_url: &str) -> Result<PathBuf, GitError> {
+        self.fetch_mirror(remote_url).map(|(path, _)| path)
+    }
+
+    /// [`Git::sync_mirror`], also returning the branches the remote has now, as it
+    /// advertised them (the mirror keeps branches the remote deleted).
+    fn fetch_mirror(&self, remote_url: &str) -> Result<(PathBuf, Vec<(String, Oid)>), GitError> {
         let path = self.mirror_path(remote_url);
         let repo = match Repository::open_bare(&path) {
             Ok(repo) => repo,
@@ -271,13 +277,21 @@ impl Git {
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(self.callbacks());
         // Without prune: branches pushed only to a local-only mirror must survive.
+        let fetch_error = |e: git2::Error| GitError::Fetch {
+            remote: remote_url.to_owned(),
+            detail: e.message().to_owned(),
+        };
         remote
             .fetch(&["+refs/heads/*:refs/heads/*"], Some(&mut opts), None)
-            .map_err(|e| GitError::Fetch {
-                remote: remote_url.to_owned(),
-                detail: e.message().to_owned(),
-            })?;
-        Ok(path)
+            .map_err(fetch_error)?;
+        // libgit2 keeps the advertised refs after the fetch disconnects.
+        let heads = remote
+            .list()
+            .map_err(fetch_error)?
+            .iter()
+            .filter_map(|h| Some((h.name().strip_prefix("refs/heads/")?.to_owned(), h.oid())))
+            .collect();
+        Ok((path, heads))
     }
 
     /// Makes the pipeline's workspace ready for a run: cloned from the mirror on the
@@ -563,30 +577,13 @@ pub enum PullRequestCheck {
 }
 
 impl Git {
-    /// Asks the remote which branches it has now (a fetch alone would keep deleted ones
-    /// in the mirror), fetches, and compares the pipeline's branch with its base.
+    /// Fetches, and compares the pipeline's branch with its base as the remote has them
+    /// now (the mirror alone would still have branches deleted there).
     pub fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError> {
-        let mirror = self.sync_mirror(&pipeline.remote_url)?;
+        let (mirror, heads) = self.fetch_mirror(&pipeline.remote_url)?;
         let repo = Repository::open_bare(&mirror)?;
-        let mut remote = repo.remote_anonymous(&pipeline.remote_url)?;
-        let fetch_error = |e: git2::Error| GitError::Fetch {
-            remote: pipeline.remote_url.clone(),
-            detail: e.message().to_owned(),
-        };
-        remote
-            .connect_auth(git2::Direction::Fetch, Some(self.callbacks()), None)
-            .map_err(fetch_error)?;
-        let head_of = |name: &str| -> Result<Option<Oid>, GitError> {
-            let wanted = format!("refs/heads/{name}");
-            Ok(remote
-                .list()
-                .map_err(fetch_error)?
-                .iter()
-                .find(|h| h.name() == wanted)
-                .map(|h| h.oid()))
-        };
-        let (branch, base) = (head_of(&pipeline.branch)?, head_of(&pipeline.base_branch)?);
-        remote.disconnect().map_err(fetch_error)?;
+        let head_of = |name: &str| heads.iter().find(|(n, _)| n == name).map(|(_, oid)| *oid);
+        let (branch, base) = (head_of(&pipeline.branch), head_of(&pipeline.base_branch));
         let (Some(branch), Some(base)) = (branch, base) else {
             return Ok(if branch.is_none() {
                 PullRequestCheck::BranchMissing
