@@ -15,7 +15,7 @@ use threadline::bots::web::{WebState, router};
 use threadline::config::{Config, ForgeConfig, RepoConfig, Secret};
 use threadline::model::{Origin, Run, RunState};
 use threadline::orchestrator::forge::ForgeKind;
-use threadline::orchestrator::{ContainerRuntime, NewPipeline, Orchestrator};
+use threadline::orchestrator::{ContainerRuntime, NewPipeline, Orchestrator, Submitted};
 use threadline::store::Store;
 use tower::ServiceExt;
 
@@ -136,6 +136,44 @@ async fn prompt(core: &ChatCore, store: &Store, ts: &str, who: &str, script: &st
     assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
     assert!(run.pushed);
     run
+}
+
+/// A pipeline started from the web chat on `repo`, its first run succeeded.
+async fn web_run(orch: &Orchestrator, repo: String, prompt: &str) -> (Submitted, Run) {
+    let submitted = orch
+        .submit_pipeline(NewPipeline {
+            repo,
+            base_branch: None,
+            agent: None,
+            prompt: prompt.into(),
+            requested_by: "web".into(),
+            origin: Origin {
+                surface: "web".into(),
+                thread: String::new(),
+                url: String::new(),
+            },
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    let run = finished(orch.store(), &submitted.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    (submitted, run)
+}
+
+/// A call to the web API, in process: its status and JSON answer.
+async fn api(app: &axum::Router, method: &str, uri: &str) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::HOST, "127.0.0.1:8080")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{}"))
+        .unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
 }
 
 /// Waits for the first pipeline a chat adapter starts, and for its first run to succeed.
@@ -457,46 +495,16 @@ async fn the_web_chat_opens_a_gitlab_merge_request() {
     forge.reviewers = vec!["maria".into()];
     let orch = env.orchestrator().await;
     let url = env.config.repos["app"].url.clone();
-    let submitted = orch
-        .submit_pipeline(NewPipeline {
-            repo: url,
-            base_branch: None,
-            agent: None,
-            prompt: "echo web > web.txt".into(),
-            requested_by: "web".into(),
-            origin: Origin {
-                surface: "web".into(),
-                thread: String::new(),
-                url: String::new(),
-            },
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    let run = finished(orch.store(), &submitted.run.id).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let (submitted, run) = web_run(&orch, url, "echo web > web.txt").await;
     let app = router(WebState::new(orch.clone(), "127.0.0.1:8080".parse().unwrap()));
-    let call = async |method: &str, uri: &str| {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::HOST, "127.0.0.1:8080")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from("{}"))
-            .unwrap();
-        let res = app.clone().oneshot(req).await.unwrap();
-        let status = res.status();
-        let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice::<Value>(&bytes).unwrap())
-    };
-    let (_, shown) = call("GET", &format!("/api/runs/{}", run.id)).await;
+    let (_, shown) = api(&app, "GET", &format!("/api/runs/{}", run.id)).await;
     assert_eq!(shown["card"]["buttons"][0]["action"], "open_pr", "{shown}");
 
     let mr_url = format!("http://{}/group/sub/app/-/merge_requests/1", fake.addr);
-    let (status, body) = call("POST", &format!("/api/runs/{}/open-pr", run.id)).await;
+    let (status, body) = api(&app, "POST", &format!("/api/runs/{}/open-pr", run.id)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["text"], format!("Opened merge request !1: {mr_url}"));
-    let (status, body) = call("POST", &format!("/api/runs/{}/open-pr", run.id)).await;
+    let (status, body) = api(&app, "POST", &format!("/api/runs/{}/open-pr", run.id)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let prs = fake.prs();
     assert_eq!(prs.len(), 1);
@@ -507,7 +515,7 @@ async fn the_web_chat_opens_a_gitlab_merge_request() {
     assert_eq!(prs[0].labels, ["agent", "bot"]);
     assert_eq!(prs[0].reviewers.len(), 1);
 
-    let (_, detail) = call("GET", &format!("/api/pipelines/{}", submitted.pipeline.id)).await;
+    let (_, detail) = api(&app, "GET", &format!("/api/pipelines/{}", submitted.pipeline.id)).await;
     assert_eq!(detail["pull_request"]["url"], mr_url.as_str());
     assert_eq!(detail["approvals"].as_array().map(Vec::len), Some(2));
     assert_eq!(detail["approvals"][0]["actor"], "web");
@@ -528,41 +536,10 @@ async fn a_local_only_repository_says_there_is_no_forge() {
     );
     crate::harness::git(&checkout, &["remote", "remove", "origin"]);
     let orch = env.orchestrator().await;
-    let submitted = orch
-        .submit_pipeline(NewPipeline {
-            repo: checkout.display().to_string(),
-            base_branch: None,
-            agent: None,
-            prompt: "echo local > local.txt".into(),
-            requested_by: "web".into(),
-            origin: Origin {
-                surface: "web".into(),
-                thread: String::new(),
-                url: String::new(),
-            },
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
+    let (submitted, run) = web_run(&orch, checkout.display().to_string(), "echo local > local.txt").await;
     assert!(submitted.pipeline.local_only);
-    let run = finished(orch.store(), &submitted.run.id).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
     let app = router(WebState::new(orch.clone(), "127.0.0.1:8080".parse().unwrap()));
-    let req = |method: &str, uri: String| {
-        Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::HOST, "127.0.0.1:8080")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from("{}"))
-            .unwrap()
-    };
-    let res = app
-        .clone()
-        .oneshot(req("GET", format!("/api/runs/{}", run.id)))
-        .await
-        .unwrap();
-    let shown: Value = serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let (_, shown) = api(&app, "GET", &format!("/api/runs/{}", run.id)).await;
     let card = &shown["card"];
     assert_eq!(card["buttons"].as_array().map(Vec::len), Some(0), "{card}");
     let note = card["note"].as_str().unwrap_or_default();
@@ -571,11 +548,8 @@ async fn a_local_only_repository_says_there_is_no_forge() {
         "git fetch {}",
         orch.mirror_path(&submitted.pipeline).display()
     )));
-    let res = app
-        .oneshot(req("POST", format!("/api/runs/{}/open-pr", run.id)))
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = api(&app, "POST", &format!("/api/runs/{}/open-pr", run.id)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     orch.shutdown().await;
 }
 
