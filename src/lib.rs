@@ -15,3 +15,4 @@ pub mod model;
 pub mod orchestrator;
 pub mod redact;
 pub mod store;
+pub mod untrusted;

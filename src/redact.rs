@@ -1,4 +1,6 @@
-//! Secret redaction for everything shown: logs, errors, chat messages.
+//! Secret redaction for everything shown: logs, errors, chat messages. What is redacted
+//! is also cleaned of control characters (see [`crate::untrusted::clean`]): both are what
+//! makes a text fit to show.
 
 const MASK: &str = "[REDACTED]";
 /// Values shorter than this are not redacted: they would mask ordinary words.
@@ -23,7 +25,7 @@ impl Redactor {
     }
 
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_owned();
+        let mut out = crate::untrusted::clean(text);
         for s in &self.secrets {
             if out.contains(s.as_str()) {
                 out = out.replace(s.as_str(), MASK);
@@ -44,5 +46,6 @@ mod tests {
             r.redact("key sk-abcdef and sk-abcdef abc"),
             "key [REDACTED] and [REDACTED] abc"
         );
+        assert_eq!(r.redact("\u{1b}[2Jok"), "ok");
     }
 }
