@@ -55,6 +55,12 @@ pub struct Config {
     pub max_prompt_bytes: usize,
     /// Log lines kept in the database per run (the whole log is in a file).
     pub log_tail_lines: usize,
+    /// The most of a run's output kept in its log file; what comes after is counted
+    /// and dropped, with a marker at the end.
+    pub max_log_bytes: u64,
+    /// How long saving a run's work (commit and push) may take before the run fails
+    /// with its work left in the workspace for the next run.
+    pub save_timeout_secs: u64,
     pub git: GitConfig,
     pub web: WebConfig,
     pub slack: SlackConfig,
@@ -302,6 +308,8 @@ impl Default for Config {
             default_base_branch: "main".into(),
             max_prompt_bytes: 32 * 1024,
             log_tail_lines: 200,
+            max_log_bytes: 16 * 1024 * 1024,
+            save_timeout_secs: 300,
             git: GitConfig::default(),
             web: WebConfig::default(),
             slack: SlackConfig::default(),
@@ -414,6 +422,9 @@ impl Config {
                 "branch_prefix",
                 format!("{:?} does not make a valid git branch name", self.branch_prefix),
             ));
+        }
+        if self.save_timeout_secs == 0 {
+            return Err(invalid("save_timeout_secs", "must be at least 1".into()));
         }
         if self.max_prompt_bytes == 0 {
             return Err(invalid("max_prompt_bytes", "must be at least 1".into()));

@@ -277,7 +277,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(exit_for(&end))
             } else {
                 match std::fs::read_to_string(&path) {
-                    Ok(text) => print!("{text}"),
+                    // Written cleaned; cleaned again for logs older than that.
+                    Ok(text) => print!("{}", crate::untrusted::clean(&text)),
                     Err(_) if !run.log_tail.is_empty() => println!("{}", run.log_tail),
                     Err(_) => eprintln!("run {} has no log yet (it is {})", run.id, run.state),
                 }
@@ -697,6 +698,15 @@ fn add_repos(config: &mut Config, repos: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes `owner` the owner of every entry of a work tree, never following a link.
+fn hand_over(ws: &std::path::Path, owner: (u32, u32)) -> std::io::Result<()> {
+    let how = crate::orchestrator::scrub::Walk {
+        owner: Some(owner),
+        scrub: false,
+    };
+    crate::orchestrator::scrub::walk(ws, how).map(drop)
+}
+
 async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     let orch = open(config).await?;
     let Some(p) = orch.store().find_pipeline(pipeline).await? else {
@@ -714,7 +724,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         anyhow::bail!("pipeline {} has no workspace yet: its first run has not started", p.id);
     }
     let context = ws.with_extension("shell-context");
-    std::fs::create_dir_all(&context)?;
+    std::fs::create_dir_all(context.join("objects"))?;
     let me = {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&ws)?;
@@ -722,7 +732,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
     };
     let user = if me.0 == 0 { (1000, 1000) } else { me };
     if user != me {
-        crate::orchestrator::workspace::chown_tree(&ws, user.0, user.1)?;
+        hand_over(&ws, user)?;
     }
     let spec = AgentSpec {
         name: format!("threadline-shell-{}", p.id),
@@ -732,6 +742,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         user: format!("{}:{}", user.0, user.1),
         workspace: ws.clone(),
         context: context.clone(),
+        objects: Some(orch.objects_path(&p.id)),
         labels: [("threadline.pipeline".to_owned(), p.id.clone())].into(),
         memory_bytes: (profile.memory_mb * 1024 * 1024) as i64,
         nano_cpus: (profile.cpus * 1e9) as i64,
@@ -748,7 +759,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         .args(spec.docker_run_args(std::io::stdin().is_terminal()))
         .status();
     if user != me {
-        crate::orchestrator::workspace::chown_tree(&ws, me.0, me.1)?;
+        hand_over(&ws, me)?;
     }
     let _ = std::fs::remove_dir_all(&context);
     match status {

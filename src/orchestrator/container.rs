@@ -17,6 +17,10 @@ use futures_util::{Stream, StreamExt};
 pub const WORKSPACE_MOUNT: &str = "/workspace";
 /// Where the read-only context (prompt, history) is mounted.
 pub const CONTEXT_MOUNT: &str = "/threadline";
+/// Where the pipeline's object store is lent read-only: the agent's `.git` names it as
+/// an alternate, so its git has the whole history while the daemon's git directory stays
+/// outside every mount. The context directory holds the mount point.
+pub const OBJECTS_MOUNT: &str = "/threadline/objects";
 pub const LABEL_RUN: &str = "threadline.run";
 pub const LABEL_PIPELINE: &str = "threadline.pipeline";
 
@@ -52,6 +56,8 @@ pub struct AgentSpec {
     pub user: String,
     pub workspace: PathBuf,
     pub context: PathBuf,
+    /// The pipeline's object store, mounted read-only at [`OBJECTS_MOUNT`].
+    pub objects: Option<PathBuf>,
     pub labels: HashMap<String, String>,
     pub memory_bytes: i64,
     pub nano_cpus: i64,
@@ -70,11 +76,17 @@ impl AgentSpec {
             ..Default::default()
         };
         HostConfig {
-            // The only host paths: the workspace, and the context read-only.
-            mounts: Some(vec![
-                bind(&self.workspace, WORKSPACE_MOUNT, false),
-                bind(&self.context, CONTEXT_MOUNT, true),
-            ]),
+            // The only host paths: the workspace, and the context and objects read-only.
+            mounts: Some(
+                [
+                    Some(bind(&self.workspace, WORKSPACE_MOUNT, false)),
+                    Some(bind(&self.context, CONTEXT_MOUNT, true)),
+                    self.objects.as_ref().map(|o| bind(o, OBJECTS_MOUNT, true)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             privileged: Some(false),

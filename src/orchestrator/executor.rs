@@ -11,14 +11,18 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::container::{AgentSpec, CONTEXT_MOUNT, LABEL_PIPELINE, LABEL_RUN, container_name};
-use super::workspace::{self, CommitInfo, SUMMARY_FILE, chown_tree};
+use super::scrub::{self, Walk};
+use super::workspace::{self, CommitInfo, SUMMARY_FILE};
 use super::{Inner, RunUpdate, run_dir};
 use crate::config::{AgentProfile, parse_user};
 use crate::model::{EndReason, Pipeline, Run, RunState, format_duration, now_millis};
 use crate::store::{RunPatch, StoreError};
+use crate::untrusted;
 
 /// How often an executing run checks for a cancel request made by another process.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
+/// The most of a run's log tail the store keeps.
+const LOG_TAIL_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 enum ExecError {
@@ -200,7 +204,7 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         }
     };
     if (uid, gid) != inner.me
-        && let Err(e) = chown_blocking(prepared.workspace.clone(), uid, gid).await
+        && let Err(e) = hand_over(prepared.workspace.clone(), uid, gid).await
     {
         fail_preparing(
             inner,
@@ -234,6 +238,7 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         user: format!("{uid}:{gid}"),
         workspace: prepared.workspace.clone(),
         context,
+        objects: Some(inner.git.objects_path(&pipeline.id)),
         labels: HashMap::from([
             (LABEL_RUN.to_owned(), run.id.clone()),
             (LABEL_PIPELINE.to_owned(), pipeline.id.clone()),
@@ -318,7 +323,9 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), logs).await;
+    // The rest of the output is already with Docker: reading it is bounded by the log
+    // cap's worth of work, which a loaded machine may take a while to do.
+    let _ = tokio::time::timeout(Duration::from_secs(30), logs).await;
     let (exit_code, reason) = match exit {
         Ok(Some(code)) => (Some(code), reason),
         Ok(None) => (None, EndReason::Lost),
@@ -360,9 +367,11 @@ async fn stop(inner: &Inner, id: &str, grace: Duration) {
     }
 }
 
-/// Copies the container's output, redacted, into the run's log file, the stored tail and
-/// the event channel. Starts from the container's first line, so a restart rewrites the
-/// file whole instead of duplicating it.
+/// Copies the container's output, cleaned and redacted, into the run's log file (at most
+/// `max_log_bytes`, then a marker), the stored tail and the event channel. Starts from
+/// the container's first line, so a restart rewrites the file whole instead of
+/// duplicating it. Lines are split at [`untrusted::MAX_LINE_BYTES`], so no output, however
+/// long or newline-free, costs more than a line's worth of memory.
 async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
     let path = run_dir(&inner.config.data_dir, &run_id).join("agent.log");
     let file = match tokio::fs::File::create(&path).await {
@@ -375,24 +384,32 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
     let mut file = tokio::io::BufWriter::new(file);
     let cap = inner.config.log_tail_lines.max(1);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(cap);
-    let mut pending = String::new();
+    let mut lines = untrusted::Lines::default();
+    let mut written: u64 = 0;
+    let mut dropped: u64 = 0;
     let mut last_flush = tokio::time::Instant::now();
     let mut dirty = false;
     let mut stream = Box::pin(inner.runtime.logs(&container));
     loop {
         let chunk = stream.next().await;
         let done = !matches!(chunk, Some(Ok(_)));
-        if let Some(Ok(bytes)) = chunk {
-            pending.push_str(&String::from_utf8_lossy(&bytes));
+        let mut new_lines = match &chunk {
+            Some(Ok(bytes)) => lines.push(bytes),
+            _ => Vec::new(),
+        };
+        if done {
+            new_lines.extend(lines.finish());
         }
-        if done && !pending.is_empty() && !pending.ends_with('\n') {
-            pending.push('\n');
-        }
-        while let Some(pos) = pending.find('\n') {
-            let line: String = pending.drain(..=pos).collect();
-            let line = inner.redactor.redact(line.trim_end_matches(['\n', '\r']));
-            let _ = file.write_all(line.as_bytes()).await;
-            let _ = file.write_all(b"\n").await;
+        for line in new_lines {
+            let line = inner.redactor.redact(&line);
+            let size = line.len() as u64 + 1;
+            if written + size <= inner.config.max_log_bytes {
+                written += size;
+                let _ = file.write_all(line.as_bytes()).await;
+                let _ = file.write_all(b"\n").await;
+            } else {
+                dropped += size;
+            }
             if tail.len() == cap {
                 tail.pop_front();
             }
@@ -403,9 +420,31 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
                 line,
             });
         }
+        if done && dropped > 0 {
+            let marker = format!(
+                "[threadline: the log was truncated at {} bytes; {dropped} more bytes were not kept]\n",
+                inner.config.max_log_bytes
+            );
+            let _ = file.write_all(marker.as_bytes()).await;
+        }
         let _ = file.flush().await;
         if dirty && (done || last_flush.elapsed() >= Duration::from_secs(1)) {
-            let text = tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n");
+            // The last lines that fit the stored tail's size.
+            let mut size = 0;
+            let keep = tail
+                .iter()
+                .rev()
+                .take_while(|l| {
+                    size += l.len() + 1;
+                    size <= LOG_TAIL_BYTES
+                })
+                .count();
+            let text = tail
+                .iter()
+                .skip(tail.len() - keep)
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join("\n");
             if let Err(e) = inner.store.set_log_tail(&run_id, &text).await {
                 tracing::warn!(run_id, error = %e, "cannot store the log tail");
             }
@@ -418,8 +457,14 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
     }
 }
 
+/// How saving a run's work ended, when it did not end with the work saved.
+enum SaveCut {
+    Failed(String),
+    TimedOut,
+    Cancelled,
+}
+
 async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
-    give_back_workspace(inner, pipeline).await;
     let reason = run.end_reason.unwrap_or(EndReason::Lost);
     let outcome = match (reason, run.exit_code) {
         (EndReason::Exited, Some(code)) => format!("exited {code}"),
@@ -427,8 +472,14 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         (EndReason::Cancelled, _) => "cancelled".to_owned(),
         _ => "container lost".to_owned(),
     };
+    // The agent must be gone before its work tree is read: a live one could swap a file
+    // for a link between the daemon's check and its use.
+    let container = run.container_id.clone().unwrap_or_else(|| container_name(&run.id));
+    if let Err(e) = inner.runtime.remove(&container).await {
+        tracing::warn!(run_id = %run.id, error = %e, "could not remove the container before saving");
+    }
     let mut patch = RunPatch::default();
-    let mut save_error = None;
+    let mut cut = None;
     let saved = if run.start_commit.is_none() {
         None // never got as far as a workspace: nothing to save
     } else {
@@ -437,7 +488,8 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         let start = run.start_commit.clone().unwrap_or_default();
         let prompt = inner.redactor.redact(&run.prompt);
         let (run_id, agent, outcome) = (run.id.clone(), run.agent.clone(), outcome.clone());
-        let result = tokio::task::spawn_blocking(move || {
+        let owner = Some(inner.me);
+        let job = tokio::task::spawn_blocking(move || {
             let saved = git.save(
                 &p,
                 &start,
@@ -447,14 +499,23 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                     agent: &agent,
                     outcome: &outcome,
                 },
+                owner,
             )?;
             let push = if git.needs_push(&p)? { Some(git.push(&p)) } else { None };
             Ok::<_, workspace::GitError>((saved, push))
-        })
-        .await
-        .expect("git save does not panic");
+        });
+        // Whatever the agent left, saving ends: within its time limit, or when the run
+        // is cancelled. A save cut short finishes on its own thread under the pipeline's
+        // git lock, so the next run waits for it rather than racing it.
+        let limit = Duration::from_secs(inner.config.save_timeout_secs);
+        let result = tokio::select! {
+            done = job => Some(done.expect("git save does not panic")),
+            _ = tokio::time::sleep(limit) => { cut = Some(SaveCut::TimedOut); None }
+            _ = cancel_requested(inner, &run.id) => { cut = Some(SaveCut::Cancelled); None }
+            _ = inner.shutdown.cancelled() => return Ok(()), // saved again at the next start
+        };
         match result {
-            Ok((saved, push)) => {
+            Some(Ok((saved, push))) => {
                 patch.head_commit = Some(saved.head.clone());
                 patch.changed = Some(saved.changed);
                 patch.diffstat = Some(saved.diffstat.clone());
@@ -466,21 +527,36 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                     }
                     Some(Err(e)) => patch.push_error = Some(Some(inner.redactor.redact(&e.to_string()))),
                 }
+                for note in &saved.notes {
+                    tracing::warn!(run_id = %run.id, note = %note, "saving passed over what the agent left");
+                }
                 Some(saved)
             }
-            Err(e) => {
-                save_error = Some(format!(
+            Some(Err(e)) => {
+                cut = Some(SaveCut::Failed(format!(
                     "saving the run's work failed: {e}. The changes are still in the workspace and the next run commits them"
-                ));
+                )));
                 None
             }
+            None => None,
         }
     };
     let push_error = patch.push_error.clone().flatten();
-    let (to, error) = match (reason, run.exit_code) {
-        _ if save_error.is_some() => (RunState::Failed, save_error),
-        (EndReason::Cancelled, _) => (RunState::Cancelled, None),
-        (EndReason::TimedOut, _) => (
+    let (to, error) = match (reason, run.exit_code, cut) {
+        (_, _, Some(SaveCut::Failed(e))) => (RunState::Failed, Some(e)),
+        (_, _, Some(SaveCut::TimedOut)) => (
+            RunState::Failed,
+            Some(format!(
+                "saving the run's work took longer than {}; the changes are still in the workspace and the next run commits them",
+                format_duration(inner.config.save_timeout_secs as i64 * 1000)
+            )),
+        ),
+        (_, _, Some(SaveCut::Cancelled)) => (
+            RunState::Cancelled,
+            Some("cancelled while its work was being saved; what the save did not finish, the next run commits".into()),
+        ),
+        (EndReason::Cancelled, _, None) => (RunState::Cancelled, None),
+        (EndReason::TimedOut, _, None) => (
             RunState::TimedOut,
             Some(format!(
                 "the agent ran past its limit of {} and was stopped; its work so far is saved",
@@ -493,7 +569,7 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                 )
             )),
         ),
-        (EndReason::Exited, Some(0)) => match push_error {
+        (EndReason::Exited, Some(0), None) => match push_error {
             None => (RunState::Succeeded, None),
             Some(e) => (
                 RunState::Failed,
@@ -503,7 +579,7 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                 )),
             ),
         },
-        (EndReason::Exited, Some(code)) => (
+        (EndReason::Exited, Some(code), None) => (
             RunState::Failed,
             Some(format!(
                 "the agent exited with code {code}; its work so far is saved. `threadline logs {}` shows why",
@@ -519,15 +595,14 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         patch.error = Some(inner.redactor.redact(e));
     }
     inner.store.update_run(&run.id, &patch).await?;
-    let detail = match &saved {
+    let mut detail = match &saved {
         Some(s) if s.changed => format!("{} at {}", s.diffstat, workspace::short(&s.head)),
         Some(_) => "no changes".to_owned(),
         None => String::new(),
     };
-    if let Some(id) = &run.container_id
-        && let Err(e) = inner.runtime.remove(id).await
-    {
-        tracing::warn!(run_id = %run.id, error = %e, "could not remove the container");
+    for note in saved.iter().flat_map(|s| &s.notes) {
+        detail.push_str(if detail.is_empty() { "" } else { "; " });
+        detail.push_str(&inner.redactor.redact(note));
     }
     let context = run_dir(&inner.config.data_dir, &run.id).join("context");
     let _ = tokio::fs::remove_dir_all(context).await;
@@ -535,23 +610,41 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     Ok(())
 }
 
+/// Resolves once a cancel of the run has been requested, by any process.
+async fn cancel_requested(inner: &Inner, run_id: &str) {
+    let mut poll = tokio::time::interval(CANCEL_POLL);
+    loop {
+        poll.tick().await;
+        if inner.store.cancel_requested(run_id).await.unwrap_or(false) {
+            return;
+        }
+    }
+}
+
 /// Gives the workspace back to the daemon's user after an agent of another uid used it.
 async fn give_back_workspace(inner: &Inner, pipeline: &Pipeline) {
     let ws = inner.git.workspace_path(&pipeline.id);
     let (uid, gid) = inner.me;
-    use std::os::unix::fs::MetadataExt;
-    let owned = std::fs::metadata(&ws)
-        .map(|m| (m.uid(), m.gid()) == (uid, gid))
-        .unwrap_or(true);
-    if !owned && let Err(e) = chown_blocking(ws, uid, gid).await {
+    if let Err(e) = hand_over(ws, uid, gid).await {
         tracing::warn!(pipeline_id = %pipeline.id, error = %e, "cannot take the workspace back");
     }
 }
 
-async fn chown_blocking(path: PathBuf, uid: u32, gid: u32) -> std::io::Result<()> {
-    tokio::task::spawn_blocking(move || chown_tree(&path, uid, gid))
-        .await
-        .expect("chown does not panic")
+/// Makes `uid:gid` the owner of every entry of the work tree (links themselves, never
+/// their targets).
+async fn hand_over(path: PathBuf, uid: u32, gid: u32) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        scrub::walk(
+            &path,
+            Walk {
+                owner: Some((uid, gid)),
+                scrub: false,
+            },
+        )
+        .map(drop)
+    })
+    .await
+    .expect("chown does not panic")
 }
 
 /// The uid:gid an agent runs as: the profile's, else the daemon's own, else (when the
@@ -602,7 +695,8 @@ fn agent_env(profile: &AgentProfile, pipeline: &Pipeline, run: &Run) -> Result<V
 /// pipeline's earlier runs did.
 async fn write_context(inner: &Inner, pipeline: &Pipeline, run: &Run) -> std::io::Result<PathBuf> {
     let dir = run_dir(&inner.config.data_dir, &run.id).join("context");
-    tokio::fs::create_dir_all(&dir).await?;
+    // The mount point of the pipeline's object store (see `OBJECTS_MOUNT`).
+    tokio::fs::create_dir_all(dir.join("objects")).await?;
     let earlier: Vec<Run> = inner
         .store
         .runs(&pipeline.id)

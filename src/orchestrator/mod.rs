@@ -7,6 +7,7 @@ mod executor;
 pub mod forge;
 mod pulls;
 mod scheduler;
+pub mod scrub;
 pub mod workspace;
 
 use std::collections::{HashMap, HashSet};
@@ -230,6 +231,11 @@ impl Orchestrator {
 
     pub fn workspace_path(&self, pipeline_id: &str) -> PathBuf {
         self.inner.git.workspace_path(pipeline_id)
+    }
+
+    /// The pipeline's object store, which agents get read-only.
+    pub fn objects_path(&self, pipeline_id: &str) -> PathBuf {
+        self.inner.git.objects_path(pipeline_id)
     }
 
     /// Starts a pipeline with its first run, queued.

@@ -1,23 +1,43 @@
-//! Git: a bare mirror per repository, a full clone per pipeline (mounted into the
-//! agent's container), committing whatever a run left, and pushing. **Only a pipeline's
-//! own branch is ever pushed, never with force, and a user's local checkout is never
-//! written to.** Blocking (libgit2): call from `spawn_blocking`.
+//! Git: a bare mirror per repository; per pipeline, a git directory of the daemon's own and
+//! a work tree (mounted into the agent's container); committing whatever a run left, and
+//! pushing. **Only a pipeline's own branch is ever pushed, never with force, and a user's
+//! local checkout is never written to.** Blocking (libgit2): call from `spawn_blocking`.
+//!
+//! **The agent is untrusted, and so is everything it wrote.** The daemon's git directory
+//! (`gitdirs/<pipeline>.git`) is outside every mount; its work tree is set by the daemon,
+//! never read from a file. The work tree holds a `.git` for the agent alone: rebuilt by
+//! the daemon before every run (HEAD, the branch, the index, and the daemon's object
+//! store lent read-only as an alternate), and never opened by the daemon as a
+//! repository, a configuration or a path. After the run, the agent's commits on the
+//! pipeline's branch are imported like a fetch from a stranger: objects only, each one
+//! re-hashed, sizes capped, and only if they descend from the run's start; the rest of
+//! its work is staged from the work tree with the daemon's own settings. Network
+//! operations use only the URL from the store, and credentials go only to its host.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use git2::build::{CheckoutBuilder, RepoBuilder};
 use git2::{
-    BranchType, Cred, CredentialType, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks, Repository,
-    Signature,
+    BranchType, Cred, CredentialType, FetchOptions, IndexAddOption, ObjectType, Odb, Oid, PushOptions, RemoteCallbacks,
+    Repository, Signature,
 };
 
+use super::scrub::{self, Walk};
 use crate::config::Secret;
 use crate::model::{Diffstat, Pipeline};
+use crate::untrusted::{self, Refused};
 
 /// Files the agent may leave for Threadline; excluded from commits.
 pub const CONTROL_DIR: &str = ".threadline";
 pub const SUMMARY_FILE: &str = ".threadline/summary.md";
+/// The most of a summary that is kept.
+pub const SUMMARY_CAP: usize = 16 * 1024;
+/// The largest single object imported from an agent's own commits; a larger file is
+/// still saved, staged from the work tree (which streams it).
+const IMPORT_OBJECT_CAP: u64 = 256 * 1024 * 1024;
+/// The most an agent's own commits may bring in, in all.
+const IMPORT_TOTAL_CAP: u64 = 2 * 1024 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -50,6 +70,10 @@ pub enum GitError {
     Push { remote: String, detail: String },
     #[error("git: {0}")]
     Git(#[from] git2::Error),
+    #[error("an earlier save of this pipeline is still running after {0} s; try again when it has finished")]
+    Busy(u64),
+    #[error("refusing to send credentials to {asked}: only the configured remote's host {allowed} gets them")]
+    CredentialHost { asked: String, allowed: String },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -156,6 +180,9 @@ pub fn branch_name(prefix: &str, prompt: &str, id: &str) -> String {
 /// daemon's process; nothing of them reaches a container.
 #[derive(Clone)]
 pub struct Git {
+    /// One git operation per pipeline at a time, held by the thread doing it: a save the
+    /// executor stopped waiting for still finishes before the next run prepares.
+    busy: Busy,
     data_dir: PathBuf,
     author_name: String,
     author_email: String,
@@ -181,6 +208,8 @@ pub struct Saved {
     pub changed: bool,
     pub diffstat: Diffstat,
     pub summary: Option<String>,
+    /// What the save passed over or refused in what the agent left, for the run's notes.
+    pub notes: Vec<String>,
 }
 
 /// The run and outcome for a commit message.
@@ -194,6 +223,7 @@ pub struct CommitInfo<'a> {
 impl Git {
     pub fn new(config: &crate::config::Config) -> Self {
         Git {
+            busy: Default::default(),
             data_dir: config.data_dir.clone(),
             author_name: config.git.author_name.clone(),
             author_email: config.git.author_email.clone(),
@@ -203,8 +233,43 @@ impl Git {
         }
     }
 
+    /// Waits (a bounded time) until no other thread does git work on the pipeline.
+    fn hold(&self, pipeline_id: &str) -> Result<PipelineGuard, GitError> {
+        const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if self
+                .busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pipeline_id.to_owned())
+            {
+                return Ok(PipelineGuard {
+                    busy: self.busy.clone(),
+                    pipeline_id: pipeline_id.to_owned(),
+                });
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(GitError::Busy(WAIT.as_secs()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The work tree the agent's container gets.
     pub fn workspace_path(&self, pipeline_id: &str) -> PathBuf {
         self.data_dir.join("workspaces").join(pipeline_id)
+    }
+
+    /// The daemon's own git directory for a pipeline: never mounted into a container.
+    pub fn gitdir_path(&self, pipeline_id: &str) -> PathBuf {
+        self.data_dir.join("gitdirs").join(format!("{pipeline_id}.git"))
+    }
+
+    /// The pipeline's object store, lent read-only to its agents so their git has the
+    /// history without a copy.
+    pub fn objects_path(&self, pipeline_id: &str) -> PathBuf {
+        self.gitdir_path(pipeline_id).join("objects")
     }
 
     pub fn mirror_path(&self, remote_url: &str) -> PathBuf {
@@ -222,12 +287,24 @@ impl Git {
             .join(format!("{name}-{:016x}.git", fnv1a(remote_url.as_bytes())))
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'static> {
+    /// Credentials for `remote_url`, and only for its host: a redirect or a rewritten URL
+    /// that leads elsewhere gets none.
+    fn callbacks(&self, remote_url: &str) -> RemoteCallbacks<'static> {
         let token = self.token.clone();
         let user = self.token_username.clone();
+        let allowed = url_host(remote_url);
         let mut attempts = 0;
         let mut cb = RemoteCallbacks::new();
-        cb.credentials(move |url, username_from_url, allowed| {
+        cb.credentials(move |url, username_from_url, kinds| {
+            let asked = url_host(url);
+            if asked != allowed {
+                let shown = |h: &Option<String>| h.clone().unwrap_or_else(|| "a local path".into());
+                let refused = GitError::CredentialHost {
+                    asked: shown(&asked),
+                    allowed: shown(&allowed),
+                };
+                return Err(git2::Error::from_str(&refused.to_string()));
+            }
             // libgit2 asks again after every refusal; give up instead of looping.
             attempts += 1;
             if attempts > 3 {
@@ -235,19 +312,19 @@ impl Git {
                     "authentication failed: the credentials were refused",
                 ));
             }
-            if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) && !token.is_empty() {
+            if kinds.contains(CredentialType::USER_PASS_PLAINTEXT) && !token.is_empty() {
                 return Cred::userpass_plaintext(&user, token.expose());
             }
-            if allowed.contains(CredentialType::SSH_KEY) {
+            if kinds.contains(CredentialType::SSH_KEY) {
                 return Cred::ssh_key_from_agent(username_from_url.unwrap_or("git"));
             }
-            if allowed.contains(CredentialType::USER_PASS_PLAINTEXT)
+            if kinds.contains(CredentialType::USER_PASS_PLAINTEXT)
                 && let Ok(config) = git2::Config::open_default()
                 && let Ok(cred) = Cred::credential_helper(&config, url, username_from_url)
             {
                 return Ok(cred);
             }
-            if allowed.contains(CredentialType::DEFAULT) {
+            if kinds.contains(CredentialType::DEFAULT) {
                 return Cred::default();
             }
             Err(git2::Error::from_str(
@@ -275,7 +352,7 @@ impl Git {
         };
         let mut remote = repo.remote_anonymous(remote_url)?;
         let mut opts = FetchOptions::new();
-        opts.remote_callbacks(self.callbacks());
+        opts.remote_callbacks(self.callbacks(remote_url));
         // Without prune: branches pushed only to a local-only mirror must survive.
         let fetch_error = |e: git2::Error| GitError::Fetch {
             remote: remote_url.to_owned(),
@@ -294,10 +371,20 @@ impl Git {
         Ok((path, heads))
     }
 
-    /// Makes the pipeline's workspace ready for a run: cloned from the mirror on the
-    /// first run, brought up to date with the remote branch later. Changes nothing when
-    /// the remote branch and the workspace have diverged.
+    /// The pipeline's repository as the daemon sees it: its own git directory, with the
+    /// work tree set here rather than read from any file.
+    fn open_pipeline(&self, pipeline_id: &str) -> Result<Repository, GitError> {
+        let repo = Repository::open_bare(self.gitdir_path(pipeline_id))?;
+        repo.set_workdir(&self.workspace_path(pipeline_id), false)?;
+        Ok(repo)
+    }
+
+    /// Makes the pipeline's workspace ready for a run: its git directory made from the
+    /// mirror on the first run, brought up to date with the remote branch later, and the
+    /// agent's `.git` made anew. Changes nothing when the remote branch and the pipeline
+    /// have diverged.
     pub fn prepare(&self, pipeline: &Pipeline) -> Result<Prepared, GitError> {
+        let _held = self.hold(&pipeline.id)?;
         let mirror = self.sync_mirror(&pipeline.remote_url)?;
         let mirror_repo = Repository::open_bare(&mirror)?;
         let base_ref = format!("refs/heads/{}", pipeline.base_branch);
@@ -319,25 +406,26 @@ impl Git {
             });
         }
         let ws = self.workspace_path(&pipeline.id);
-        let fresh = !ws.join(".git").exists();
-        if fresh {
-            self.clone_workspace(&mirror, &ws)?;
+        // A work tree with a `.git` but no git directory of ours: the layout before
+        // `gitdirs`, or a git directory lost. Its files may hold a run's unsaved work.
+        let mut adopt = false;
+        if !self.gitdir_path(&pipeline.id).exists() {
+            adopt = fs::symlink_metadata(ws.join(".git")).is_ok_and(|m| m.is_dir());
+            self.create_gitdir(&mirror, &pipeline.id)?;
         }
-        let repo = Repository::open(&ws)?;
-        // Handing the workspace to the agent's user and back changes every file's ctime;
-        // trusting it would make staging re-hash every file of the repository.
-        repo.config()?.set_bool("core.trustctime", false)?;
+        fs::create_dir_all(&ws).map_err(io_err("cannot create", &ws))?;
+        let repo = self.open_pipeline(&pipeline.id)?;
         let branch_ref = format!("refs/heads/{}", pipeline.branch);
         let tracking = format!("refs/remotes/origin/{}", pipeline.branch);
         {
-            let mut origin = repo.find_remote("origin")?;
             // A fresh view of the branch and the base, as the remote has them now.
+            let mut from_mirror = repo.remote_anonymous(&mirror.display().to_string())?;
             let specs = [
                 format!("+refs/heads/{0}:refs/remotes/origin/{0}", pipeline.base_branch),
                 format!("+{branch_ref}:{tracking}"),
             ];
             let _ = repo.find_reference(&tracking).map(|mut r| r.delete());
-            origin.fetch(&specs, None, None)?;
+            from_mirror.fetch(&specs, None, None)?;
         }
         let remote_head = repo.refname_to_id(&tracking).ok();
         let local_head = repo.refname_to_id(&branch_ref).ok();
@@ -370,18 +458,28 @@ impl Git {
         let commit = repo.find_commit(start)?;
         if local_head != Some(start) {
             // Check the target out before moving the branch, so a failure moves nothing.
-            // A fresh clone's empty work tree holds nothing to protect: `force` skips the
+            // Until the branch exists no agent has had the work tree, so it holds nothing
+            // to protect (at most a checkout a crash cut short): `force` skips the
             // per-file comparison that `safe` needs for a work tree in use.
-            let mut how = CheckoutBuilder::new();
-            if fresh {
-                how.force();
+            if adopt {
+                // Keep the files as they are: the index takes the start's tree, and the
+                // next save commits whatever the work tree holds beyond it.
+                let mut index = repo.index()?;
+                index.read_tree(&commit.tree()?)?;
+                index.write()?;
             } else {
-                how.safe();
+                let mut how = CheckoutBuilder::new();
+                if local_head.is_none() {
+                    how.force();
+                } else {
+                    how.safe();
+                }
+                repo.checkout_tree(commit.as_object(), Some(&mut how))?;
             }
-            repo.checkout_tree(commit.as_object(), Some(&mut how))?;
             repo.reference(&branch_ref, start, true, "threadline: start of run")?;
         }
         repo.set_head(&branch_ref)?;
+        self.write_agent_git(&repo, pipeline, start)?;
         Ok(Prepared {
             workspace: ws,
             start_commit: start.to_string(),
@@ -389,63 +487,149 @@ impl Git {
         })
     }
 
-    fn clone_workspace(&self, mirror: &Path, ws: &Path) -> Result<(), GitError> {
-        let parent = ws.parent().expect("workspaces live in a directory");
+    /// Makes the pipeline's git directory: a bare clone of the mirror whose objects are
+    /// hard links (both are the daemon's, and agents only ever get them read-only), made
+    /// aside and moved into place whole.
+    fn create_gitdir(&self, mirror: &Path, pipeline_id: &str) -> Result<(), GitError> {
+        let gitdir = self.gitdir_path(pipeline_id);
+        let parent = gitdir.parent().expect("git directories live in a directory");
         fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            ws.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let tmp = parent.join(format!(".{pipeline_id}.tmp-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_err("cannot remove", &tmp))?;
         }
-        // NoLinks: objects are copied, so nothing in the container can write into the mirror.
-        RepoBuilder::new()
-            .clone_local(git2::build::CloneLocal::NoLinks)
+        let repo = RepoBuilder::new()
+            .bare(true)
+            .clone_local(git2::build::CloneLocal::Local)
             .clone(&mirror.display().to_string(), &tmp)?;
-        let exclude = tmp.join(".git/info/exclude");
-        if let Some(dir) = exclude.parent() {
-            fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-        }
-        let mut text = fs::read_to_string(&exclude).unwrap_or_default();
-        text.push_str(&format!("\n# Threadline's control files\n/{CONTROL_DIR}/\n"));
-        fs::write(&exclude, text).map_err(io_err("cannot write", &exclude))?;
-        if ws.exists() {
-            fs::remove_dir_all(ws).map_err(io_err("cannot remove", ws))?;
-        }
-        fs::rename(&tmp, ws).map_err(io_err("cannot move into place", ws))?;
+        // Nothing is ever fetched by name: the mirror's path is given at each fetch.
+        repo.remote_delete("origin")?;
+        let mut config = repo.config()?;
+        // Handing the work tree to the agent's user and back changes every file's ctime;
+        // trusting it would make staging re-hash every file of the repository.
+        config.set_bool("core.trustctime", false)?;
+        let exclude = tmp.join("info/exclude");
+        fs::create_dir_all(tmp.join("info")).map_err(io_err("cannot create", &tmp))?;
+        fs::write(&exclude, format!("# Threadline's control files\n/{CONTROL_DIR}/\n"))
+            .map_err(io_err("cannot write", &exclude))?;
+        drop(repo);
+        fs::rename(&tmp, &gitdir).map_err(io_err("cannot move into place", &gitdir))?;
         Ok(())
     }
 
-    /// Commits everything the run left on the pipeline's branch (new, changed and
-    /// deleted files; .gitignore respected). Commits the agent made are kept. Makes no
-    /// empty commit.
-    pub fn save(&self, pipeline: &Pipeline, start_commit: &str, info: &CommitInfo<'_>) -> Result<Saved, GitError> {
+    /// Gives the agent a `.git` of its own in the work tree: made anew (whatever the last
+    /// agent left there is removed, links included, never followed), with the pipeline's
+    /// branch checked out, the daemon's index, the base as `origin/<base>`, and the
+    /// daemon's objects as a read-only alternate at `objects_mount`.
+    fn write_agent_git(&self, repo: &Repository, pipeline: &Pipeline, start: Oid) -> Result<(), GitError> {
         let ws = self.workspace_path(&pipeline.id);
-        let repo = Repository::open(&ws)?;
+        let dotgit = ws.join(".git");
+        match fs::symlink_metadata(&dotgit) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&dotgit).map_err(io_err("cannot remove", &dotgit))?,
+            Ok(_) => fs::remove_file(&dotgit).map_err(io_err("cannot remove", &dotgit))?,
+            Err(_) => {}
+        }
+        let branch_file = dotgit.join("refs/heads").join(&pipeline.branch);
+        for dir in [
+            dotgit.join("objects/info"),
+            dotgit.join("objects/pack"),
+            dotgit.join("refs/tags"),
+            dotgit.join("info"),
+            branch_file.parent().expect("a ref has a parent").to_path_buf(),
+        ] {
+            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        }
+        let base = repo
+            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.base_branch))
+            .ok();
+        let mut packed = String::from("# pack-refs with: peeled fully-peeled sorted \n");
+        if let Some(base) = base {
+            packed.push_str(&format!("{base} refs/remotes/origin/{}\n", pipeline.base_branch));
+        }
+        let config = format!(
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n\
+             \ttrustctime = false\n\tcheckStat = minimal\n[user]\n\tname = {}\n\temail = {}\n",
+            config_value(&format!("{} (agent)", self.author_name)),
+            config_value(&self.author_email),
+        );
+        let files: [(PathBuf, Vec<u8>); 6] = [
+            (
+                dotgit.join("HEAD"),
+                format!("ref: refs/heads/{}\n", pipeline.branch).into_bytes(),
+            ),
+            (branch_file, format!("{start}\n").into_bytes()),
+            (dotgit.join("packed-refs"), packed.into_bytes()),
+            (dotgit.join("config"), config.into_bytes()),
+            (
+                dotgit.join("objects/info/alternates"),
+                format!("{}\n", crate::orchestrator::container::OBJECTS_MOUNT).into_bytes(),
+            ),
+            (dotgit.join("info/exclude"), format!("/{CONTROL_DIR}/\n").into_bytes()),
+        ];
+        for (path, bytes) in files {
+            write_new(&path, &bytes)?;
+        }
+        // The daemon's index, so the agent's `git status` starts clean.
+        let index = repo.path().join("index");
+        if let Ok(bytes) = fs::read(&index) {
+            write_new(&dotgit.join("index"), &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Commits everything the run left on the pipeline's branch (the agent's own commits
+    /// when they build on the run's start, then new, changed and deleted files;
+    /// .gitignore respected). Hands the work tree to `owner` first, and takes out what
+    /// git must not open. Makes no empty commit. Idempotent: saving again after a crash
+    /// adds nothing twice.
+    pub fn save(
+        &self,
+        pipeline: &Pipeline,
+        start_commit: &str,
+        info: &CommitInfo<'_>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Saved, GitError> {
+        let _held = self.hold(&pipeline.id)?;
+        let ws = self.workspace_path(&pipeline.id);
+        let removed = scrub::walk(&ws, Walk { owner, scrub: true }).map_err(io_err("cannot examine", &ws))?;
+        let mut notes: Vec<String> = removed.note().into_iter().collect();
+        let repo = self.open_pipeline(&pipeline.id)?;
         let branch_ref = format!("refs/heads/{}", pipeline.branch);
         let start = Oid::from_str(start_commit)?;
 
-        // The agent may have moved HEAD (its own commits, or a branch switch). Keep its
-        // commits when they build on the run's start; the branch is what gets pushed.
-        if let Ok(head) = repo.head()
-            && let Some(head_oid) = head.target()
-            && head.name().ok() != Some(branch_ref.as_str())
-            && (head_oid == start || repo.graph_descendant_of(head_oid, start)?)
-        {
-            repo.reference(&branch_ref, head_oid, true, "threadline: keep the agent's commits")?;
+        match self.import_agent_commits(&repo, &pipeline.id, &pipeline.branch, start) {
+            Ok(Some(tip)) => {
+                let current = repo.refname_to_id(&branch_ref)?;
+                // Forward only: a save that ran before a crash may have built on it already.
+                if tip != current && repo.graph_descendant_of(tip, current)? {
+                    repo.reference(&branch_ref, tip, true, "threadline: the agent's commits")?;
+                }
+            }
+            Ok(None) => {}
+            Err(note) => notes.push(note),
         }
         repo.set_head(&branch_ref)?;
 
-        let summary_path = ws.join(SUMMARY_FILE);
-        let summary = fs::read_to_string(&summary_path)
-            .ok()
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty());
+        let summary = match untrusted::read_capped(&ws, SUMMARY_FILE, SUMMARY_CAP) {
+            Ok(Some(read)) => {
+                if read.truncated {
+                    notes.push(format!(
+                        "the summary was longer than {SUMMARY_CAP} bytes; its beginning is kept"
+                    ));
+                }
+                Some(read.text.trim().to_owned()).filter(|s| !s.is_empty())
+            }
+            Ok(None) => None,
+            Err(refused) => {
+                notes.push(format!("ignored the summary: {refused}"));
+                None
+            }
+        };
         let control = ws.join(CONTROL_DIR);
-        if control.exists() {
-            fs::remove_dir_all(&control).map_err(io_err("cannot remove", &control))?;
+        match fs::symlink_metadata(&control) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&control).map_err(io_err("cannot remove", &control))?,
+            Ok(_) => fs::remove_file(&control).map_err(io_err("cannot remove", &control))?,
+            Err(_) => {}
         }
 
         let parent = repo.find_commit(repo.refname_to_id(&branch_ref)?)?;
@@ -467,13 +651,68 @@ impl Git {
             changed: head != start,
             diffstat,
             summary,
+            notes,
         })
+    }
+
+    /// The agent's own commits on the pipeline's branch, imported as from an untrusted
+    /// remote: its ref read as a plain file (no link followed), its object files copied
+    /// out (regular files only, sizes capped), every object reachable from its tip and
+    /// missing here read back (which checks its hash) and written anew. Only a tip that
+    /// descends from the run's start is taken. Returns the tip, or a note saying why the
+    /// agent's commits were passed over (its files are still saved from the work tree).
+    fn import_agent_commits(
+        &self,
+        repo: &Repository,
+        pipeline_id: &str,
+        branch: &str,
+        start: Oid,
+    ) -> Result<Option<Oid>, String> {
+        let ws = self.workspace_path(pipeline_id);
+        let passed_over = |why: String| format!("passed over the agent's own commits ({why}); its files are saved");
+        let tip = match agent_branch_tip(&ws, branch) {
+            Ok(Some(tip)) if tip != start => tip,
+            Ok(_) => return Ok(None),
+            Err(why) => return Err(passed_over(why)),
+        };
+        if repo.odb().map(|o| o.exists(tip)).unwrap_or(false) {
+            // Already imported (a save again after a crash).
+            return match repo.graph_descendant_of(tip, start) {
+                Ok(true) => Ok(Some(tip)),
+                _ => Err(passed_over(format!(
+                    "{} does not build on the run's start",
+                    short(&tip)
+                ))),
+            };
+        }
+        let staging = self.gitdir_path(pipeline_id).join("import");
+        let result = (|| {
+            if staging.exists() {
+                fs::remove_dir_all(&staging).map_err(|e| e.to_string())?;
+            }
+            copy_object_files(&ws.join(".git/objects"), &staging)?;
+            let source = Odb::new().map_err(|e| e.message().to_owned())?;
+            for dir in [staging.clone(), self.objects_path(pipeline_id)] {
+                source
+                    .add_disk_alternate(&dir.display().to_string())
+                    .map_err(|e| e.message().to_owned())?;
+            }
+            let source = Repository::from_odb(source).map_err(|e| e.message().to_owned())?;
+            match source.graph_descendant_of(tip, start) {
+                Ok(true) => {}
+                Ok(false) => return Err(format!("{} does not build on the run's start", short(&tip))),
+                Err(e) => return Err(format!("{}: {}", short(&tip), e.message())),
+            }
+            copy_reachable(&source, &repo.odb().map_err(|e| e.message().to_owned())?, tip, start)
+        })();
+        let _ = fs::remove_dir_all(&staging);
+        result.map(|()| Some(tip)).map_err(passed_over)
     }
 
     /// Whether the branch head differs from what the remote had at the last fetch and
     /// from the base (a branch identical to its base is not worth pushing).
     pub fn needs_push(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
-        let repo = Repository::open(self.workspace_path(&pipeline.id))?;
+        let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
         let head = repo.refname_to_id(&format!("refs/heads/{}", pipeline.branch))?;
         let remote = repo
             .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.branch))
@@ -484,8 +723,9 @@ impl Git {
         Ok(Some(head) != remote && (remote.is_some() || Some(head) != base))
     }
 
-    /// Pushes the pipeline's branch, and nothing else, without force. A local-only
-    /// pipeline pushes into Threadline's mirror, never into the user's checkout.
+    /// Pushes the pipeline's branch, and nothing else, without force, from the daemon's
+    /// own git directory to the URL in the store. A local-only pipeline pushes into
+    /// Threadline's mirror, never into the user's checkout.
     pub fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
         let branch = &pipeline.branch;
         if !branch.starts_with(&self.branch_prefix)
@@ -502,10 +742,10 @@ impl Git {
         } else {
             pipeline.remote_url.clone()
         };
-        let repo = Repository::open(self.workspace_path(&pipeline.id))?;
+        let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
         let mut remote = repo.remote_anonymous(&target)?;
         let rejection = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
-        let mut cb = self.callbacks();
+        let mut cb = self.callbacks(&target);
         let seen = rejection.clone();
         cb.push_update_reference(move |_refname, status| {
             if let Some(msg) = status {
@@ -544,6 +784,201 @@ impl Git {
         )?;
         Ok(())
     }
+}
+
+/// The pipelines whose git work is under way in this process.
+type Busy = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+/// Holds a pipeline's git lock until dropped.
+struct PipelineGuard {
+    busy: Busy,
+    pipeline_id: String,
+}
+
+impl Drop for PipelineGuard {
+    fn drop(&mut self) {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.pipeline_id);
+    }
+}
+
+/// Creates a file that must not exist yet (so never through a link someone left).
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), GitError> {
+    use std::io::Write;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(io_err("cannot write", path))
+}
+
+/// A value for a git config file: one line, quoted, backslashes and quotes escaped.
+fn config_value(value: &str) -> String {
+    let one_line: String = value.chars().filter(|c| !c.is_control()).collect();
+    format!("\"{}\"", one_line.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The host part of a remote URL (`https://host/…`, `ssh://user@host:22/…`,
+/// `user@host:path`), lower-cased; None for a local path.
+fn url_host(url: &str) -> Option<String> {
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme != "file" => rest,
+        Some(_) => return None,
+        None if url.contains(':') && !url.starts_with('/') => url,
+        None => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// The agent's branch tip, read from its `.git` as plain files: the loose ref, else the
+/// line in `packed-refs`. Ok(None) when it has neither.
+fn agent_branch_tip(ws: &Path, branch: &str) -> Result<Option<Oid>, String> {
+    let parse =
+        |text: &str| Oid::from_str(text.trim()).map_err(|_| format!("its ref for {branch} is not an object id"));
+    let loose = format!(".git/refs/heads/{branch}");
+    match untrusted::read_capped(ws, &loose, 128) {
+        Ok(Some(read)) => return parse(&read.text).map(Some),
+        Ok(None) => {}
+        Err(refused) => return Err(refused.to_string()),
+    }
+    let packed = untrusted::read_capped(ws, ".git/packed-refs", 1024 * 1024).map_err(|r| r.to_string())?;
+    let wanted = format!("refs/heads/{branch}");
+    Ok(packed.and_then(|p| {
+        p.text.lines().find_map(|line| {
+            let (oid, name) = line.split_once(' ')?;
+            (name.trim() == wanted).then(|| Oid::from_str(oid).ok()).flatten()
+        })
+    }))
+}
+
+/// Copies an agent's object files into a directory of the daemon's: loose objects and
+/// packs with the names git gives them, regular files only (a link, FIFO or device is
+/// refused), at most [`IMPORT_TOTAL_CAP`] bytes in all.
+fn copy_object_files(from: &Path, to: &Path) -> Result<(), String> {
+    let hex = |s: &str, len: std::ops::RangeInclusive<usize>| {
+        len.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let mut budget = IMPORT_TOTAL_CAP;
+    // Every directory on the way is examined without following a link (the work tree
+    // itself is the daemon's).
+    let real_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    if !from.parent().is_some_and(real_dir) || !real_dir(from) {
+        return Err("its .git or .git/objects is not a directory".into());
+    }
+    let mut copy = |src: &Path, dst: &Path| -> Result<(), String> {
+        let file = untrusted::open_regular(src).map_err(|r: Refused| r.to_string())?;
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        if len > budget {
+            return Err(format!(
+                "its objects are larger than {} MiB in all",
+                IMPORT_TOTAL_CAP >> 20
+            ));
+        }
+        budget -= len;
+        if let Some(dir) = dst.parent() {
+            fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dst)
+            .map_err(|e| e.to_string())?;
+        std::io::copy(&mut std::io::Read::take(file, len), &mut out).map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    let entries = |dir: &Path| -> Result<Vec<String>, String> {
+        Ok(fs::read_dir(dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect())
+    };
+    for name in entries(from)? {
+        let path = from.join(&name);
+        if name == "pack" && real_dir(&path) {
+            for file in entries(&path)? {
+                let stem = file.strip_suffix(".pack").or_else(|| file.strip_suffix(".idx"));
+                if let Some(id) = stem.and_then(|s| s.strip_prefix("pack-"))
+                    && hex(id, 40..=64)
+                {
+                    copy(&path.join(&file), &to.join("pack").join(&file))?;
+                }
+            }
+        } else if hex(&name, 2..=2) && real_dir(&path) {
+            for file in entries(&path)? {
+                if hex(&file, 38..=62) {
+                    copy(&path.join(&file), &to.join(&name).join(&file))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes into `to` every object reachable from `tip` that it lacks, read from `from`
+/// (reading checks each object's hash; writing computes it again). Trees are walked with
+/// a stack of our own, so a hostile depth cannot exhaust ours.
+fn copy_reachable(from: &Repository, to: &Odb<'_>, tip: Oid, start: Oid) -> Result<(), String> {
+    let msg = |e: git2::Error| e.message().to_owned();
+    let source = from.odb().map_err(msg)?;
+    let copy_one = |oid: Oid| -> Result<(), String> {
+        let (size, _) = source.read_header(oid).map_err(msg)?;
+        if size as u64 > IMPORT_OBJECT_CAP {
+            return Err(format!(
+                "object {} is larger than {} MiB",
+                short(&oid),
+                IMPORT_OBJECT_CAP >> 20
+            ));
+        }
+        let object = source.read(oid).map_err(msg)?;
+        let written = to.write(object.kind(), object.data()).map_err(msg)?;
+        if written != oid {
+            return Err(format!("object {} does not match its name", short(&oid)));
+        }
+        Ok(())
+    };
+    let mut walk = from.revwalk().map_err(msg)?;
+    // Oldest first, and each object after what it points to: whatever an interruption
+    // leaves behind, an object present here is complete.
+    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
+        .map_err(msg)?;
+    walk.push(tip).map_err(msg)?;
+    walk.hide(start).map_err(msg)?;
+    for commit in walk {
+        let commit = commit.map_err(msg)?;
+        if to.exists(commit) {
+            continue;
+        }
+        let mut trees = vec![(from.find_commit(commit).map_err(msg)?.tree_id(), false)];
+        while let Some((tree, expanded)) = trees.pop() {
+            if to.exists(tree) {
+                continue;
+            }
+            if expanded {
+                copy_one(tree)?;
+                continue;
+            }
+            trees.push((tree, true));
+            for entry in from.find_tree(tree).map_err(msg)?.iter() {
+                match entry.kind() {
+                    Some(ObjectType::Tree) => trees.push((entry.id(), false)),
+                    Some(ObjectType::Blob) if !to.exists(entry.id()) => copy_one(entry.id())?,
+                    _ => {} // a submodule's commit is not ours to copy
+                }
+            }
+        }
+        copy_one(commit)?;
+    }
+    Ok(())
 }
 
 fn commit_message(pipeline_id: &str, info: &CommitInfo<'_>) -> String {
@@ -606,7 +1041,12 @@ fn diffstat(repo: &Repository, from: Oid, to: Oid) -> Result<Diffstat, GitError>
     }
     let old = repo.find_commit(from)?.tree()?;
     let new = repo.find_commit(to)?.tree()?;
-    let stats = repo.diff_tree_to_tree(Some(&old), Some(&new), None)?.stats()?;
+    // Larger blobs count as binary and are never loaded whole to count their lines.
+    let mut opts = git2::DiffOptions::new();
+    opts.max_size(8 * 1024 * 1024);
+    let stats = repo
+        .diff_tree_to_tree(Some(&old), Some(&new), Some(&mut opts))?
+        .stats()?;
     Ok(Diffstat {
         files_changed: stats.files_changed() as i64,
         insertions: stats.insertions() as i64,
@@ -622,22 +1062,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
     })
-}
-
-/// Changes the owner of a tree (symlinks themselves, never their targets), skipping
-/// entries that already have it.
-pub fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = fs::symlink_metadata(path)?;
-    if (meta.uid(), meta.gid()) != (uid, gid) {
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    }
-    if meta.is_dir() {
-        for entry in fs::read_dir(path)? {
-            chown_tree(&entry?.path(), uid, gid)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -246,8 +246,12 @@ sleep 4
     targets.sort();
     assert_eq!(
         targets,
-        [("/threadline".to_owned(), false), ("/workspace".to_owned(), true)],
-        "only the workspace and the context"
+        [
+            ("/threadline".to_owned(), false),
+            ("/threadline/objects".to_owned(), false),
+            ("/workspace".to_owned(), true)
+        ],
+        "only the workspace, the context and the pipeline's objects (read-only)"
     );
 
     let run = finished(orch.store(), &sub.run.id).await;
@@ -594,9 +598,11 @@ async fn a_failed_push_keeps_the_commit_and_a_retry_pushes_it() {
     assert!(!run.pushed);
     let error = run.error.clone().unwrap();
     assert!(error.contains("push failed") && error.contains("retry"), "{error}");
-    let ws = orch.workspace_path(&sub.pipeline.id);
+    // In the daemon's own git directory, which no container sees.
+    let objects = orch.objects_path(&sub.pipeline.id);
+    let gitdir = objects.parent().unwrap();
     assert_eq!(
-        Some(git(&ws, &["rev-parse", &sub.pipeline.branch])),
+        Some(git(gitdir, &["rev-parse", &sub.pipeline.branch])),
         run.head_commit,
         "the commit is kept"
     );
@@ -829,15 +835,29 @@ async fn commits_made_during_the_run_are_kept_under_the_runs_own() {
     let orch = env.orchestrator().await;
     let sub = env.start(&orch, "sleep 2\necho after > after.txt").await;
     wait_for(orch.store(), &sub.run.id, "running", |r| r.state == RunState::Running).await;
-    // What an agent with git does: commit inside the workspace while it runs.
+    // What an agent with git does: commit inside the workspace while it runs. Its
+    // `.git` borrows the pipeline's objects from where the container has them mounted.
     let ws = orch.workspace_path(&sub.pipeline.id);
+    let objects = orch.objects_path(&sub.pipeline.id);
+    let agent_git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "safe.directory=*"])
+            .args(args)
+            .current_dir(&ws)
+            .env("GIT_ALTERNATE_OBJECT_DIRECTORIES", &objects)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
     std::fs::write(ws.join("own.txt"), "the agent's own commit\n").unwrap();
-    git(&ws, &["-c", "safe.directory=*", "add", "own.txt"]);
-    git(
-        &ws,
-        &["-c", "safe.directory=*", "commit", "-q", "-m", "agent: own commit"],
-    );
-    let own = git(&ws, &["-c", "safe.directory=*", "rev-parse", "HEAD"]);
+    agent_git(&["add", "own.txt"]);
+    agent_git(&["commit", "-q", "-m", "agent: own commit"]);
+    let own = agent_git(&["rev-parse", "HEAD"]);
 
     let run = finished(orch.store(), &sub.run.id).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
@@ -881,4 +901,34 @@ fn only_a_pipeline_branch_is_ever_pushed() {
     pipeline.base_branch = "threadline/base".into();
     pipeline.branch = "threadline/base".into();
     assert!(matches!(git.push(&pipeline), Err(GitError::ForbiddenBranch { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_tree_whose_git_directory_was_lost_keeps_its_files() {
+    // As after an upgrade from the layout where the work tree's `.git` was the daemon's,
+    // with a run's work left unsaved in it.
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "echo one > one.txt").await;
+    let run = finished(orch.store(), &sub.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let gitdir = orch.objects_path(&sub.pipeline.id).parent().unwrap().to_path_buf();
+    std::fs::remove_dir_all(&gitdir).unwrap();
+    let ws = orch.workspace_path(&sub.pipeline.id);
+    std::fs::write(ws.join("unsaved.txt"), "left by an earlier run\n").unwrap();
+
+    let next = orch
+        .submit_follow_up(follow_up(&sub.pipeline.id, "echo two > two.txt"))
+        .await
+        .unwrap();
+    let run = finished(orch.store(), &next.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let branch = &sub.pipeline.branch;
+    assert_eq!(
+        env.origin_file(branch, "unsaved.txt").as_deref(),
+        Some("left by an earlier run\n")
+    );
+    assert_eq!(env.origin_file(branch, "one.txt").as_deref(), Some("one\n"));
+    assert_eq!(env.origin_file(branch, "two.txt").as_deref(), Some("two\n"));
+    orch.shutdown().await;
 }

@@ -11,6 +11,7 @@ mod fake_forge;
 mod fake_slack;
 mod forge;
 mod harness;
+mod hostile;
 mod slack;
 mod store;
 mod web;
