@@ -10,6 +10,7 @@
 pub mod bots;
 pub mod cli;
 pub mod config;
+pub mod crash;
 pub mod http;
 pub mod model;
 pub mod orchestrator;

@@ -22,7 +22,7 @@ mod doctor;
     name = "threadline",
     version,
     about = "Prompt AI coding agents from a thread; each runs in a hardened local container and its work lands on its own git branch",
-    after_help = "Configuration: defaults, then the TOML file (--config or THREADLINE_CONFIG), then THREADLINE_* variables.\n`threadline config` prints the configuration in effect; `threadline doctor` checks the machine."
+    after_help = "Configuration: defaults, then the TOML file (--config or THREADLINE_CONFIG), then THREADLINE_* variables.\n`threadline config` prints the configuration in effect; `threadline doctor` checks the machine.\n\nExit codes: 0 success; 1 the run did not succeed (failed, timed out or cancelled); 2 bad input or setup; 130 interrupted while waiting for a run (a second Ctrl-C).\n`serve` stops gracefully on SIGINT or SIGTERM and exits 0; agents keep running and the next start adopts them."
 )]
 pub struct Cli {
     /// The TOML configuration file.
@@ -150,9 +150,11 @@ pub struct WatchArgs {
     pub detach: bool,
 }
 
-/// Exit codes: 0 success, 1 the run did not succeed, 2 bad input or setup.
+/// Exit codes (also in `--help` and the README): 0 success, 1 the run did not succeed,
+/// 2 bad input or setup, 130 interrupted while waiting for a run (a second Ctrl-C).
 const FAILED: u8 = 1;
 const USAGE: u8 = 2;
+const INTERRUPTED: u8 = 130;
 
 pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
@@ -430,11 +432,16 @@ async fn execute_and_watch(orch: Orchestrator, submitted: Submitted, detach: boo
             _ = tokio::signal::ctrl_c() => {
                 interrupts += 1;
                 if interrupts == 1 {
-                    eprintln!("cancelling {run_id}: its work so far is saved (press Ctrl-C again to leave it running)");
+                    eprintln!(
+                        "cancelling {run_id}: its work so far is saved (Ctrl-C again stops waiting; the cancel goes on)"
+                    );
                     orch.cancel(&run_id).await?;
                 } else {
-                    eprintln!("leaving {run_id} running; `threadline serve` picks it up");
-                    return Ok(ExitCode::from(130));
+                    eprintln!(
+                        "stopped waiting; {run_id} is cancelled, and `threadline serve` (or the next `threadline run` \
+                         on this pipeline) finishes saving its work"
+                    );
+                    return Ok(ExitCode::from(INTERRUPTED));
                 }
             }
         }
@@ -564,7 +571,10 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
     let orch = open(config).await?;
     orch.start(Scope::All).await?;
     if until_idle {
-        orch.wait_until_idle(&Scope::All).await?;
+        tokio::select! {
+            idle = orch.wait_until_idle(&Scope::All) => idle?,
+            signal = stop_signal() => eprintln!("threadline: {signal}: stopping"),
+        }
         orch.shutdown().await;
         return Ok(ExitCode::SUCCESS);
     }
@@ -653,7 +663,10 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
     }
     drop(failed_tx);
     let failed = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
+        signal = stop_signal() => {
+            eprintln!("threadline: {signal}: stopping; running agents keep going and the next start adopts them");
+            None
+        }
         Some(reason) = failed_rx.recv() => Some(reason),
     };
     stop.cancel();
@@ -664,6 +677,24 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
     match failed {
         Some(reason) => anyhow::bail!("{reason}"),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM (`systemctl stop`, `docker stop`),
+/// naming it. `serve` then stops taking work, answers what is in flight, releases its
+/// lease and exits 0 within seconds; agents keep running and are adopted at the next start.
+async fn stop_signal() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            return "interrupted";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
     }
 }
 

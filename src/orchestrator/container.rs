@@ -162,7 +162,9 @@ impl AgentSpec {
 /// What Docker says of a run's container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerStatus {
-    /// Created or running: it may still produce work.
+    /// Created but never started: the agent has not run.
+    Created,
+    /// Running: it may still produce work.
     Running,
     Exited(i64),
 }
@@ -214,6 +216,14 @@ impl ContainerRuntime {
     /// already (a crash between start and recording it), that one is used: a run never
     /// gets a second container.
     pub async fn start_agent(&self, spec: &AgentSpec) -> Result<String, ContainerError> {
+        let id = self.create_agent(spec).await?;
+        crate::crash::point(crate::crash::Step::ContainerCreated);
+        self.start(&id).await?;
+        Ok(id)
+    }
+
+    /// Creates the agent's container, or finds the one of that name a crash left.
+    async fn create_agent(&self, spec: &AgentSpec) -> Result<String, ContainerError> {
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             cmd: Some(spec.argv.clone()),
@@ -254,12 +264,18 @@ impl ContainerRuntime {
             }
             Err(e) => return Err(docker_err("create the container")(e)),
         };
-        match self.docker.start_container(&id, None).await {
-            Ok(()) => Ok(id),
+        Ok(id)
+    }
+
+    /// Starts a created container (one a crash left unstarted, too); removes it when
+    /// Docker refuses, so a retry begins clean.
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        match self.docker.start_container(id, None).await {
+            Ok(()) => Ok(()),
             // 304: already started (the adopted case above).
-            Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(id),
+            Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
             Err(e) => {
-                let _ = self.remove(&id).await;
+                let _ = self.remove(id).await;
                 Err(docker_err("start the container")(e))
             }
         }
@@ -269,17 +285,14 @@ impl ContainerRuntime {
     pub async fn status(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, ContainerError> {
         match self.docker.inspect_container(id_or_name, None).await {
             Ok(info) => {
+                use bollard::models::ContainerStateStatusEnum as S;
                 let state = info.state.unwrap_or_default();
-                let running = state.running.unwrap_or(false)
-                    || matches!(
-                        state.status,
-                        Some(bollard::models::ContainerStateStatusEnum::CREATED)
-                            | Some(bollard::models::ContainerStateStatusEnum::RESTARTING)
-                    );
-                Ok(Some(if running {
-                    ContainerStatus::Running
-                } else {
-                    ContainerStatus::Exited(state.exit_code.unwrap_or(-1))
+                Ok(Some(match state.status {
+                    // Created and never started: its agent has not run at all.
+                    Some(S::CREATED) => ContainerStatus::Created,
+                    _ if state.running.unwrap_or(false) => ContainerStatus::Running,
+                    Some(S::RESTARTING) => ContainerStatus::Running,
+                    _ => ContainerStatus::Exited(state.exit_code.unwrap_or(-1)),
                 }))
             }
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
@@ -306,7 +319,7 @@ impl ContainerRuntime {
             Some(Err(e)) => Err(docker_err("wait for the container")(e)),
             None => Ok(self.status(id).await?.and_then(|s| match s {
                 ContainerStatus::Exited(code) => Some(code),
-                ContainerStatus::Running => None,
+                ContainerStatus::Running | ContainerStatus::Created => None,
             })),
         }
     }

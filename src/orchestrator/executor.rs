@@ -10,11 +10,12 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use super::container::{AgentSpec, CONTEXT_MOUNT, LABEL_PIPELINE, LABEL_RUN, container_name};
+use super::container::{AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_PIPELINE, LABEL_RUN, container_name};
 use super::scrub::{self, Walk};
 use super::workspace::{self, CommitInfo, SUMMARY_FILE};
 use super::{Inner, RunUpdate, run_dir};
 use crate::config::{AgentProfile, parse_user};
+use crate::crash::{self, Step};
 use crate::model::{EndReason, Pipeline, Run, RunState, format_duration, now_millis};
 use crate::store::{RunPatch, StoreError};
 use crate::untrusted;
@@ -114,10 +115,21 @@ async fn fail_preparing(inner: &Inner, run: &Run, message: String) -> Result<(),
 
 async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
     let name = container_name(&run.id);
-    // A container already exists when the last process died right after starting it.
-    if let Ok(Some(_)) = inner.runtime.status(&name).await {
-        mark_running(inner, run, name, "container found again").await?;
-        return Ok(());
+    // A container already exists when the last process died after creating it: one
+    // never started is started now (its agent has not run), any other is followed.
+    match inner.runtime.status(&name).await {
+        Ok(Some(ContainerStatus::Created)) => {
+            match inner.runtime.start(&name).await {
+                Ok(()) => mark_running(inner, run, name, "container found again, not started yet: started").await?,
+                Err(e) => fail_preparing(inner, run, e.to_string()).await?,
+            }
+            return Ok(());
+        }
+        Ok(Some(_)) => {
+            mark_running(inner, run, name, "container found again").await?;
+            return Ok(());
+        }
+        Ok(None) | Err(_) => {}
     }
     if inner.store.cancel_requested(&run.id).await? {
         transition(
@@ -175,12 +187,15 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         let _guard = lock.lock().await;
         let git = inner.git.clone();
         let p = pipeline.clone();
-        tokio::task::spawn_blocking(move || with_lock_retries(|| git.prepare(&p)))
+        tokio::task::spawn_blocking(move || git.prepare(&p))
             .await
             .expect("git prepare does not panic")
     };
     let prepared = match prepared {
-        Ok(p) => p,
+        Ok(p) => {
+            crash::point(Step::Prepared);
+            p
+        }
         Err(e) => {
             fail_preparing(inner, run, e.to_string()).await?;
             return Ok(());
@@ -257,7 +272,10 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
     };
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match started {
-        Ok(id) => mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?,
+        Ok(id) => {
+            crash::point(Step::ContainerStarted);
+            mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?
+        }
         Err(e) => {
             give_back_workspace(inner, pipeline).await;
             fail_preparing(inner, run, e.to_string()).await?;
@@ -326,6 +344,7 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
     // The rest of the output is already with Docker: reading it is bounded by the log
     // cap's worth of work, which a loaded machine may take a while to do.
     let _ = tokio::time::timeout(Duration::from_secs(30), logs).await;
+    crash::point(Step::AgentExited);
     let (exit_code, reason) = match exit {
         Ok(Some(code)) => (Some(code), reason),
         Ok(None) => (None, EndReason::Lost),
@@ -374,14 +393,9 @@ async fn stop(inner: &Inner, id: &str, grace: Duration) {
 /// long or newline-free, costs more than a line's worth of memory.
 async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
     let path = run_dir(&inner.config.data_dir, &run_id).join("agent.log");
-    let file = match tokio::fs::File::create(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(run_id, error = %e, "cannot write the log file");
-            return;
-        }
-    };
-    let mut file = tokio::io::BufWriter::new(file);
+    // Made (or emptied) at the first line: a container that is gone by now leaves the
+    // log that was written while it ran as it is.
+    let mut file: Option<tokio::io::BufWriter<tokio::fs::File>> = None;
     let cap = inner.config.log_tail_lines.max(1);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(cap);
     let mut lines = untrusted::Lines::default();
@@ -400,13 +414,21 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
         if done {
             new_lines.extend(lines.finish());
         }
+        if file.is_none() && !new_lines.is_empty() {
+            match tokio::fs::File::create(&path).await {
+                Ok(f) => file = Some(tokio::io::BufWriter::new(f)),
+                Err(e) => tracing::warn!(run_id, error = %e, "cannot write the log file"),
+            }
+        }
         for line in new_lines {
             let line = inner.redactor.redact(&line);
             let size = line.len() as u64 + 1;
             if written + size <= inner.config.max_log_bytes {
                 written += size;
-                let _ = file.write_all(line.as_bytes()).await;
-                let _ = file.write_all(b"\n").await;
+                if let Some(file) = file.as_mut() {
+                    let _ = file.write_all(line.as_bytes()).await;
+                    let _ = file.write_all(b"\n").await;
+                }
             } else {
                 dropped += size;
             }
@@ -425,9 +447,13 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
                 "[threadline: the log was truncated at {} bytes; {dropped} more bytes were not kept]\n",
                 inner.config.max_log_bytes
             );
-            let _ = file.write_all(marker.as_bytes()).await;
+            if let Some(file) = file.as_mut() {
+                let _ = file.write_all(marker.as_bytes()).await;
+            }
         }
-        let _ = file.flush().await;
+        if let Some(file) = file.as_mut() {
+            let _ = file.flush().await;
+        }
         if dirty && (done || last_flush.elapsed() >= Duration::from_secs(1)) {
             // The last lines that fit the stored tail's size.
             let mut size = 0;
@@ -501,8 +527,14 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                 },
                 owner,
             )?;
+            crash::point(Step::Committed);
             let push = if git.needs_push(&p)? { Some(git.push(&p)) } else { None };
-            Ok::<_, workspace::GitError>((saved, push))
+            if let Some(Ok(())) = push {
+                crash::point(Step::Pushed);
+            }
+            // Pushed by a save that a crash interrupted before its outcome was stored.
+            let pushed_before = push.is_none() && git.is_pushed(&p)?;
+            Ok::<_, workspace::GitError>((saved, push, pushed_before))
         });
         // Whatever the agent left, saving ends: within its time limit, or when the run
         // is cancelled. A save cut short finishes on its own thread under the pipeline's
@@ -512,17 +544,16 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
             done = job => Some(done.expect("git save does not panic")),
             _ = tokio::time::sleep(limit) => { cut = Some(SaveCut::TimedOut); None }
             _ = cancel_requested(inner, &run.id) => { cut = Some(SaveCut::Cancelled); None }
-            _ = inner.shutdown.cancelled() => return Ok(()), // saved again at the next start
         };
         match result {
-            Some(Ok((saved, push))) => {
+            Some(Ok((saved, push, pushed_before))) => {
                 patch.head_commit = Some(saved.head.clone());
                 patch.changed = Some(saved.changed);
                 patch.diffstat = Some(saved.diffstat.clone());
                 patch.summary = saved.summary.clone().map(|s| inner.redactor.redact(&s));
                 match push {
                     Some(Ok(())) | None => {
-                        patch.pushed = Some(push.is_some() || run.pushed);
+                        patch.pushed = Some(push.is_some() || run.pushed || pushed_before);
                         patch.push_error = Some(None);
                     }
                     Some(Err(e)) => patch.push_error = Some(Some(inner.redactor.redact(&e.to_string()))),
@@ -607,6 +638,7 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     let context = run_dir(&inner.config.data_dir, &run.id).join("context");
     let _ = tokio::fs::remove_dir_all(context).await;
     transition(inner, &run.id, RunState::Saving, to, &detail).await?;
+    crash::point(Step::Stored);
     Ok(())
 }
 
@@ -748,20 +780,6 @@ async fn write_context(inner: &Inner, pipeline: &Pipeline, run: &Run) -> std::io
 pub(super) fn mirror_lock(inner: &Inner, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
     let path = inner.git.mirror_path(remote_url);
     inner.mirror_locks.lock().unwrap().entry(path).or_default().clone()
-}
-
-/// Another process fetching into the same mirror holds libgit2's lock files for a moment.
-fn with_lock_retries<T>(mut f: impl FnMut() -> Result<T, workspace::GitError>) -> Result<T, workspace::GitError> {
-    let mut tries = 0;
-    loop {
-        match f() {
-            Err(e) if tries < 10 && e.to_string().contains("lock") => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(100 * tries));
-            }
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]

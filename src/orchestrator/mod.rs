@@ -106,6 +106,10 @@ pub enum SubmitError {
     EmptyPrompt,
     #[error("the prompt is {len} bytes, over the limit of {max}; shorten it or put the details in a file in the repo")]
     PromptTooLong { len: usize, max: usize },
+    #[error(
+        "the prompt contains the control character U+{code:04X} at byte {at}; remove it (a prompt may hold tabs and line breaks, no other control characters)"
+    )]
+    ControlCharacter { code: u32, at: usize },
     #[error("there is no agent named {name:?}; the configured agents are: {}", .known.join(", "))]
     UnknownAgent { name: String, known: Vec<String> },
     #[error("no pipeline {0:?}; `threadline pipelines` lists them")]
@@ -382,6 +386,14 @@ impl Orchestrator {
         if prompt.len() > max {
             return Err(SubmitError::PromptTooLong { len: prompt.len(), max });
         }
+        // Refused rather than stripped: the prompt is run as written (a script agent runs
+        // it as a shell script), and a NUL cannot even reach a container's argv.
+        if let Some((at, c)) = prompt
+            .char_indices()
+            .find(|(_, c)| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        {
+            return Err(SubmitError::ControlCharacter { code: c.into(), at });
+        }
         Ok(prompt.to_owned())
     }
 
@@ -399,6 +411,7 @@ impl Orchestrator {
 
     async fn after_insert(&self, run: Run, created: bool) -> Result<Submitted, SubmitError> {
         if created {
+            crate::crash::point(crate::crash::Step::Queued);
             tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "queued", "run queued");
             let _ = self.inner.events.send(RunUpdate::State(Box::new(run.clone())));
             self.inner.wake.notify_one();
@@ -465,16 +478,25 @@ impl Orchestrator {
                 .any(|r| scope.includes(&r.pipeline_id));
             // A claimed run is `preparing` in the store before its executor is registered:
             // count the store's active runs of this process too, or that moment looks idle.
-            let owned = self
-                .inner
-                .store
-                .active_runs_with_owner()
-                .await?
-                .into_iter()
-                .any(|(r, owner)| {
-                    owner.as_deref() == Some(self.inner.instance_id.as_str()) && scope.includes(&r.pipeline_id)
-                });
+            let mut owned = false;
+            let mut others = false;
+            for (run, owner) in self.inner.store.active_runs_with_owner().await? {
+                if scope.includes(&run.pipeline_id) {
+                    if owner.as_deref() == Some(self.inner.instance_id.as_str()) {
+                        owned = true;
+                    } else {
+                        // Another process's, or a dead one's that recovery adopts once
+                        // its lease expires: not idle either way.
+                        others = true;
+                    }
+                }
+            }
             let executing = !self.inner.executing.lock().unwrap().is_empty();
+            if others {
+                unexecuted_since = None;
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
             if !pending && !owned && !executing {
                 return Ok(());
             }
@@ -496,11 +518,14 @@ impl Orchestrator {
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
-        if tokio::time::timeout(std::time::Duration::from_secs(120), self.inner.tracker.wait())
+        // Executors stop at once but for a git step under way (a preparation or a save),
+        // which is left a moment to finish; whatever is cut short, the next start
+        // resumes from the stored state (the same path as a crash).
+        if tokio::time::timeout(std::time::Duration::from_secs(10), self.inner.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("runs still saving after 2 minutes; the next start finishes them");
+            tracing::warn!("runs still preparing or saving after 10 s; the next start resumes them");
         }
         let _ = self.inner.store.remove_instance(&self.inner.instance_id).await;
     }

@@ -10,11 +10,13 @@ use super::{Inner, Orchestrator, executor};
 use crate::model::{Millis, now_millis};
 use crate::store::{Instance, StoreError};
 
-const HEARTBEAT: Duration = Duration::from_secs(5);
-/// A process silent this long is dead; its runs are adopted.
-const LEASE_MILLIS: Millis = 30_000;
-/// How often a daemon looks for runs orphaned by other processes.
-const RECOVERY_EVERY: Duration = Duration::from_secs(15);
+/// How often a process renews its lease.
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A process whose lease is this old is dead, whatever its pid says (a pid may be a
+/// zombie, or reused): its runs are adopted.
+pub(super) const LEASE_MILLIS: Millis = 4_000;
+/// How often a process looks for runs orphaned by others.
+const RECOVERY_EVERY: Duration = Duration::from_secs(1);
 
 /// Which runs this process schedules.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +83,7 @@ async fn scheduler_loop(inner: Arc<Inner>, scope: Scope) {
         if let Err(e) = claim_all(&inner, &scope).await {
             tracing::warn!(error = %e, "scheduling failed; retrying");
         }
-        if scope == Scope::All && last_recovery.elapsed() >= RECOVERY_EVERY {
+        if last_recovery.elapsed() >= RECOVERY_EVERY {
             if let Err(e) = recover(&inner, &scope).await {
                 tracing::warn!(error = %e, "recovery failed; retrying");
             }
@@ -90,8 +92,8 @@ async fn scheduler_loop(inner: Arc<Inner>, scope: Scope) {
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
             _ = inner.wake.notified() => {}
-            // Other processes queue and finish runs too.
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            // Other processes queue and finish runs, and die.
+            _ = tokio::time::sleep(RECOVERY_EVERY.min(Duration::from_millis(500))) => {}
         }
     }
 }
@@ -106,6 +108,7 @@ async fn claim_all(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> 
             return Ok(());
         };
         tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "preparing", "run claimed");
+        crate::crash::point(crate::crash::Step::Claimed);
         if let Some(r) = inner.store.run(&run.id).await? {
             let _ = inner.events.send(super::RunUpdate::State(Box::new(r)));
         }
@@ -122,6 +125,11 @@ fn spawn_executor(inner: &Arc<Inner>, run: crate::model::Run) {
 /// Adopts every active run in scope whose owner is gone and resumes it from its state.
 /// Queued runs need nothing: the scheduler takes them.
 async fn recover(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
+    // Leases of processes that died holding no run go too, so the table does not grow.
+    inner
+        .store
+        .remove_instances_silent_since(now_millis() - LEASE_MILLIS)
+        .await?;
     for (run, owner) in inner.store.active_runs_with_owner().await? {
         if !scope.includes(&run.pipeline_id) || owner.as_deref() == Some(inner.instance_id.as_str()) {
             continue;
@@ -139,6 +147,7 @@ async fn recover(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
         if let Some(dead) = &owner {
             let _ = inner.store.remove_instance(dead).await;
         }
+        crate::crash::point(crate::crash::Step::Adopted);
         let container = match inner.runtime.status(&super::container::container_name(&run.id)).await {
             Ok(s) => s,
             Err(e) => {
@@ -149,7 +158,11 @@ async fn recover(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
         tracing::info!(
             run_id = %run.id,
             state = %run.state,
-            container = ?container.map(|c| match c { ContainerStatus::Running => "running".to_owned(), ContainerStatus::Exited(c) => format!("exited {c}") }),
+            container = ?container.map(|c| match c {
+                ContainerStatus::Created => "created, never started".to_owned(),
+                ContainerStatus::Running => "running".to_owned(),
+                ContainerStatus::Exited(c) => format!("exited {c}"),
+            }),
             "resuming a run whose process is gone"
         );
         spawn_executor(inner, run);
@@ -157,19 +170,10 @@ async fn recover(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// An owner is dead when its lease row is gone, its heartbeat is stale, or it lived on
-/// this host and its process no longer exists.
-fn owner_is_dead(owner: Option<&Instance>, now: Millis) -> bool {
-    let Some(owner) = owner else { return true };
-    if now - owner.heartbeat_at > LEASE_MILLIS {
-        return true;
-    }
-    let this_host = gethostname::gethostname().to_string_lossy() == owner.hostname;
-    let proc_visible = std::path::Path::new("/proc/self").exists();
-    this_host
-        && proc_visible
-        && owner.pid != std::process::id() as i64
-        && !std::path::Path::new(&format!("/proc/{}", owner.pid)).exists()
+/// An owner is dead when its lease row is gone or its lease expired. Never by its pid:
+/// a dead process may linger as a zombie, and a pid may be reused.
+pub(super) fn owner_is_dead(owner: Option<&Instance>, now: Millis) -> bool {
+    owner.is_none_or(|o| now - o.heartbeat_at > LEASE_MILLIS)
 }
 
 #[cfg(test)]

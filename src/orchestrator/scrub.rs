@@ -72,12 +72,13 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
             Err(e) => return Err(e),
         };
         let is_root = rel.as_os_str().is_empty();
-        if how.scrub && !is_root {
-            if let Some(why) = unwanted(&rel, &meta) {
-                remove(&path, &meta)?;
-                removed.add(&rel, why);
-                continue;
-            }
+        if how.scrub
+            && !is_root
+            && let Some(why) = unwanted(&rel, &meta)
+        {
+            remove(&path, &meta)?;
+            removed.add(&rel, why);
+            continue;
         }
         if let Some((uid, gid)) = how.owner
             && (meta.uid(), meta.gid()) != (uid, gid)

@@ -70,7 +70,7 @@ pub enum GitError {
     Push { remote: String, detail: String },
     #[error("git: {0}")]
     Git(#[from] git2::Error),
-    #[error("an earlier save of this pipeline is still running after {0} s; try again when it has finished")]
+    #[error("another git operation on this repository is still running after {0} s; try again when it has finished")]
     Busy(u64),
     #[error("refusing to send credentials to {asked}: only the configured remote's host {allowed} gets them")]
     CredentialHost { asked: String, allowed: String },
@@ -180,9 +180,6 @@ pub fn branch_name(prefix: &str, prompt: &str, id: &str) -> String {
 /// daemon's process; nothing of them reaches a container.
 #[derive(Clone)]
 pub struct Git {
-    /// One git operation per pipeline at a time, held by the thread doing it: a save the
-    /// executor stopped waiting for still finishes before the next run prepares.
-    busy: Busy,
     data_dir: PathBuf,
     author_name: String,
     author_email: String,
@@ -223,36 +220,12 @@ pub struct CommitInfo<'a> {
 impl Git {
     pub fn new(config: &crate::config::Config) -> Self {
         Git {
-            busy: Default::default(),
             data_dir: config.data_dir.clone(),
             author_name: config.git.author_name.clone(),
             author_email: config.git.author_email.clone(),
             token: config.git.token.clone(),
             token_username: config.git.token_username.clone(),
             branch_prefix: config.branch_prefix.clone(),
-        }
-    }
-
-    /// Waits (a bounded time) until no other thread does git work on the pipeline.
-    fn hold(&self, pipeline_id: &str) -> Result<PipelineGuard, GitError> {
-        const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if self
-                .busy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(pipeline_id.to_owned())
-            {
-                return Ok(PipelineGuard {
-                    busy: self.busy.clone(),
-                    pipeline_id: pipeline_id.to_owned(),
-                });
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(GitError::Busy(WAIT.as_secs()));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 
@@ -343,6 +316,7 @@ impl Git {
     /// advertised them (the mirror keeps branches the remote deleted).
     fn fetch_mirror(&self, remote_url: &str) -> Result<(PathBuf, Vec<(String, Oid)>), GitError> {
         let path = self.mirror_path(remote_url);
+        let _held = DirLock::acquire(&path)?;
         let repo = match Repository::open_bare(&path) {
             Ok(repo) => repo,
             Err(_) => {
@@ -384,7 +358,7 @@ impl Git {
     /// agent's `.git` made anew. Changes nothing when the remote branch and the pipeline
     /// have diverged.
     pub fn prepare(&self, pipeline: &Pipeline) -> Result<Prepared, GitError> {
-        let _held = self.hold(&pipeline.id)?;
+        let _held = DirLock::acquire(&self.gitdir_path(&pipeline.id))?;
         let mirror = self.sync_mirror(&pipeline.remote_url)?;
         let mirror_repo = Repository::open_bare(&mirror)?;
         let base_ref = format!("refs/heads/{}", pipeline.base_branch);
@@ -589,7 +563,7 @@ impl Git {
         info: &CommitInfo<'_>,
         owner: Option<(u32, u32)>,
     ) -> Result<Saved, GitError> {
-        let _held = self.hold(&pipeline.id)?;
+        let _held = DirLock::acquire(&self.gitdir_path(&pipeline.id))?;
         let ws = self.workspace_path(&pipeline.id);
         let removed = scrub::walk(&ws, Walk { owner, scrub: true }).map_err(io_err("cannot examine", &ws))?;
         let mut notes: Vec<String> = removed.note().into_iter().collect();
@@ -723,6 +697,16 @@ impl Git {
         Ok(Some(head) != remote && (remote.is_some() || Some(head) != base))
     }
 
+    /// Whether the remote has the branch head, as of the last fetch or push.
+    pub fn is_pushed(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
+        let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
+        let head = repo.refname_to_id(&format!("refs/heads/{}", pipeline.branch))?;
+        let remote = repo
+            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.branch))
+            .ok();
+        Ok(remote == Some(head))
+    }
+
     /// Pushes the pipeline's branch, and nothing else, without force, from the daemon's
     /// own git directory to the URL in the store. A local-only pipeline pushes into
     /// Threadline's mirror, never into the user's checkout.
@@ -737,10 +721,13 @@ impl Git {
                 prefix: self.branch_prefix.clone(),
             });
         }
-        let target = if pipeline.local_only {
-            self.mirror_path(&pipeline.remote_url).display().to_string()
+        let _held = DirLock::acquire(&self.gitdir_path(&pipeline.id))?;
+        let (target, _mirror_held) = if pipeline.local_only {
+            let mirror = self.mirror_path(&pipeline.remote_url);
+            let held = DirLock::acquire(&mirror)?;
+            (mirror.display().to_string(), Some(held))
         } else {
-            pipeline.remote_url.clone()
+            (pipeline.remote_url.clone(), None)
         };
         let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
         let mut remote = repo.remote_anonymous(&target)?;
@@ -786,21 +773,61 @@ impl Git {
     }
 }
 
-/// The pipelines whose git work is under way in this process.
-type Busy = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
-
-/// Holds a pipeline's git lock until dropped.
-struct PipelineGuard {
-    busy: Busy,
-    pipeline_id: String,
+/// An exclusive hold on a git directory, across threads and processes: an `flock` on a
+/// file beside it, which the kernel drops when its holder dies. So whoever holds it knows
+/// no live process is writing there, and removes the `.lock` files a dead one left (a
+/// crash mid-update), which would otherwise fail every later operation.
+struct DirLock {
+    _file: fs::File,
 }
 
-impl Drop for PipelineGuard {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.pipeline_id);
+impl DirLock {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+    fn acquire(dir: &Path) -> Result<DirLock, GitError> {
+        let path = PathBuf::from(format!("{}.flock", dir.display()));
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("cannot open", &path))?;
+        let deadline = std::time::Instant::now() + Self::WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => return Err(GitError::Busy(Self::WAIT.as_secs())),
+                Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &path)(e)),
+            }
+        }
+        remove_stale_locks(dir);
+        Ok(DirLock { _file: file })
+    }
+}
+
+/// Removes the `.lock` files libgit2 leaves when its process dies mid-update: the
+/// repository's own (HEAD, index, config, packed-refs, …) and every ref's.
+fn remove_stale_locks(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(here) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&here) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            let at_top = here == dir;
+            if kind.is_dir() && (path.starts_with(dir.join("refs")) || (at_top && entry.file_name() == "refs")) {
+                stack.push(path);
+            } else if kind.is_file() && path.extension().is_some_and(|e| e == "lock") {
+                tracing::warn!(path = %path.display(), "removing a git lock file a dead process left");
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
 }
 

@@ -20,6 +20,8 @@ pub enum StoreError {
     Open { url: String, source: sqlx::Error },
     #[error("cannot create the data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
+    #[error("cannot lock {path} for the database's migrations: {source}")]
+    Lock { path: String, source: std::io::Error },
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
@@ -28,11 +30,18 @@ pub enum StoreError {
     Corrupt { column: &'static str, value: String },
     #[error("a run cannot go from {from} to {to}")]
     InvalidTransition { from: RunState, to: RunState },
-    #[error("{kind} {prefix:?} is ambiguous: it matches {}", .matches.join(", "))]
+    /// A prefix that matches more than one id: `matches` lists the first ones, `more`
+    /// says there are others.
+    #[error(
+        "{kind} id {prefix:?} is ambiguous: it matches {}{}; give more of the id",
+        .matches.join(", "),
+        if *.more { " and more" } else { "" }
+    )]
     Ambiguous {
         kind: &'static str,
         prefix: String,
         matches: Vec<String>,
+        more: bool,
     },
 }
 
@@ -140,6 +149,13 @@ impl Store {
                 url: url.to_owned(),
                 source,
             })?;
+        // Several processes may open a fresh database at once; PostgreSQL's migrator
+        // takes an advisory lock, SQLite's takes none: a file lock beside the database
+        // makes them apply one at a time (the later ones then find nothing to do).
+        let _held = match sqlite_path(url) {
+            Some(path) => Some(migration_lock(&format!("{path}.migrate-lock")).await?),
+            None => None,
+        };
         migrations::run(&pool, &backend).await?;
         Ok(Store { pool })
     }
@@ -218,24 +234,40 @@ impl Store {
         row.map(|r| pipeline_from_row(&r)).transpose()
     }
 
-    /// Finds a pipeline by its id or a unique prefix of it.
+    /// Finds a pipeline by its id or a unique prefix of it. The prefix is taken literally:
+    /// `%` and `_` are characters, not wildcards, and case matters.
     pub async fn find_pipeline(&self, prefix: &str) -> Result<Option<Pipeline>> {
+        /// The most ids an ambiguous prefix reports.
+        const MAX_CANDIDATES: usize = 10;
         if let Some(p) = self.pipeline(prefix).await? {
             return Ok(Some(p));
         }
+        if prefix.is_empty() {
+            return Ok(None);
+        }
+        // LIKE (wildcards escaped) narrows the search; comparing the start makes the match
+        // exact, as SQLite's LIKE ignores the case of ASCII letters.
         let rows = sqlx::query(&format!(
-            "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id LIKE $1 ORDER BY id LIMIT 6"
+            "SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE id LIKE $1 ESCAPE '\\' \
+             AND substr(id, 1, length($2)) = $2 ORDER BY id LIMIT {}",
+            MAX_CANDIDATES + 1
         ))
         .bind(format!("{}%", escape_like(prefix)))
+        .bind(prefix)
         .fetch_all(&self.pool)
         .await?;
         match rows.len() {
             0 => Ok(None),
             1 => pipeline_from_row(&rows[0]).map(Some),
-            _ => Err(StoreError::Ambiguous {
+            n => Err(StoreError::Ambiguous {
                 kind: "pipeline",
                 prefix: prefix.to_owned(),
-                matches: rows.iter().filter_map(|r| r.try_get("id").ok()).collect(),
+                matches: rows
+                    .iter()
+                    .take(MAX_CANDIDATES)
+                    .map(|r| r.try_get("id"))
+                    .collect::<Result<_, _>>()?,
+                more: n > MAX_CANDIDATES,
             }),
         }
     }
@@ -655,6 +687,16 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the processes whose lease expired before `before`: they are dead, and
+    /// their runs are adopted by whoever finds them.
+    pub async fn remove_instances_silent_since(&self, before: Millis) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM instances WHERE heartbeat_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn remove_instance(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM instances WHERE id = $1")
             .bind(id)
@@ -853,8 +895,39 @@ fn run_from_row(r: &AnyRow) -> Result<Run> {
     })
 }
 
+/// `s` for a LIKE pattern with a backslash as its ESCAPE character: its wildcards and
+/// backslashes match themselves.
 fn escape_like(s: &str) -> String {
-    s.replace(['%', '_'], "")
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Holds an exclusive `flock` on `path` (released when the file is dropped or the
+/// process dies).
+async fn migration_lock(path: &str) -> Result<std::fs::File> {
+    let path = path.to_owned();
+    let held = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&held)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .expect("locking does not panic")
+    .map_err(|source| StoreError::Lock {
+        path: path.clone(),
+        source,
+    })
 }
 
 fn sqlite_path(url: &str) -> Option<String> {

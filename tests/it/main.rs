@@ -5,6 +5,7 @@
 mod browser;
 mod chat;
 mod core;
+mod crash;
 mod discord;
 mod fake_discord;
 mod fake_forge;
