@@ -230,7 +230,13 @@ pub struct AgentProfile {
     /// Fixed, non-secret environment variables.
     pub env_set: BTreeMap<String, String>,
     /// `bridge` (the default, so agents reach their model API), `none`, or a network name.
+    /// `host` gives the agent the host's network (its loopback services, the Docker API
+    /// if exposed over TCP, the cloud metadata address): refused unless
+    /// `allow_host_network` is true.
     pub network: String,
+    /// Lets `network = "host"` through validation: an explicit, per-agent opt-in to an
+    /// agent that is no longer cut off from the host's network.
+    pub allow_host_network: bool,
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids_limit: i64,
@@ -339,6 +345,7 @@ impl Default for AgentProfile {
             env: Vec::new(),
             env_set: BTreeMap::new(),
             network: "bridge".into(),
+            allow_host_network: false,
             memory_mb: 4096,
             cpus: 2.0,
             pids_limit: 512,
@@ -392,10 +399,14 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("THREADLINE_").ignore(&["CONFIG", "LOG"]).split("__"));
+        figment = figment.merge(
+            Env::prefixed("THREADLINE_")
+                .ignore(&["CONFIG", "LOG", "CRASH_AT"])
+                .split("__"),
+        );
         let mut config: Config = figment.extract().map_err(|e| {
             // figment names the key path and the file it came from.
-            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+            ConfigError::Parse(e.into_iter().map(as_written).collect::<Vec<_>>().join("; "))
         })?;
         if config.git.token.is_empty()
             && let Ok(token) = std::env::var("THREADLINE_GIT_TOKEN")
@@ -491,6 +502,13 @@ impl Config {
             if repo.url.trim().is_empty() {
                 return Err(invalid(&format!("repos.{name}.url"), "must name a path or URL".into()));
             }
+            // A path must be a repository now; a URL is only reached when a run fetches.
+            if let Err(e) = crate::orchestrator::workspace::resolve_repo(&repo.url) {
+                return Err(invalid(
+                    &format!("repos.{name}.url"),
+                    format!("is not usable: {e}; point it at a checkout, a bare repository or a URL"),
+                ));
+            }
             if let Some(agent) = &repo.agent
                 && !self.agents.contains_key(agent)
             {
@@ -531,6 +549,15 @@ impl Config {
             }
             if agent.user.starts_with("0:") || agent.user == "0" {
                 return Err(invalid(&key("user"), "agents never run as root".into()));
+            }
+            if agent.network.trim().eq_ignore_ascii_case("host") && !agent.allow_host_network {
+                return Err(invalid(
+                    &key("network"),
+                    format!(
+                        "is \"host\", which puts the agent on the host's network; use \"bridge\" or \"none\", or set {} = true to allow it",
+                        key("allow_host_network")
+                    ),
+                ));
             }
         }
         Ok(())
@@ -612,6 +639,32 @@ impl Config {
     }
 }
 
+/// A figment error, with its key as the user wrote it: `agents.probe.image`, not figment's
+/// `default.agents.probe.image` (the profile is figment's, not the user's), and
+/// `THREADLINE_AGENTS__PROBE__IMAGE` for a variable.
+fn as_written(e: figment::Error) -> String {
+    let mut text = e.kind.to_string();
+    if !e.path.is_empty() {
+        let from_env = e
+            .metadata
+            .as_ref()
+            .is_some_and(|md| md.name.contains("environment variable"));
+        let key = if from_env {
+            format!("THREADLINE_{}", e.path.join("__").to_ascii_uppercase())
+        } else {
+            e.path.join(".")
+        };
+        text.push_str(&format!(" for key `{key}`"));
+    }
+    if let Some(md) = &e.metadata {
+        match &md.source {
+            Some(source) => text.push_str(&format!(" in {source} {}", md.name)),
+            None => text.push_str(&format!(" in {}", md.name)),
+        }
+    }
+    text
+}
+
 /// Parses `uid:gid`.
 pub fn parse_user(s: &str) -> Option<(u32, u32)> {
     let (u, g) = s.split_once(':')?;
@@ -679,6 +732,88 @@ mod tests {
                 .to_string()
                 .contains("discord.channels.123.repos")
         );
+    }
+
+    /// The end of a file's path that errors show whatever their working directory
+    /// (figment shows a path relative to it).
+    fn shown_file(path: &Path) -> String {
+        path.iter()
+            .rev()
+            .take(2)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<PathBuf>()
+            .display()
+            .to_string()
+    }
+
+    #[test]
+    fn repo_paths_must_be_git_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::create_dir(&plain).unwrap();
+        let mut c = Config::default();
+        let set_url = |c: &mut Config, url: String| {
+            c.repos.insert(
+                "api".into(),
+                RepoConfig {
+                    url,
+                    ..Default::default()
+                },
+            );
+        };
+        for wrong in [plain, dir.path().join("missing")] {
+            set_url(&mut c, wrong.display().to_string());
+            let err = c.validate(None).unwrap_err().to_string();
+            assert!(err.contains("`repos.api.url`"), "{err}");
+            assert!(err.contains("not a git repository"), "{err}");
+        }
+        let checkout = dir.path().join("checkout");
+        git2::Repository::init(&checkout).unwrap();
+        let bare = dir.path().join("bare.git");
+        git2::Repository::init_bare(&bare).unwrap();
+        for right in [
+            checkout.display().to_string(),
+            bare.display().to_string(),
+            // URLs are only reached when a run fetches.
+            "https://git.invalid/me/api.git".to_owned(),
+            "git@git.invalid:me/api.git".to_owned(),
+        ] {
+            set_url(&mut c, right.clone());
+            c.validate(None).unwrap_or_else(|e| panic!("{right}: {e}"));
+        }
+    }
+
+    #[test]
+    fn host_networking_needs_an_explicit_opt_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("threadline.toml");
+        let agent = "[agents.probe]\nimage = \"probe:1\"\nargv = [\"true\"]\nnetwork = \"host\"\n";
+        std::fs::write(&path, agent).unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("`agents.probe.network`"), "{err}");
+        assert!(err.contains("agents.probe.allow_host_network = true"), "{err}");
+        assert!(err.contains(&shown_file(&path)), "{err}");
+        std::fs::write(&path, format!("{agent}allow_host_network = true\n")).unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert!(c.agents["probe"].allow_host_network);
+    }
+
+    #[test]
+    fn errors_name_keys_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("threadline.toml");
+        for (text, key) in [
+            ("[agents.probe]\nimagee = \"probe:1\"\n", "`agents.probe.imagee`"),
+            ("max_concurrent_runs = \"many\"\n", "`max_concurrent_runs`"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::load(Some(&path)).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(!err.contains("default."), "{err}");
+            assert!(err.contains(&shown_file(&path)), "{err}");
+        }
     }
 
     #[test]

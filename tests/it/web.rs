@@ -9,7 +9,9 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use threadline::bots::web::{WebState, listen_addr, router};
 use threadline::config::Secret;
+use threadline::model::{Origin, Pipeline, RunState, now_millis};
 use threadline::orchestrator::Orchestrator;
+use threadline::store::NewRun;
 use tower::ServiceExt;
 
 use crate::harness::TestEnv;
@@ -24,11 +26,24 @@ struct Web {
 
 impl Web {
     async fn new(env: &mut TestEnv, token: Option<&str>) -> Web {
+        Web::with(env, token, true).await
+    }
+
+    /// A web front end whose runs stay queued: nothing executes them.
+    async fn unstarted(env: &mut TestEnv, token: Option<&str>) -> Web {
+        Web::with(env, token, false).await
+    }
+
+    async fn with(env: &mut TestEnv, token: Option<&str>, started: bool) -> Web {
         env.add_demo_repo();
         if let Some(t) = token {
             env.config.web.token = Secret::new(t);
         }
-        let orch = env.orchestrator().await;
+        let orch = if started {
+            env.orchestrator().await
+        } else {
+            env.orchestrator_unstarted().await
+        };
         let app = router(WebState::new(orch.clone(), HOST.parse().unwrap()));
         Web {
             app,
@@ -68,6 +83,22 @@ impl Web {
         }
         let (s, _, text) = self.send(b.body(Body::from(body.to_string())).unwrap()).await;
         (s, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Sends `req` and returns the status and the JSON body, asserting that the body is
+    /// JSON.
+    async fn send_json(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let (s, headers, text) = self.send(req).await;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{s} came as {content_type:?}: {text}"
+        );
+        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{s}: {e}: {text}"));
+        (s, value)
     }
 
     async fn get_json(&self, uri: &str) -> Value {
@@ -398,5 +429,427 @@ async fn the_event_stream_carries_cards_and_log_lines_live() {
     }
     assert!(seen.contains("event: card") && seen.contains("event: log"), "{seen}");
     assert!(seen.contains(&run_id));
+    web.orch.shutdown().await;
+}
+
+/// An `error` that is one of our sentences: lowercase, no final period.
+fn assert_sentence(what: &str, error: &Value) {
+    let text = error["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no error sentence in {error}"));
+    assert!(!text.is_empty(), "{what}: empty error");
+    assert!(!text.starts_with(char::is_uppercase), "{what}: {text}");
+    assert!(!text.ends_with('.'), "{what}: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_from_other_sites_are_refused() {
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, None).await;
+    let (s, started) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "echo hi"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{started}");
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let store = web.orch.store();
+    let queued = || async { store.run(&run_id).await.unwrap().unwrap().state == RunState::Queued };
+
+    // A form on another site posts to the loopback UI through the user's browser: cancel,
+    // retry and open-pr take no body, so the content type does not stop it.
+    for path in ["cancel", "retry", "open-pr"] {
+        for (name, value) in [
+            ("origin", "http://evil.example"),
+            ("origin", "null"),
+            ("origin", "http://127.0.0.1:9999"),
+            ("origin", "http://127.0.0.1"),
+            ("sec-fetch-site", "cross-site"),
+        ] {
+            let (s, e) = web
+                .send_json(
+                    web.req("POST", &format!("/api/runs/{run_id}/{path}"))
+                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                        .header(name, value)
+                        .body(Body::from("x=1"))
+                        .unwrap(),
+                )
+                .await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{path} with {name}: {value}: {e}");
+            assert!(e["error"].as_str().unwrap().contains("another site"), "{e}");
+            assert_sentence(path, &e);
+        }
+    }
+    let (s, e) = web
+        .send_json(
+            web.req("POST", "/api/pipelines")
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::ORIGIN, "http://evil.example")
+                .body(Body::from(json!({"repo": "demo", "prompt": "rm -rf ."}).to_string()))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    assert!(queued().await, "the run was left alone");
+    assert_eq!(store.pipelines(10).await.unwrap().len(), 1, "nothing started");
+
+    // Reading is no change: a foreign Origin may GET (the browser keeps the answer from it).
+    let (s, _, _) = web
+        .send(
+            web.req("GET", &format!("/api/runs/{run_id}"))
+                .header(header::ORIGIN, "http://evil.example")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Threadline's own pages (any case of the host name) and clients without the headers
+    // (curl, scripts) change things.
+    let (s, done) = web
+        .send_json(
+            Request::builder()
+                .method("POST")
+                .uri(format!("/api/runs/{run_id}/cancel"))
+                .header(header::HOST, "localhost:8080")
+                .header(header::ORIGIN, "http://LocalHost:8080")
+                .header("sec-fetch-site", "same-origin")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{done}");
+    assert_eq!(done["dequeued"][0], run_id.as_str());
+    let (s, retried) = web
+        .json("POST", &format!("/api/runs/{run_id}/retry"), json!({}), None)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{retried}");
+    web.orch.shutdown().await;
+
+    // With a token the rule is the same: a valid token does not make another site's
+    // request the user's own.
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, Some("s3cret-web-token")).await;
+    let start = |origin: Option<&str>| {
+        let mut b = web
+            .req("POST", "/api/pipelines")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(o) = origin {
+            b = b.header(header::ORIGIN, o);
+        }
+        b.body(Body::from(json!({"repo": "demo", "prompt": "echo hi"}).to_string()))
+            .unwrap()
+    };
+    let (s, e) = web.send_json(start(Some("http://evil.example"))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    let (s, e) = web.send_json(start(Some("http://127.0.0.1:8080"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    let (s, e) = web.send_json(start(None)).await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    web.orch.shutdown().await;
+}
+
+fn stored_pipeline(id: &str, repo: &str) -> Pipeline {
+    Pipeline {
+        id: id.into(),
+        repo: repo.into(),
+        remote_url: repo.into(),
+        local_only: false,
+        base_branch: "main".into(),
+        branch: format!("threadline/p-{id}"),
+        agent: "sh".into(),
+        title: "t".into(),
+        origin: Origin::cli(),
+        created_at: now_millis(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_ids_list_their_candidates_and_match_literally() {
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, None).await;
+    let store = web.orch.store();
+    for id in ["dd01aaaa", "dd02bbbb", "ee03cccc"] {
+        let run = NewRun {
+            prompt: "echo hi".into(),
+            agent: "sh".into(),
+            requested_by: "t".into(),
+            idempotency_key: None,
+        };
+        store
+            .insert_pipeline(&stored_pipeline(id, &env.origin_url()), &run)
+            .await
+            .unwrap();
+    }
+
+    for (method, uri) in [
+        ("GET", "/api/pipelines/dd"),
+        ("GET", "/api/runs/dd"),
+        ("POST", "/api/runs/dd/cancel"),
+        ("POST", "/api/runs/dd/retry"),
+        ("POST", "/api/pipelines/dd/runs"),
+    ] {
+        let (s, e) = web
+            .send_json(
+                web.req(method, uri)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(json!({"prompt": "echo more"}).to_string()))
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CONFLICT, "{method} {uri}: {e}");
+        assert_eq!(e["candidates"], json!(["dd01aaaa", "dd02bbbb"]), "{uri}");
+        let text = e["error"].as_str().unwrap();
+        assert!(
+            text.contains("ambiguous") && text.contains("dd01aaaa, dd02bbbb") && text.contains("more of the id"),
+            "{text}"
+        );
+        assert_sentence(uri, &e);
+    }
+    assert_eq!(web.get_json("/api/pipelines/dd01").await["pipeline"]["id"], "dd01aaaa");
+
+    // Ids match literally: no wildcards, and case matters.
+    for id in ["%25", "d%25", "e_", "_e03cccc", "EE03", "dd\\"] {
+        let (s, e) = web
+            .send_json(
+                web.req("GET", &format!("/api/pipelines/{id}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id}: {e}");
+        let (s, e) = web
+            .send_json(
+                web.req("POST", &format!("/api/runs/{id}/cancel"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id}: {e}");
+    }
+    for id in ["dd01aaaa", "dd02bbbb", "ee03cccc"] {
+        let run = store.run(&format!("{id}-1")).await.unwrap().unwrap();
+        assert_eq!(run.state, RunState::Queued, "{id} was not cancelled by a pattern");
+    }
+    web.orch.shutdown().await;
+
+    // The CLI says the same in a sentence.
+    let config = crate::harness::write_cli_config(&env, "");
+    let out = crate::harness::cli(&config, &["runs", "dd"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "error: pipeline id \"dd\" is ambiguous: it matches dd01aaaa, dd02bbbb; give more of the id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_with_control_characters_are_refused() {
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, None).await;
+    for (prompt, code) in [
+        ("echo a\u{0}b", "U+0000"),
+        ("printf '\u{1b}[2J'", "U+001B"),
+        ("echo \u{7f}", "U+007F"),
+        ("echo \u{9b}31m", "U+009B"),
+    ] {
+        let (s, e) = web
+            .json(
+                "POST",
+                "/api/pipelines",
+                json!({"repo": "demo", "prompt": prompt}),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{prompt:?}: {e}");
+        let text = e["error"].as_str().unwrap();
+        assert!(text.contains(code) && text.contains("remove it"), "{text}");
+        assert_sentence(prompt, &e);
+    }
+    assert!(web.orch.store().pipelines(10).await.unwrap().is_empty());
+
+    // Tabs and line breaks are text.
+    let (s, started) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "echo a\tb\r\necho c"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{started}");
+    let pipeline_id = started["pipeline"]["id"].as_str().unwrap().to_owned();
+    let (s, e) = web
+        .json(
+            "POST",
+            &format!("/api/pipelines/{pipeline_id}/runs"),
+            json!({"prompt": "echo \u{0}"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    assert_eq!(web.orch.store().runs(&pipeline_id).await.unwrap().len(), 1);
+    web.orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_a_json_sentence() {
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, None).await;
+    let post = |content_type: &str, body: Vec<u8>| {
+        web.req("POST", "/api/pipelines")
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let json = "application/json";
+    let cases = [
+        (
+            "bad JSON",
+            post(json, b"{\"repo\": \"demo\",".to_vec()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad UTF-8",
+            post(json, b"{\"repo\": \"demo\", \"prompt\": \"\xff\xfe\"}".to_vec()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong content type",
+            post("text/plain", b"{}".to_vec()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "no content type",
+            web.req("POST", "/api/pipelines").body(Body::from("{}")).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "wrong fields",
+            post(json, b"{\"repo\": 1}".to_vec()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "too large",
+            post(
+                json,
+                format!("{{\"repo\": \"demo\", \"prompt\": \"{}\"}}", "x".repeat(3 << 20)).into_bytes(),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "bad query",
+            web.req("GET", "/api/pipelines?limit=many").body(Body::empty()).unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong method",
+            web.req("DELETE", "/api/pipelines").body(Body::empty()).unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "no such endpoint",
+            web.req("GET", "/api/nope").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "foreign Host",
+            Request::builder()
+                .uri("/api/pipelines")
+                .header(header::HOST, "evil.example:8080")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::FORBIDDEN,
+        ),
+    ];
+    for (what, req, status) in cases {
+        let (s, e) = web.send_json(req).await;
+        assert_eq!(s, status, "{what}: {e}");
+        assert_sentence(what, &e);
+    }
+    let (s, e) = web.json("POST", "/api/pipelines", json!({"repo": 1}), None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["error"].as_str().unwrap().contains("repo"), "names the field: {e}");
+    assert!(web.orch.store().pipelines(10).await.unwrap().is_empty());
+    // Pages are not the API: they keep their plain text.
+    let (s, _, body) = web
+        .send(
+            Request::builder()
+                .uri("/")
+                .header(header::HOST, "evil.example:8080")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(!body.starts_with('{'), "{body}");
+    web.orch.shutdown().await;
+
+    // Without the token, the API answers in JSON too.
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, Some("s3cret-web-token")).await;
+    let (s, e) = web
+        .send_json(
+            Request::builder()
+                .uri("/api/pipelines")
+                .header(header::HOST, HOST)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("Authorization: Bearer"), "{e}");
+    assert_sentence("no token", &e);
+    web.orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_and_the_auth_scheme_are_case_insensitive() {
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, None).await;
+    let with_host = |host: &str| {
+        Request::builder()
+            .uri("/api/pipelines")
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for host in ["LOCALHOST:8080", "LocalHost", "localhost:8080", "127.0.0.1:8080"] {
+        assert_eq!(web.send(with_host(host)).await.0, StatusCode::OK, "{host}");
+    }
+    for host in ["evil.example:8080", "localhost.evil.example:8080", ""] {
+        assert_eq!(web.send(with_host(host)).await.0, StatusCode::FORBIDDEN, "{host:?}");
+    }
+    web.orch.shutdown().await;
+
+    let mut env = TestEnv::new();
+    let web = Web::unstarted(&mut env, Some("s3cret-web-token")).await;
+    let with_auth = |value: &str| {
+        Request::builder()
+            .uri("/api/pipelines")
+            .header(header::AUTHORIZATION, value)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for value in [
+        "bearer s3cret-web-token",
+        "BEARER s3cret-web-token",
+        "Bearer  s3cret-web-token",
+    ] {
+        assert_eq!(web.send(with_auth(value)).await.0, StatusCode::OK, "{value}");
+    }
+    for value in [
+        "bearer s3cret-web-tokeN",
+        "bearer s3cret-web-toke",
+        "Basic s3cret-web-token",
+        "bearers3cret-web-token",
+        "s3cret-web-token",
+    ] {
+        assert_eq!(web.send(with_auth(value)).await.0, StatusCode::UNAUTHORIZED, "{value}");
+    }
     web.orch.shutdown().await;
 }

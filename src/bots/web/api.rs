@@ -2,27 +2,52 @@
 //! Nothing here shows file contents, diffs or secrets: prompts and logs are redacted.
 
 use std::convert::Infallible;
+use std::error::Error as _;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::WebState;
 use crate::bots::render::{Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Pipeline, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
+use crate::store::StoreError;
 
-/// An API error: a status and a sentence saying what to do.
-pub struct ApiError(StatusCode, String);
+/// An API error: a status and a sentence saying what to do (`error`), with the ids an
+/// ambiguous prefix matched (`candidates`) when that is what went wrong.
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    candidates: Option<Vec<String>>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            candidates: None,
+        }
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let body = match self.candidates {
+            Some(candidates) => json!({ "error": self.error, "candidates": candidates }),
+            None => json!({ "error": self.error }),
+        };
+        (self.status, Json(body)).into_response()
     }
 }
 
@@ -31,19 +56,163 @@ impl From<SubmitError> for ApiError {
         let status = match &e {
             SubmitError::EmptyPrompt
             | SubmitError::PromptTooLong { .. }
+            | SubmitError::ControlCharacter { .. }
             | SubmitError::UnknownAgent { .. }
             | SubmitError::Repo(_) => StatusCode::UNPROCESSABLE_ENTITY,
             SubmitError::UnknownPipeline(_) | SubmitError::UnknownRun(_) => StatusCode::NOT_FOUND,
             SubmitError::NotRetryable { .. } => StatusCode::CONFLICT,
-            SubmitError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SubmitError::Store(e) => return ApiError::from_store(e),
         };
-        ApiError(status, e.to_string())
+        ApiError::new(status, e.to_string())
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::from_store(&e)
+    }
+}
+
+impl ApiError {
+    fn from_store(e: &StoreError) -> Self {
+        match e {
+            // The caller's to resolve: a longer prefix picks one.
+            StoreError::Ambiguous { matches, .. } => ApiError {
+                status: StatusCode::CONFLICT,
+                error: e.to_string(),
+                candidates: Some(matches.clone()),
+            },
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+
+    /// A request body the JSON extractor refused, in words.
+    fn body_rejected(rejection: JsonRejection, max_prompt_bytes: usize) -> Self {
+        let detail = |e: &dyn std::error::Error| e.source().map(|s| s.to_string()).unwrap_or_default();
+        let (status, error) = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as JSON, with `Content-Type: application/json`".to_owned(),
+            ),
+            JsonRejection::JsonSyntaxError(e) => (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body is not valid JSON ({}); send a JSON object as `GET /api` describes",
+                    detail(e)
+                ),
+            ),
+            JsonRejection::JsonDataError(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the body does not fit this endpoint ({}); `GET /api` shows what each one takes",
+                    detail(e)
+                ),
+            ),
+            JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is too large; a prompt may be at most {max_prompt_bytes} bytes: shorten it or put the details in a file in the repo"
+                ),
+            ),
+            _ => (
+                rejection.status(),
+                "the request body could not be read; send it again".to_owned(),
+            ),
+        };
+        ApiError::new(status, error)
+    }
+}
+
+/// `Json<T>`, with its rejections as API errors.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequest<WebState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &WebState) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError::body_rejected(rejection, state.orch.config().max_prompt_bytes)),
+        }
+    }
+}
+
+/// `Query<T>`, with its rejections as API errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => {
+                let detail = match &rejection {
+                    QueryRejection::FailedToDeserializeQueryString(e) => {
+                        e.source().map(|s| s.to_string()).unwrap_or_default()
+                    }
+                    other => other.body_text(),
+                };
+                Err(ApiError::new(
+                    rejection.status(),
+                    format!("the query string does not fit ({detail}); `GET /api` lists what each endpoint takes"),
+                ))
+            }
+        }
+    }
+}
+
+/// Makes every error of the JSON API a JSON body with an `error` sentence, whoever
+/// produced it: the router (no such endpoint, wrong method), the token and Host guard, or
+/// an extractor. Pages keep their plain text.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_api = path == "/api" || path.starts_with("/api/");
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_api || is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let error = match status {
+        StatusCode::NOT_FOUND => format!("there is no endpoint {path}: `GET /api` lists them"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            format!("{path} does not take {method}: `GET /api` lists the methods each endpoint takes")
+        }
+        _ if !text.is_empty() => sentence(&text),
+        _ => format!(
+            "{}: `GET /api` says how to call each endpoint",
+            status.canonical_reason().unwrap_or("error").to_lowercase()
+        ),
+    };
+    let mut rewritten = (status, Json(json!({ "error": error }))).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rewritten.headers_mut().append(name, value.clone());
+        }
+    }
+    rewritten
+}
+
+/// A plain-text error as one of our sentences: a lowercase start, no final period.
+fn sentence(text: &str) -> String {
+    let text = text.trim_end_matches('.');
+    let mut chars = text.chars();
+    match (chars.next(), chars.next()) {
+        (Some(first), Some(second)) if first.is_uppercase() && !second.is_uppercase() => {
+            first.to_lowercase().chain(text[first.len_utf8()..].chars()).collect()
+        }
+        _ => text.to_owned(),
     }
 }
 
@@ -65,7 +234,10 @@ pub async fn index() -> Json<Value> {
             {"method": "GET", "path": "/healthz", "does": "liveness, no token needed"},
             {"method": "GET", "path": "/metrics", "does": "Prometheus metrics"}
         ],
-        "auth": "when web.token is set: `Authorization: Bearer <token>`, or a browser opens a page once with ?token=<token>"
+        "auth": "when web.token is set: `Authorization: Bearer <token>`, or a browser opens a page once with ?token=<token>",
+        "origin": "a POST whose Origin is not this address, or with `Sec-Fetch-Site: cross-site`, is refused with 403",
+        "ids": "an id may be a prefix, taken literally; one that fits several ids gives 409 with them in `candidates`",
+        "errors": "every error is JSON: {\"error\": \"what went wrong and what to do\"}"
     }))
 }
 
@@ -104,7 +276,7 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
-pub async fn list_pipelines(State(state): State<WebState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Value>> {
+pub async fn list_pipelines(State(state): State<WebState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
     let store = state.orch.store();
     let mut out = Vec::new();
     for s in store.pipelines(q.limit.unwrap_or(200).clamp(1, 1000)).await? {
@@ -139,12 +311,12 @@ pub struct StartBody {
 pub async fn start_pipeline(
     State(state): State<WebState>,
     headers: HeaderMap,
-    Json(body): Json<StartBody>,
+    JsonBody(body): JsonBody<StartBody>,
 ) -> ApiResult<Response> {
     let config = state.orch.config();
     let Some(repo) = config.repos.get(&body.repo) else {
         let known: Vec<&str> = config.repos.keys().map(String::as_str).collect();
-        return Err(ApiError(
+        return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             if known.is_empty() {
                 "no repositories are configured: add one under [repos.NAME] in the config, or start with `threadline serve --repo PATH`".to_owned()
@@ -186,7 +358,7 @@ pub async fn follow_up(
     State(state): State<WebState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Json(body): Json<FollowUpBody>,
+    JsonBody(body): JsonBody<FollowUpBody>,
 ) -> ApiResult<Response> {
     let submitted = state
         .orch

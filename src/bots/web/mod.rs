@@ -9,12 +9,13 @@ mod metrics;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
 
 use crate::config::{Config, Secret};
 use crate::orchestrator::Orchestrator;
@@ -100,6 +101,9 @@ pub fn router(state: WebState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         // Health checks need no token.
         .route("/healthz", get(api::healthz))
+        // Outside the token and Host guard, so they cover every route, token or not.
+        .layer(middleware::from_fn(same_site_only))
+        .layer(middleware::from_fn(api::json_errors))
         .with_state(state)
 }
 
@@ -122,25 +126,94 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
+/// Refuses a request that changes something (any method but GET, HEAD and OPTIONS) when
+/// a browser says a page of another site made it: a form or a script elsewhere must not
+/// cancel, retry or open pull requests through the browser of someone who can reach this
+/// address (CSRF). Clients that send neither header (curl, scripts, the CLI) are let
+/// through; the token and Host guard still applies to them.
+async fn same_site_only(request: Request, next: Next) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(request).await;
+    }
+    match foreign_site(&request) {
+        None => next.run(request).await,
+        Some(site) => (
+            StatusCode::FORBIDDEN,
+            Json(json!({
+                "error": format!(
+                    "refused: {site} sent this request; change things from Threadline's own pages, or from a client that sends no Origin header such as curl or the CLI"
+                )
+            })),
+        )
+            .into_response(),
+    }
+}
+
+/// Which page of another site a request came from, if a browser says it came from one:
+/// an `Origin` that is not the origin the request was sent to (`null` included), or
+/// `Sec-Fetch-Site: cross-site`.
+fn foreign_site(request: &Request) -> Option<String> {
+    let headers = request.headers();
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("an unreadable origin"));
+    let page = |origin: &str| format!("a page of another site ({origin})");
+    let cross_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"cross-site"));
+    if cross_site {
+        return Some(origin.map(page).unwrap_or_else(|| "a page of another site".to_owned()));
+    }
+    let origin = origin?;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if same_origin(origin, host) => None,
+        _ => Some(page(origin)),
+    }
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the `host[:port]` a request was sent
+/// to. Host names compare case-insensitively; a default port may be left out of either.
+fn same_origin(origin: &str, host: &str) -> bool {
+    let Some((scheme, authority)) = origin.trim().split_once("://") else {
+        return false; // `null`, or not an origin at all
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return false,
+    };
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return false;
+    }
+    let bare = |a: &str| -> String {
+        let a = a.trim();
+        a.strip_suffix(default_port).unwrap_or(a).to_ascii_lowercase()
+    };
+    bare(authority) == bare(host)
+}
+
 /// Token check (when a token is set) and Host check (when it is not).
 async fn guard(State(state): State<WebState>, request: Request, next: Next) -> Response {
     let headers = request.headers();
     match &state.token {
         None => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
-            if !state.local_hosts.iter().any(|h| h == host) {
+            // Host names are case-insensitive (RFC 9110 §4.2.3).
+            if !state.local_hosts.iter().any(|h| h.eq_ignore_ascii_case(host.trim())) {
                 return (
                     StatusCode::FORBIDDEN,
-                    "this address serves only requests to localhost\n",
+                    "this address serves only requests addressed to localhost, 127.0.0.1 or [::1]; to reach it under another name, set web.token\n",
                 )
                     .into_response();
             }
             next.run(request).await
         }
         Some(token) => {
-            if presented(headers, "authorization", "Bearer ").is_some_and(|t| same(&t, token))
-                || cookie(headers).is_some_and(|t| same(&t, token))
-            {
+            if bearer(headers).is_some_and(|t| same(t, token)) || cookie(headers).is_some_and(|t| same(&t, token)) {
                 return next.run(request).await;
             }
             // `?token=` once sets a cookie, so links and the browser work.
@@ -169,13 +242,12 @@ async fn guard(State(state): State<WebState>, request: Request, next: Next) -> R
     }
 }
 
-fn presented(headers: &HeaderMap, name: &str, prefix: &str) -> Option<String> {
-    headers
-        .get(name)?
-        .to_str()
-        .ok()?
-        .strip_prefix(prefix)
-        .map(str::to_owned)
+/// The token of `Authorization: Bearer <token>`; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 fn cookie(headers: &HeaderMap) -> Option<String> {
