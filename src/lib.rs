@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod crash;
 pub mod http;
+pub mod lifecycle;
 pub mod model;
 pub mod orchestrator;
 pub mod redact;

@@ -16,7 +16,8 @@ use super::workspace::{self, CommitInfo, SUMMARY_FILE};
 use super::{Inner, RunUpdate, run_dir};
 use crate::config::{AgentProfile, parse_user};
 use crate::crash::{self, Step};
-use crate::model::{EndReason, Pipeline, Run, RunState, format_duration, now_millis};
+use crate::lifecycle::{self, Ending, SaveOutcome};
+use crate::model::{EndReason, Pipeline, Run, RunState, now_millis};
 use crate::store::{RunPatch, StoreError};
 use crate::untrusted;
 
@@ -96,33 +97,58 @@ async fn transition(
     Ok(moved)
 }
 
-async fn fail_preparing(inner: &Inner, run: &Run, message: String) -> Result<(), StoreError> {
-    let message = inner.redactor.redact(&message);
-    inner
-        .store
-        .update_run(
-            &run.id,
-            &RunPatch {
+/// Why a run does not get past `preparing`.
+enum Unprepared {
+    /// It fails, with this sentence; nothing ran.
+    Failed(String),
+    /// A cancel came first.
+    Cancelled,
+    /// The store failed: the run stays `preparing` for the next start.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Unprepared {
+    fn from(e: StoreError) -> Self {
+        Unprepared::Store(e)
+    }
+}
+
+fn failed(e: impl ToString) -> Unprepared {
+    Unprepared::Failed(e.to_string())
+}
+
+/// Prepares the run and starts its agent; every way out of `preparing` but `running`
+/// ends here, stored once.
+async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
+    let (to, detail) = match start(inner, pipeline, run).await {
+        Ok(()) => return Ok(()),
+        Err(Unprepared::Store(e)) => return Err(e.into()),
+        Err(Unprepared::Cancelled) => (RunState::Cancelled, "cancelled before the agent started".to_owned()),
+        Err(Unprepared::Failed(message)) => {
+            let message = inner.redactor.redact(&message);
+            let patch = RunPatch {
                 error: Some(message.clone()),
                 end_reason: Some(EndReason::NotStarted),
                 ..Default::default()
-            },
-        )
-        .await?;
-    transition(inner, &run.id, RunState::Preparing, RunState::Failed, &message).await?;
+            };
+            inner.store.update_run(&run.id, &patch).await?;
+            (RunState::Failed, message)
+        }
+    };
+    // The workspace may have been handed to the agent's user already.
+    give_back_workspace(inner, pipeline).await;
+    transition(inner, &run.id, RunState::Preparing, to, &detail).await?;
     Ok(())
 }
 
-async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
+async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), Unprepared> {
     let name = container_name(&run.id);
     // A container already exists when the last process died after creating it: one
     // never started is started now (its agent has not run), any other is followed.
     match inner.runtime.status(&name).await {
         Ok(Some(ContainerStatus::Created)) => {
-            match inner.runtime.start(&name).await {
-                Ok(()) => mark_running(inner, run, name, "container found again, not started yet: started").await?,
-                Err(e) => fail_preparing(inner, run, e.to_string()).await?,
-            }
+            inner.runtime.start(&name).await.map_err(failed)?;
+            mark_running(inner, run, name, "container found again, not started yet: started").await?;
             return Ok(());
         }
         Ok(Some(_)) => {
@@ -132,55 +158,23 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         Ok(None) | Err(_) => {}
     }
     if inner.store.cancel_requested(&run.id).await? {
-        transition(
-            inner,
-            &run.id,
-            RunState::Preparing,
-            RunState::Cancelled,
-            "cancelled before the agent started",
-        )
-        .await?;
-        return Ok(());
+        return Err(Unprepared::Cancelled);
     }
-    let Some(profile) = inner.config.agent(&run.agent).cloned() else {
-        let known = inner.config.agent_names().join(", ");
-        fail_preparing(
-            inner,
-            run,
-            format!(
-                "the agent {:?} is no longer configured (known: {known}); retry with another agent",
-                run.agent
-            ),
-        )
-        .await?;
-        return Ok(());
-    };
-    if let Err(e) = inner.runtime.ensure_image(&profile.image).await {
-        fail_preparing(inner, run, e.to_string()).await?;
-        return Ok(());
-    }
-    let env = match agent_env(&profile, pipeline, run) {
-        Ok(env) => env,
-        Err(missing) => {
-            fail_preparing(
-                inner,
-                run,
-                format!(
-                    "the agent {:?} needs {missing} in Threadline's environment; set it where Threadline runs and retry",
-                    run.agent
-                ),
-            )
-            .await?;
-            return Ok(());
-        }
-    };
-    let (uid, gid) = match agent_user(&profile, inner.me) {
-        Ok(ids) => ids,
-        Err(msg) => {
-            fail_preparing(inner, run, msg).await?;
-            return Ok(());
-        }
-    };
+    let profile = inner.config.agent(&run.agent).cloned().ok_or_else(|| {
+        failed(format!(
+            "the agent {:?} is no longer configured (known: {}); retry with another agent",
+            run.agent,
+            inner.config.agent_names().join(", ")
+        ))
+    })?;
+    inner.runtime.ensure_image(&profile.image).await.map_err(failed)?;
+    let env = agent_env(&profile, pipeline, run).map_err(|missing| {
+        failed(format!(
+            "the agent {:?} needs {missing} in Threadline's environment; set it where Threadline runs and retry",
+            run.agent
+        ))
+    })?;
+    let (uid, gid) = agent_user(&profile, inner.me).map_err(failed)?;
 
     let prepared = {
         let lock = mirror_lock(inner, &pipeline.remote_url);
@@ -190,56 +184,26 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         tokio::task::spawn_blocking(move || git.prepare(&p))
             .await
             .expect("git prepare does not panic")
+            .map_err(failed)?
     };
-    let prepared = match prepared {
-        Ok(p) => {
-            crash::point(Step::Prepared);
-            p
-        }
-        Err(e) => {
-            fail_preparing(inner, run, e.to_string()).await?;
-            return Ok(());
-        }
+    crash::point(Step::Prepared);
+    let patch = RunPatch {
+        start_commit: Some(prepared.start_commit.clone()),
+        ..Default::default()
     };
-    inner
-        .store
-        .update_run(
-            &run.id,
-            &RunPatch {
-                start_commit: Some(prepared.start_commit.clone()),
-                ..Default::default()
-            },
-        )
-        .await?;
-    let context = match write_context(inner, pipeline, run).await {
-        Ok(dir) => dir,
-        Err(e) => {
-            fail_preparing(inner, run, format!("cannot write the run's context files: {e}")).await?;
-            return Ok(());
-        }
-    };
-    if (uid, gid) != inner.me
-        && let Err(e) = hand_over(prepared.workspace.clone(), uid, gid).await
-    {
-        fail_preparing(
-            inner,
-            run,
-            format!("cannot hand the workspace to the agent's user {uid}:{gid}: {e}"),
-        )
-        .await?;
-        return Ok(());
+    inner.store.update_run(&run.id, &patch).await?;
+    let context = write_context(inner, pipeline, run)
+        .await
+        .map_err(|e| failed(format!("cannot write the run's context files: {e}")))?;
+    if (uid, gid) != inner.me {
+        hand_over(prepared.workspace.clone(), uid, gid).await.map_err(|e| {
+            failed(format!(
+                "cannot hand the workspace to the agent's user {uid}:{gid}: {e}"
+            ))
+        })?;
     }
     if inner.store.cancel_requested(&run.id).await? {
-        give_back_workspace(inner, pipeline).await;
-        transition(
-            inner,
-            &run.id,
-            RunState::Preparing,
-            RunState::Cancelled,
-            "cancelled before the agent started",
-        )
-        .await?;
-        return Ok(());
+        return Err(Unprepared::Cancelled);
     }
     let spec = AgentSpec {
         name: name.clone(),
@@ -271,16 +235,9 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
         &inner.counters.container_failures
     };
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    match started {
-        Ok(id) => {
-            crash::point(Step::ContainerStarted);
-            mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?
-        }
-        Err(e) => {
-            give_back_workspace(inner, pipeline).await;
-            fail_preparing(inner, run, e.to_string()).await?;
-        }
-    }
+    let id = started.map_err(failed)?;
+    crash::point(Step::ContainerStarted);
+    mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?;
     Ok(())
 }
 
@@ -483,13 +440,6 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
     }
 }
 
-/// How saving a run's work ended, when it did not end with the work saved.
-enum SaveCut {
-    Failed(String),
-    TimedOut,
-    Cancelled,
-}
-
 async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
     let reason = run.end_reason.unwrap_or(EndReason::Lost);
     let outcome = match (reason, run.exit_code) {
@@ -505,9 +455,8 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         tracing::warn!(run_id = %run.id, error = %e, "could not remove the container before saving");
     }
     let mut patch = RunPatch::default();
-    let mut cut = None;
-    let saved = if run.start_commit.is_none() {
-        None // never got as far as a workspace: nothing to save
+    let (saved, outcome) = if run.start_commit.is_none() {
+        (None, SaveOutcome::NothingToSave) // never got as far as a workspace
     } else {
         let git = inner.git.clone();
         let p = pipeline.clone();
@@ -541,87 +490,42 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         // git lock, so the next run waits for it rather than racing it.
         let limit = Duration::from_secs(inner.config.save_timeout_secs);
         let result = tokio::select! {
-            done = job => Some(done.expect("git save does not panic")),
-            _ = tokio::time::sleep(limit) => { cut = Some(SaveCut::TimedOut); None }
-            _ = cancel_requested(inner, &run.id) => { cut = Some(SaveCut::Cancelled); None }
+            done = job => done.expect("git save does not panic").map_err(|e| SaveOutcome::Failed(e.to_string())),
+            _ = tokio::time::sleep(limit) => Err(SaveOutcome::TimedOut { limit: limit.as_millis() as i64 }),
+            _ = cancel_requested(inner, &run.id) => Err(SaveOutcome::Cancelled),
         };
         match result {
-            Some(Ok((saved, push, pushed_before))) => {
+            Ok((saved, push, pushed_before)) => {
                 patch.head_commit = Some(saved.head.clone());
                 patch.changed = Some(saved.changed);
                 patch.diffstat = Some(saved.diffstat.clone());
                 patch.summary = saved.summary.clone().map(|s| inner.redactor.redact(&s));
-                match push {
+                let push_error = match push {
                     Some(Ok(())) | None => {
                         patch.pushed = Some(push.is_some() || run.pushed || pushed_before);
                         patch.push_error = Some(None);
+                        None
                     }
-                    Some(Err(e)) => patch.push_error = Some(Some(inner.redactor.redact(&e.to_string()))),
-                }
+                    Some(Err(e)) => {
+                        let e = inner.redactor.redact(&e.to_string());
+                        patch.push_error = Some(Some(e.clone()));
+                        Some(e)
+                    }
+                };
                 for note in &saved.notes {
                     tracing::warn!(run_id = %run.id, note = %note, "saving passed over what the agent left");
                 }
-                Some(saved)
+                (Some(saved), SaveOutcome::Saved { push_error })
             }
-            Some(Err(e)) => {
-                cut = Some(SaveCut::Failed(format!(
-                    "saving the run's work failed: {e}. The changes are still in the workspace and the next run commits them"
-                )));
-                None
-            }
-            None => None,
+            Err(cut) => (None, cut),
         }
     };
-    let push_error = patch.push_error.clone().flatten();
-    let (to, error) = match (reason, run.exit_code, cut) {
-        (_, _, Some(SaveCut::Failed(e))) => (RunState::Failed, Some(e)),
-        (_, _, Some(SaveCut::TimedOut)) => (
-            RunState::Failed,
-            Some(format!(
-                "saving the run's work took longer than {}; the changes are still in the workspace and the next run commits them",
-                format_duration(inner.config.save_timeout_secs as i64 * 1000)
-            )),
-        ),
-        (_, _, Some(SaveCut::Cancelled)) => (
-            RunState::Cancelled,
-            Some("cancelled while its work was being saved; what the save did not finish, the next run commits".into()),
-        ),
-        (EndReason::Cancelled, _, None) => (RunState::Cancelled, None),
-        (EndReason::TimedOut, _, None) => (
-            RunState::TimedOut,
-            Some(format!(
-                "the agent ran past its limit of {} and was stopped; its work so far is saved",
-                format_duration(
-                    inner
-                        .config
-                        .agent(&run.agent)
-                        .map(|a| a.timeout_secs as i64 * 1000)
-                        .unwrap_or(0)
-                )
-            )),
-        ),
-        (EndReason::Exited, Some(0), None) => match push_error {
-            None => (RunState::Succeeded, None),
-            Some(e) => (
-                RunState::Failed,
-                Some(format!(
-                    "the agent finished and its work is committed in the workspace, but the push failed: {e}. \
-                     Fix the cause and retry; the next run pushes it too"
-                )),
-            ),
-        },
-        (EndReason::Exited, Some(code), None) => (
-            RunState::Failed,
-            Some(format!(
-                "the agent exited with code {code}; its work so far is saved. `threadline logs {}` shows why",
-                run.id
-            )),
-        ),
-        _ => (
-            RunState::Failed,
-            Some("the agent's container disappeared before it finished; whatever it left is saved".to_owned()),
-        ),
-    };
+    let agent_limit = inner
+        .config
+        .agent(&run.agent)
+        .map(|a| a.timeout_secs as i64 * 1000)
+        .unwrap_or(0);
+    let Ending { state: to, error } = lifecycle::ending(reason, run.exit_code, &outcome, agent_limit, &run.id);
     if let Some(e) = &error {
         patch.error = Some(inner.redactor.redact(e));
     }

@@ -5,6 +5,7 @@
 mod migrations;
 
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -109,8 +110,9 @@ const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, st
      summary, log_tail";
 const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
      title, origin_surface, origin_thread, origin_url, created_at";
-const ACTIVE_STATES: &str = "('preparing', 'running', 'saving')";
-const TERMINAL_STATES: &str = "('succeeded', 'failed', 'timed_out', 'cancelled')";
+/// The state lists of SQL, made from the lifecycle's own.
+static ACTIVE_STATES: LazyLock<String> = LazyLock::new(|| RunState::sql_list(&RunState::ACTIVE));
+static TERMINAL_STATES: LazyLock<String> = LazyLock::new(|| RunState::sql_list(&RunState::TERMINAL));
 
 impl Store {
     /// Opens (creating if needed) the database at `url` and brings its schema up to date.
@@ -384,8 +386,9 @@ impl Store {
     /// Durations in milliseconds (acceptance to end) of the latest `limit` finished runs.
     pub async fn finished_durations(&self, limit: i64) -> Result<Vec<Millis>> {
         let rows = sqlx::query(&format!(
-            "SELECT finished_at - created_at AS d FROM runs WHERE state IN {TERMINAL_STATES} \
-             AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1"
+            "SELECT finished_at - created_at AS d FROM runs WHERE state IN {terminal} \
+             AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1",
+            terminal = *TERMINAL_STATES
         ))
         .bind(limit)
         .fetch_all(&self.pool)
@@ -407,14 +410,17 @@ impl Store {
         };
         let mut tx = self.pool.begin().await?;
         let claimed: Option<String> = sqlx::query_scalar(&format!(
-            "UPDATE runs SET state = 'preparing', owner = $1, started_at = $3 \
-             WHERE state = 'queued' AND id = ( \
-                 SELECT r.id FROM runs r WHERE r.state = 'queued' {scope} \
-                 AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.pipeline_id = r.pipeline_id AND a.state IN {ACTIVE_STATES}) \
-                 AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.pipeline_id = r.pipeline_id AND q.state = 'queued' AND q.seq < r.seq) \
+            "UPDATE runs SET state = '{preparing}', owner = $1, started_at = $3 \
+             WHERE state = '{queued}' AND id = ( \
+                 SELECT r.id FROM runs r WHERE r.state = '{queued}' {scope} \
+                 AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.pipeline_id = r.pipeline_id AND a.state IN {active}) \
+                 AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.pipeline_id = r.pipeline_id AND q.state = '{queued}' AND q.seq < r.seq) \
                  ORDER BY r.created_at, r.seq LIMIT 1) \
-             AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {ACTIVE_STATES}) < $2 \
-             RETURNING id"
+             AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {active}) < $2 \
+             RETURNING id",
+            preparing = RunState::Preparing.as_str(),
+            queued = RunState::Queued.as_str(),
+            active = *ACTIVE_STATES
         ))
         .bind(owner)
         .bind(limit as i64)
@@ -724,7 +730,8 @@ impl Store {
     /// Active runs and the instance that owns each (None when never owned).
     pub async fn active_runs_with_owner(&self) -> Result<Vec<(Run, Option<String>)>> {
         let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS}, owner FROM runs WHERE state IN {ACTIVE_STATES} ORDER BY created_at, seq"
+            "SELECT {RUN_COLUMNS}, owner FROM runs WHERE state IN {active} ORDER BY created_at, seq",
+            active = *ACTIVE_STATES
         ))
         .fetch_all(&self.pool)
         .await?;
@@ -736,8 +743,9 @@ impl Store {
     /// Takes over a run from a dead owner, unless another process did first.
     pub async fn adopt(&self, run_id: &str, dead_owner: Option<&str>, owner: &str) -> Result<bool> {
         let rows = sqlx::query(&format!(
-            "UPDATE runs SET owner = $1 WHERE id = $2 AND state NOT IN {TERMINAL_STATES} \
-             AND (owner = $3 OR (owner IS NULL AND $3 = ''))"
+            "UPDATE runs SET owner = $1 WHERE id = $2 AND state NOT IN {terminal} \
+             AND (owner = $3 OR (owner IS NULL AND $3 = ''))",
+            terminal = *TERMINAL_STATES
         ))
         .bind(owner)
         .bind(run_id)
