@@ -750,6 +750,16 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
             orch.config().agent_names().join(", ")
         );
     };
+    // The daemon must have the work tree to itself while it prepares or saves.
+    if let Some(active) = orch.store().runs(&p.id).await?.iter().find(|r| r.state.is_active()) {
+        anyhow::bail!(
+            "run {} of pipeline {} is {}; open a shell once it has finished (`threadline logs --follow {}`)",
+            active.id,
+            p.id,
+            active.state,
+            active.id
+        );
+    }
     let ws = orch.workspace_path(&p.id);
     if !ws.exists() {
         anyhow::bail!("pipeline {} has no workspace yet: its first run has not started", p.id);
@@ -780,6 +790,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         pids_limit: profile.pids_limit,
         network: profile.network.clone(),
         read_only_rootfs: profile.read_only_rootfs,
+        log_file_bytes: 0,
     };
     eprintln!(
         "shell on {} (branch {}); changes are committed with the pipeline's next run",

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
 };
 use futures_util::{Stream, StreamExt};
 
@@ -64,6 +65,8 @@ pub struct AgentSpec {
     pub pids_limit: i64,
     pub network: String,
     pub read_only_rootfs: bool,
+    /// The most of its output Docker keeps on disk (two files of this size at most).
+    pub log_file_bytes: u64,
 }
 
 impl AgentSpec {
@@ -96,6 +99,15 @@ impl AgentSpec {
             nano_cpus: Some(self.nano_cpus),
             network_mode: Some(self.network.clone()),
             readonly_rootfs: Some(self.read_only_rootfs),
+            // Docker's own copy of the output is bounded too: an agent printing at full
+            // speed until its timeout must not fill the host's disk.
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), self.log_file_bytes.max(1024 * 1024).to_string()),
+                    ("max-file".to_owned(), "2".to_owned()),
+                ])),
+            }),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_owned(),
                 "rw,nosuid,nodev,size=1g,mode=1777".to_owned(),
@@ -126,6 +138,9 @@ impl AgentSpec {
             format!("--memory-swap={}", self.memory_bytes),
             format!("--cpus={}", self.nano_cpus as f64 / 1e9),
             format!("--network={}", self.network),
+            // Nothing reads a shell's log: Docker keeps none.
+            "--log-driver".into(),
+            "none".into(),
             "--tmpfs".into(),
             "/tmp:rw,nosuid,nodev,size=1g,mode=1777".into(),
         ];
@@ -298,6 +313,27 @@ impl ContainerRuntime {
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(docker_err("inspect the container")(e)),
         }
+    }
+
+    /// The running containers of a pipeline other than `except` (an agent's, or a
+    /// `threadline shell`): while one runs, the daemon must not touch the work tree.
+    pub async fn running_on_pipeline(&self, pipeline_id: &str, except: &str) -> Result<Vec<String>, ContainerError> {
+        let filters = HashMap::from([
+            ("label".to_owned(), vec![format!("{LABEL_PIPELINE}={pipeline_id}")]),
+            ("status".to_owned(), vec!["running".to_owned()]),
+        ]);
+        let options = ListContainersOptionsBuilder::new().all(false).filters(&filters).build();
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(docker_err("list the containers"))?;
+        Ok(found
+            .into_iter()
+            .flat_map(|c| c.names.unwrap_or_default())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .filter(|n| n != except)
+            .collect())
     }
 
     /// The container's output from its start, following until it exits.

@@ -175,6 +175,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         ))
     })?;
     let (uid, gid) = agent_user(&profile, inner.me).map_err(failed)?;
+    refuse_if_in_use(inner, pipeline, &name).await.map_err(failed)?;
 
     let prepared = {
         let lock = mirror_lock(inner, &pipeline.remote_url);
@@ -227,6 +228,8 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         pids_limit: profile.pids_limit,
         network: profile.network.clone(),
         read_only_rootfs: profile.read_only_rootfs,
+        // Docker's copy in JSON, several times the size of the text Threadline keeps.
+        log_file_bytes: inner.config.max_log_bytes.saturating_mul(4),
     };
     let started = inner.runtime.start_agent(&spec).await;
     let counter = if started.is_ok() {
@@ -451,12 +454,15 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     // The agent must be gone before its work tree is read: a live one could swap a file
     // for a link between the daemon's check and its use.
     let container = run.container_id.clone().unwrap_or_else(|| container_name(&run.id));
-    if let Err(e) = inner.runtime.remove(&container).await {
-        tracing::warn!(run_id = %run.id, error = %e, "could not remove the container before saving");
-    }
+    let in_use = match inner.runtime.remove(&container).await {
+        Ok(()) => refuse_if_in_use(inner, pipeline, &container).await.err(),
+        Err(e) => Some(format!("the agent's container could not be removed ({e})")),
+    };
     let mut patch = RunPatch::default();
     let (saved, outcome) = if run.start_commit.is_none() {
         (None, SaveOutcome::NothingToSave) // never got as far as a workspace
+    } else if let Some(why) = in_use {
+        (None, SaveOutcome::Failed(why))
     } else {
         let git = inner.git.clone();
         let p = pipeline.clone();
@@ -544,6 +550,20 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     transition(inner, &run.id, RunState::Saving, to, &detail).await?;
     crash::point(Step::Stored);
     Ok(())
+}
+
+/// Fails while a container other than `own` runs on the pipeline's work tree (a
+/// `threadline shell`, or an agent Docker would not remove): what runs in it could swap
+/// a file for a link between the daemon's check and its use.
+async fn refuse_if_in_use(inner: &Inner, pipeline: &Pipeline, own: &str) -> Result<(), String> {
+    match inner.runtime.running_on_pipeline(&pipeline.id, own).await {
+        Ok(others) if others.is_empty() => Ok(()),
+        Ok(others) => Err(format!(
+            "the container {} is open on this pipeline's workspace (a `threadline shell`?); close it, then retry",
+            others.join(", ")
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Resolves once a cancel of the run has been requested, by any process.

@@ -14,6 +14,13 @@ pub const MAX_PATH_BYTES: usize = 3000;
 /// a tree deeper than 100 directories, which would fail every save from then on.
 pub const MAX_DEPTH: usize = 90;
 
+/// Files larger than this are removed after a run, not committed: git reads a file whole
+/// when attributes filter it and pushes each object whole, so one sparse 20 GB file would
+/// exhaust the daemon (forges refuse files over 100 MB anyway).
+pub const MAX_FILE_BYTES: u64 = 100 * 1024 * 1024;
+/// Git's own settings files larger than this are removed after a run.
+const MAX_CONTROL_BYTES: u64 = 1024 * 1024;
+
 /// Files git reads for its own settings wherever they are in the tree; as links they
 /// would make the daemon read whatever they point at.
 const GIT_CONTROL_FILES: [&str; 3] = [".gitignore", ".gitattributes", ".gitmodules"];
@@ -74,7 +81,7 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
         let is_root = rel.as_os_str().is_empty();
         if how.scrub
             && !is_root
-            && let Some(why) = unwanted(&rel, &meta)
+            && let Some(why) = unwanted(root, &rel, &meta)
         {
             remove(&path, &meta)?;
             removed.add(&rel, why);
@@ -86,7 +93,16 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
             std::os::unix::fs::lchown(&path, Some(uid), Some(gid))?;
         }
         if meta.is_dir() {
-            for entry in fs::read_dir(&path)? {
+            let entries = match fs::read_dir(&path) {
+                // An agent of the daemon's own uid may have taken its own rights away.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    use std::os::unix::fs::PermissionsExt;
+                    fs::set_permissions(&path, fs::Permissions::from_mode(meta.permissions().mode() | 0o700))?;
+                    fs::read_dir(&path)?
+                }
+                other => other?,
+            };
+            for entry in entries {
                 stack.push(rel.join(entry?.file_name()));
             }
         }
@@ -94,27 +110,83 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
     Ok(removed)
 }
 
-fn unwanted(rel: &Path, meta: &fs::Metadata) -> Option<&'static str> {
+/// Removes a directory tree, first giving back the rights to every directory in it that
+/// an agent of the daemon's own uid may have taken away (`chmod 000`).
+pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::PermissionsExt;
+            let mut stack = vec![path.to_path_buf()];
+            while let Some(dir) = stack.pop() {
+                let meta = fs::symlink_metadata(&dir)?;
+                if !meta.is_dir() {
+                    continue;
+                }
+                fs::set_permissions(&dir, fs::Permissions::from_mode(meta.permissions().mode() | 0o700))?;
+                for entry in fs::read_dir(&dir)? {
+                    stack.push(entry?.path());
+                }
+            }
+            fs::remove_dir_all(path)
+        }
+        other => other,
+    }
+}
+
+fn unwanted(root: &Path, rel: &Path, meta: &fs::Metadata) -> Option<&'static str> {
     let kind = meta.file_type();
-    let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let name = rel.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let top_level = rel.components().count() == 1;
     if rel.as_os_str().len() > MAX_PATH_BYTES || rel.components().count() > MAX_DEPTH {
         Some("nested too deep or path too long for git")
     } else if name == ".git" && !top_level {
         Some("a nested repository's git directory")
+    } else if name != ".git" && names_git_dir(&name) {
+        Some("a name git refuses (it could stand for .git)")
     } else if kind.is_fifo() || kind.is_socket() || kind.is_block_device() || kind.is_char_device() {
         Some("not a file, directory or link")
-    } else if GIT_CONTROL_FILES.contains(&name) && !kind.is_file() {
+    } else if GIT_CONTROL_FILES.contains(&name.as_ref()) && !kind.is_file() {
         Some("git settings that are not a regular file")
+    } else if GIT_CONTROL_FILES.contains(&name.as_ref()) && meta.len() > MAX_CONTROL_BYTES {
+        Some("git settings larger than 1 MB")
+    } else if kind.is_file() && meta.len() > MAX_FILE_BYTES {
+        Some("a file larger than 100 MB")
+    } else if name == ".gitmodules" && includes_other_files(&root.join(rel)) {
+        Some("submodule settings that include other files")
     } else {
         None
+    }
+}
+
+/// Whether git (with `core.protectNTFS`, its default) refuses a name for standing for
+/// `.git` on another file system: `.git` in any case, `git~1`, with trailing dots or
+/// spaces, or an NTFS stream (`:`), or any backslash.
+fn names_git_dir(name: &str) -> bool {
+    if name.contains('\\') {
+        return true;
+    }
+    let lower = name.to_ascii_lowercase();
+    let stem = lower.split(':').next().unwrap_or("").trim_end_matches(['.', ' ']);
+    stem == ".git" || stem == "git~1"
+}
+
+/// Whether a `.gitmodules` file has `[include]` or `[includeIf]` sections, which libgit2
+/// obeys when it reads submodule settings (and which could name any host path).
+fn includes_other_files(path: &Path) -> bool {
+    let Some(dir) = path.parent() else { return false };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    match crate::untrusted::read_capped(dir, name, MAX_CONTROL_BYTES as usize) {
+        Ok(Some(read)) => read.text.to_ascii_lowercase().contains("[include"),
+        _ => true,
     }
 }
 
 fn remove(path: &Path, meta: &fs::Metadata) -> std::io::Result<()> {
     // remove_dir_all works relative to directory handles and never follows a link.
     if meta.is_dir() {
-        fs::remove_dir_all(path)
+        remove_tree(path)
     } else {
         fs::remove_file(path)
     }

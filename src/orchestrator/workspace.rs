@@ -69,7 +69,7 @@ pub enum GitError {
     #[error("push to {remote} failed: {detail}")]
     Push { remote: String, detail: String },
     #[error("git: {0}")]
-    Git(#[from] git2::Error),
+    Git(#[from] LibGitError),
     #[error("another git operation on this repository is still running after {0} s; try again when it has finished")]
     Busy(u64),
     #[error("refusing to send credentials to {asked}: only the configured remote's host {allowed} gets them")]
@@ -80,6 +80,24 @@ pub enum GitError {
         path: String,
         source: std::io::Error,
     },
+}
+
+/// libgit2's error, kept opaque: callers see its message, not its crate.
+#[derive(Debug)]
+pub struct LibGitError(git2::Error);
+
+impl std::fmt::Display for LibGitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for LibGitError {}
+
+impl From<git2::Error> for GitError {
+    fn from(e: git2::Error) -> Self {
+        GitError::Git(LibGitError(e))
+    }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> GitError + 'a {
@@ -446,6 +464,9 @@ impl Git {
                 if local_head.is_none() {
                     how.force();
                 } else {
+                    // A file the checkout adds where an ignored link stands would be
+                    // written through the link.
+                    remove_untracked_links(&repo, &ws)?;
                     how.safe();
                 }
                 repo.checkout_tree(commit.as_object(), Some(&mut how))?;
@@ -499,7 +520,7 @@ impl Git {
         let ws = self.workspace_path(&pipeline.id);
         let dotgit = ws.join(".git");
         match fs::symlink_metadata(&dotgit) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&dotgit).map_err(io_err("cannot remove", &dotgit))?,
+            Ok(m) if m.is_dir() => scrub::remove_tree(&dotgit).map_err(io_err("cannot remove", &dotgit))?,
             Ok(_) => fs::remove_file(&dotgit).map_err(io_err("cannot remove", &dotgit))?,
             Err(_) => {}
         }
@@ -565,8 +586,25 @@ impl Git {
     ) -> Result<Saved, GitError> {
         let _held = DirLock::acquire(&self.gitdir_path(&pipeline.id))?;
         let ws = self.workspace_path(&pipeline.id);
+        let mut notes = Vec::new();
+        // Read before the walk, which would remove a (sparse) summary over its size cap.
+        let summary = match untrusted::read_capped(&ws, SUMMARY_FILE, SUMMARY_CAP) {
+            Ok(Some(read)) => {
+                if read.truncated {
+                    notes.push(format!(
+                        "the summary was longer than {SUMMARY_CAP} bytes; its beginning is kept"
+                    ));
+                }
+                Some(read.text.trim().to_owned()).filter(|s| !s.is_empty())
+            }
+            Ok(None) => None,
+            Err(refused) => {
+                notes.push(format!("ignored the summary: {refused}"));
+                None
+            }
+        };
         let removed = scrub::walk(&ws, Walk { owner, scrub: true }).map_err(io_err("cannot examine", &ws))?;
-        let mut notes: Vec<String> = removed.note().into_iter().collect();
+        notes.extend(removed.note());
         let repo = self.open_pipeline(&pipeline.id)?;
         let branch_ref = format!("refs/heads/{}", pipeline.branch);
         let start = Oid::from_str(start_commit)?;
@@ -584,21 +622,6 @@ impl Git {
         }
         repo.set_head(&branch_ref)?;
 
-        let summary = match untrusted::read_capped(&ws, SUMMARY_FILE, SUMMARY_CAP) {
-            Ok(Some(read)) => {
-                if read.truncated {
-                    notes.push(format!(
-                        "the summary was longer than {SUMMARY_CAP} bytes; its beginning is kept"
-                    ));
-                }
-                Some(read.text.trim().to_owned()).filter(|s| !s.is_empty())
-            }
-            Ok(None) => None,
-            Err(refused) => {
-                notes.push(format!("ignored the summary: {refused}"));
-                None
-            }
-        };
         let control = ws.join(CONTROL_DIR);
         match fs::symlink_metadata(&control) {
             Ok(m) if m.is_dir() => fs::remove_dir_all(&control).map_err(io_err("cannot remove", &control))?,
@@ -649,35 +672,18 @@ impl Git {
             Ok(_) => return Ok(None),
             Err(why) => return Err(passed_over(why)),
         };
-        if repo.odb().map(|o| o.exists(tip)).unwrap_or(false) {
-            // Already imported (a save again after a crash).
-            return match repo.graph_descendant_of(tip, start) {
-                Ok(true) => Ok(Some(tip)),
-                _ => Err(passed_over(format!(
-                    "{} does not build on the run's start",
-                    short(&tip)
-                ))),
-            };
-        }
         let staging = self.gitdir_path(pipeline_id).join("import");
         let result = (|| {
             if staging.exists() {
                 fs::remove_dir_all(&staging).map_err(|e| e.to_string())?;
             }
             copy_object_files(&ws.join(".git/objects"), &staging)?;
+            // The agent's objects alone: nothing it wrote can point this at another store.
             let source = Odb::new().map_err(|e| e.message().to_owned())?;
-            for dir in [staging.clone(), self.objects_path(pipeline_id)] {
-                source
-                    .add_disk_alternate(&dir.display().to_string())
-                    .map_err(|e| e.message().to_owned())?;
-            }
-            let source = Repository::from_odb(source).map_err(|e| e.message().to_owned())?;
-            match source.graph_descendant_of(tip, start) {
-                Ok(true) => {}
-                Ok(false) => return Err(format!("{} does not build on the run's start", short(&tip))),
-                Err(e) => return Err(format!("{}: {}", short(&tip), e.message())),
-            }
-            copy_reachable(&source, &repo.odb().map_err(|e| e.message().to_owned())?, tip, start)
+            source
+                .add_disk_alternate(&staging.display().to_string())
+                .map_err(|e| e.message().to_owned())?;
+            Import::new(&source, repo)?.run(tip, start)
         })();
         let _ = fs::remove_dir_all(&staging);
         result.map(|()| Some(tip)).map_err(passed_over)
@@ -831,6 +837,32 @@ fn remove_stale_locks(dir: &Path) {
     }
 }
 
+/// Removes the links in the work tree that the index does not track as links (ones the
+/// agent left ignored, which saving keeps): a checkout that adds a file where such a
+/// link stands writes through it, as root.
+fn remove_untracked_links(repo: &Repository, ws: &Path) -> Result<(), GitError> {
+    let index = repo.index()?;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let path = ws.join(&rel);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let tracked = index.get_path(&rel, 0).is_some_and(|e| e.mode == 0o120000);
+            if !tracked {
+                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+            }
+        } else if meta.is_dir() && rel != Path::new(".git") {
+            for entry in fs::read_dir(&path).map_err(io_err("cannot read", &path))? {
+                let entry = entry.map_err(io_err("cannot read", &path))?;
+                stack.push(rel.join(entry.file_name()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates a file that must not exist yet (so never through a link someone left).
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), GitError> {
     use std::io::Write;
@@ -888,9 +920,11 @@ fn agent_branch_tip(ws: &Path, branch: &str) -> Result<Option<Oid>, String> {
     }))
 }
 
-/// Copies an agent's object files into a directory of the daemon's: loose objects and
-/// packs with the names git gives them, regular files only (a link, FIFO or device is
-/// refused), at most [`IMPORT_TOTAL_CAP`] bytes in all.
+/// Copies an agent's loose object files into a directory of the daemon's: regular files
+/// with the names git gives them (a link, FIFO or device is refused), at most
+/// [`IMPORT_TOTAL_CAP`] bytes in all. Packs are not taken: their indexes could send a
+/// read in circles (a delta whose base is itself). An agent that packed its objects
+/// (`git gc`) has its commits passed over; its files are still saved.
 fn copy_object_files(from: &Path, to: &Path) -> Result<(), String> {
     let hex = |s: &str, len: std::ops::RangeInclusive<usize>| {
         len.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -902,27 +936,6 @@ fn copy_object_files(from: &Path, to: &Path) -> Result<(), String> {
     if !from.parent().is_some_and(real_dir) || !real_dir(from) {
         return Err("its .git or .git/objects is not a directory".into());
     }
-    let mut copy = |src: &Path, dst: &Path| -> Result<(), String> {
-        let file = untrusted::open_regular(src).map_err(|r: Refused| r.to_string())?;
-        let len = file.metadata().map_err(|e| e.to_string())?.len();
-        if len > budget {
-            return Err(format!(
-                "its objects are larger than {} MiB in all",
-                IMPORT_TOTAL_CAP >> 20
-            ));
-        }
-        budget -= len;
-        if let Some(dir) = dst.parent() {
-            fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        }
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dst)
-            .map_err(|e| e.to_string())?;
-        std::io::copy(&mut std::io::Read::take(file, len), &mut out).map_err(|e| e.to_string())?;
-        Ok(())
-    };
     let entries = |dir: &Path| -> Result<Vec<String>, String> {
         Ok(fs::read_dir(dir)
             .map_err(|e| e.to_string())?
@@ -930,82 +943,269 @@ fn copy_object_files(from: &Path, to: &Path) -> Result<(), String> {
             .collect())
     };
     for name in entries(from)? {
-        let path = from.join(&name);
-        if name == "pack" && real_dir(&path) {
-            for file in entries(&path)? {
-                let stem = file.strip_suffix(".pack").or_else(|| file.strip_suffix(".idx"));
-                if let Some(id) = stem.and_then(|s| s.strip_prefix("pack-"))
-                    && hex(id, 40..=64)
-                {
-                    copy(&path.join(&file), &to.join("pack").join(&file))?;
-                }
+        let dir = from.join(&name);
+        if !hex(&name, 2..=2) || !real_dir(&dir) {
+            continue;
+        }
+        for file in entries(&dir)? {
+            if !hex(&file, 38..=62) {
+                continue;
             }
-        } else if hex(&name, 2..=2) && real_dir(&path) {
-            for file in entries(&path)? {
-                if hex(&file, 38..=62) {
-                    copy(&path.join(&file), &to.join(&name).join(&file))?;
-                }
+            let source = untrusted::open_regular(&dir.join(&file)).map_err(|r: Refused| r.to_string())?;
+            let len = source.metadata().map_err(|e| e.to_string())?.len();
+            if len > budget {
+                return Err(format!(
+                    "its objects are larger than {} MiB in all",
+                    IMPORT_TOTAL_CAP >> 20
+                ));
             }
+            budget -= len;
+            let dest = to.join(&name).join(&file);
+            fs::create_dir_all(dest.parent().expect("a file in a directory")).map_err(|e| e.to_string())?;
+            let mut out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&dest)
+                .map_err(|e| e.to_string())?;
+            std::io::copy(&mut std::io::Read::take(source, len), &mut out).map_err(|e| e.to_string())?;
         }
     }
     Ok(())
 }
 
-/// Writes into `to` every object reachable from `tip` that it lacks, read from `from`
-/// (reading checks each object's hash; writing computes it again). Trees are walked with
-/// a stack of our own, so a hostile depth cannot exhaust ours.
-fn copy_reachable(from: &Repository, to: &Odb<'_>, tip: Oid, start: Oid) -> Result<(), String> {
-    let msg = |e: git2::Error| e.message().to_owned();
-    let source = from.odb().map_err(msg)?;
-    let copy_one = |oid: Oid| -> Result<(), String> {
-        let (size, _) = source.read_header(oid).map_err(msg)?;
-        if size as u64 > IMPORT_OBJECT_CAP {
-            return Err(format!(
-                "object {} is larger than {} MiB",
-                short(&oid),
-                IMPORT_OBJECT_CAP >> 20
-            ));
+/// The largest commit or tree object read from an agent.
+const IMPORT_META_CAP: usize = 16 * 1024 * 1024;
+/// The most new commits one run may bring in.
+const IMPORT_COMMITS_CAP: usize = 10_000;
+
+/// An import of an agent's commits into the daemon's repository: every object read with
+/// its declared size checked first (reading checks its hash), every tree rebuilt by
+/// libgit2's tree builder (which refuses `.git`, `..`, `/` in names and odd modes) and
+/// required to come out the same, every commit's header checked line by line, and each
+/// object written only after all it points to, so an interrupted import leaves nothing
+/// half-present.
+struct Import<'a> {
+    source: &'a Odb<'a>,
+    dest: &'a Repository,
+    odb: Odb<'a>,
+    budget: u64,
+}
+
+impl<'a> Import<'a> {
+    fn new(source: &'a Odb<'a>, dest: &'a Repository) -> Result<Self, String> {
+        let odb = dest.odb().map_err(|e| e.message().to_owned())?;
+        Ok(Import {
+            source,
+            dest,
+            odb,
+            budget: IMPORT_TOTAL_CAP,
+        })
+    }
+
+    fn run(&mut self, tip: Oid, start: Oid) -> Result<(), String> {
+        // The new commits, and whether the tip builds on the start.
+        let mut commits: std::collections::HashMap<Oid, (Oid, Vec<Oid>, Vec<u8>)> = Default::default();
+        let mut descends = false;
+        let mut stack = vec![tip];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(oid) = stack.pop() {
+            if !seen.insert(oid) {
+                continue;
+            }
+            if oid == start {
+                descends = true;
+            } else if self.odb.exists(oid) {
+                descends |= self.dest.graph_descendant_of(oid, start).unwrap_or(false);
+            } else {
+                let data = self.read(oid, ObjectType::Commit, IMPORT_META_CAP as u64)?;
+                let (tree, parents) = commit_links(&data).map_err(|why| format!("commit {}: {why}", short(&oid)))?;
+                stack.extend(&parents);
+                commits.insert(oid, (tree, parents, data));
+                if commits.len() > IMPORT_COMMITS_CAP {
+                    return Err(format!("more than {IMPORT_COMMITS_CAP} new commits"));
+                }
+            }
         }
-        let object = source.read(oid).map_err(msg)?;
-        let written = to.write(object.kind(), object.data()).map_err(msg)?;
+        if !descends {
+            return Err(format!("{} does not build on the run's start", short(&tip)));
+        }
+        // Parents first, each commit after its tree.
+        let mut written = std::collections::HashSet::new();
+        while written.len() < commits.len() {
+            let ready: Vec<Oid> = commits
+                .iter()
+                .filter(|(oid, (_, parents, _))| {
+                    !written.contains(*oid) && parents.iter().all(|p| !commits.contains_key(p) || written.contains(p))
+                })
+                .map(|(oid, _)| *oid)
+                .collect();
+            if ready.is_empty() {
+                return Err("its commits form a cycle".into());
+            }
+            for oid in ready {
+                let (tree, _, data) = &commits[&oid];
+                self.tree(*tree)?;
+                self.write(oid, ObjectType::Commit, data)?;
+                written.insert(oid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Imports a tree and everything below it (a stack of our own: a hostile depth
+    /// cannot exhaust the thread's).
+    fn tree(&mut self, root: Oid) -> Result<(), String> {
+        let mut stack = vec![(root, false)];
+        while let Some((oid, expanded)) = stack.pop() {
+            if self.odb.exists(oid) {
+                continue;
+            }
+            let data = self.read(oid, ObjectType::Tree, IMPORT_META_CAP as u64)?;
+            let entries = tree_entries(&data).map_err(|why| format!("tree {}: {why}", short(&oid)))?;
+            if !expanded {
+                stack.push((oid, true));
+                for (mode, _, id) in &entries {
+                    match *mode {
+                        0o040000 => stack.push((*id, false)),
+                        0o100644 | 0o100755 | 0o120000 if !self.odb.exists(*id) => {
+                            let blob = self.read(*id, ObjectType::Blob, IMPORT_OBJECT_CAP)?;
+                            self.write(*id, ObjectType::Blob, &blob)?;
+                        }
+                        _ => {} // present already, or a submodule's commit
+                    }
+                }
+                continue;
+            }
+            // Everything below is here now: the builder checks each entry and the order.
+            let mut builder = self.dest.treebuilder(None).map_err(|e| e.message().to_owned())?;
+            for (mode, name, id) in &entries {
+                builder
+                    .insert(name.as_slice(), *id, *mode as i32)
+                    .map_err(|e| format!("tree {}: {}", short(&oid), e.message()))?;
+            }
+            let rebuilt = builder.write().map_err(|e| e.message().to_owned())?;
+            if rebuilt != oid {
+                return Err(format!("tree {} is not in git's canonical form", short(&oid)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads an object of the agent's: its declared kind and size checked before it is
+    /// inflated.
+    fn read(&mut self, oid: Oid, kind: ObjectType, cap: u64) -> Result<Vec<u8>, String> {
+        let (size, found) = self
+            .source
+            .read_header(oid)
+            .map_err(|e| format!("object {}: {}", short(&oid), e.message()))?;
+        if found != kind {
+            return Err(format!("object {} is a {found}, not a {kind}", short(&oid)));
+        }
+        if size as u64 > cap || size as u64 > self.budget {
+            return Err(format!("object {} is too large ({size} bytes)", short(&oid)));
+        }
+        self.budget -= size as u64;
+        let object = self
+            .source
+            .read(oid)
+            .map_err(|e| format!("object {}: {}", short(&oid), e.message()))?;
+        Ok(object.data().to_vec())
+    }
+
+    fn write(&self, oid: Oid, kind: ObjectType, data: &[u8]) -> Result<(), String> {
+        let written = self.odb.write(kind, data).map_err(|e| e.message().to_owned())?;
         if written != oid {
             return Err(format!("object {} does not match its name", short(&oid)));
         }
         Ok(())
-    };
-    let mut walk = from.revwalk().map_err(msg)?;
-    // Oldest first, and each object after what it points to: whatever an interruption
-    // leaves behind, an object present here is complete.
-    walk.set_sorting(git2::Sort::TOPOLOGICAL | git2::Sort::REVERSE)
-        .map_err(msg)?;
-    walk.push(tip).map_err(msg)?;
-    walk.hide(start).map_err(msg)?;
-    for commit in walk {
-        let commit = commit.map_err(msg)?;
-        if to.exists(commit) {
+    }
+}
+
+/// A commit's tree and parents, if its header is one git writes: `tree`, `parent`s,
+/// `author` and `committer` identities, then only `encoding`, `gpgsig`, `gpgsig-sha256`
+/// or `mergetag` (whose continuation lines start with a space).
+fn commit_links(data: &[u8]) -> Result<(Oid, Vec<Oid>), String> {
+    let end = data.windows(2).position(|w| w == b"\n\n").ok_or("no message")?;
+    let header = std::str::from_utf8(&data[..end]).map_err(|_| "a header that is not UTF-8")?;
+    let mut lines = header.split('\n').peekable();
+    let oid = |v: &str| Oid::from_str(v).ok().filter(|_| v.len() == 40 || v.len() == 64);
+    let tree = lines
+        .next()
+        .and_then(|l| l.strip_prefix("tree "))
+        .and_then(oid)
+        .ok_or("no tree line")?;
+    let mut parents = Vec::new();
+    while let Some(p) = lines.peek().and_then(|l| l.strip_prefix("parent ")) {
+        parents.push(oid(p).ok_or("a bad parent line")?);
+        lines.next();
+    }
+    for who in ["author ", "committer "] {
+        let ident = lines
+            .next()
+            .and_then(|l| l.strip_prefix(who))
+            .ok_or("no author or committer")?;
+        if !valid_ident(ident) {
+            return Err(format!("a malformed {}line", who));
+        }
+    }
+    let mut continuing = false;
+    for line in lines {
+        let known = ["encoding ", "gpgsig ", "gpgsig-sha256 ", "mergetag "]
+            .iter()
+            .any(|k| line.starts_with(k));
+        if line.starts_with(' ') && continuing {
             continue;
         }
-        let mut trees = vec![(from.find_commit(commit).map_err(msg)?.tree_id(), false)];
-        while let Some((tree, expanded)) = trees.pop() {
-            if to.exists(tree) {
-                continue;
-            }
-            if expanded {
-                copy_one(tree)?;
-                continue;
-            }
-            trees.push((tree, true));
-            for entry in from.find_tree(tree).map_err(msg)?.iter() {
-                match entry.kind() {
-                    Some(ObjectType::Tree) => trees.push((entry.id(), false)),
-                    Some(ObjectType::Blob) if !to.exists(entry.id()) => copy_one(entry.id())?,
-                    _ => {} // a submodule's commit is not ours to copy
-                }
-            }
+        if !known {
+            return Err(format!("an unexpected header line {:?}", untrusted::prefix(line, 40)));
         }
-        copy_one(commit)?;
+        continuing = !line.starts_with("encoding ");
     }
-    Ok(())
+    Ok((tree, parents))
+}
+
+/// `Name <email> 1700000000 +0100`, as git writes identities.
+fn valid_ident(ident: &str) -> bool {
+    let Some((who, when)) = ident.rsplit_once("> ") else {
+        return false;
+    };
+    let Some((name, email)) = who.split_once(" <") else {
+        return false;
+    };
+    let Some((secs, zone)) = when.split_once(' ') else {
+        return false;
+    };
+    !name.contains(['<', '>', '\n'])
+        && !email.contains(['<', '>', '\n'])
+        && !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && zone.len() == 5
+        && zone.starts_with(['+', '-'])
+        && zone[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A tree object's entries: (mode, name, id), as written.
+fn tree_entries(data: &[u8]) -> Result<Vec<(u32, Vec<u8>, Oid)>, String> {
+    let mut entries = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|b| *b == b' ').ok_or("a truncated entry")?;
+        let mode = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .ok_or("a bad mode")?;
+        rest = &rest[space + 1..];
+        let nul = rest.iter().position(|b| *b == 0).ok_or("a truncated entry")?;
+        let name = rest[..nul].to_vec();
+        rest = &rest[nul + 1..];
+        if rest.len() < 20 {
+            return Err("a truncated entry".into());
+        }
+        let id = Oid::from_bytes(&rest[..20]).map_err(|e| e.message().to_owned())?;
+        rest = &rest[20..];
+        entries.push((mode, name, id));
+    }
+    Ok(entries)
 }
 
 fn commit_message(pipeline_id: &str, info: &CommitInfo<'_>) -> String {
@@ -1131,5 +1331,49 @@ mod tests {
         );
         assert!(msg.starts_with("fix the bug\n\n"));
         assert!(msg.contains("Threadline-Pipeline: p1\nThreadline-Run: p1-2\n"));
+    }
+
+    #[test]
+    fn commit_headers_must_be_gits_own() {
+        let tree = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+        let good = format!(
+            "tree {tree}\nparent {tree}\nauthor A B <a@b> 1700000000 +0100\ncommitter A <a@b> 1700000000 -0000\n\nmsg\n"
+        );
+        let (t, parents) = commit_links(good.as_bytes()).unwrap();
+        assert_eq!((t.to_string(), parents.len()), (tree.to_owned(), 1));
+        for bad in [
+            format!("tree {tree}\nauthor nobody\ncommitter nobody\n\nx"),
+            format!("tree {tree}\nauthor A <a@b> 1 +0000\ncommitter A <a@b> 1 +0000\nx-evil yes\n\nx"),
+            format!("tree {tree}\nauthor A <a@b> 1 +0000\ncommitter A <a@b> 1 +0000"),
+            "parent x\n\n".to_owned(),
+        ] {
+            assert!(commit_links(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn imported_trees_must_be_canonical_and_name_nothing_forbidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = Repository::init_bare(dir.path().join("agent.git")).unwrap();
+        let ours = Repository::init_bare(dir.path().join("ours.git")).unwrap();
+        let blob = agent.blob(b"x").unwrap();
+        let entry = |mode: &str, name: &str| {
+            let mut e = format!("{mode} {name}\0").into_bytes();
+            e.extend_from_slice(blob.as_bytes());
+            e
+        };
+        let tree_of = |entries: &[Vec<u8>]| agent.odb().unwrap().write(ObjectType::Tree, &entries.concat()).unwrap();
+        let fine = tree_of(&[entry("100644", "a"), entry("100644", "b")]);
+        let unsorted = tree_of(&[entry("100644", "b"), entry("100644", "a")]);
+        let dot_git = tree_of(&[entry("100644", ".git")]);
+        let odd_mode = tree_of(&[entry("100664", "a")]);
+        let source = agent.odb().unwrap();
+        let mut import = Import::new(&source, &ours).unwrap();
+        import.tree(fine).unwrap();
+        assert!(ours.find_tree(fine).is_ok());
+        for bad in [unsorted, dot_git, odd_mode] {
+            assert!(import.tree(bad).is_err(), "{bad} was taken");
+            assert!(ours.find_tree(bad).is_err());
+        }
     }
 }

@@ -556,3 +556,148 @@ async fn the_agent_has_a_working_git_and_its_own_commits_are_imported() {
     assert_eq!(env.origin_file(&branch, "README.md").as_deref(), Some("# demo\nmore\n"));
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_left_ignored_are_not_written_through_by_the_next_checkout() {
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let victim = env.dir.path().join("victim.txt");
+    std::fs::write(&victim, "host file\n").unwrap();
+    // An ignore file that ignores itself and a link beside it: neither is committed.
+    let script = format!(
+        "mkdir sub\nprintf '.gitignore\\nX\\n' > sub/.gitignore\nln -s {} sub/X\necho one > one.txt",
+        victim.display()
+    );
+    let run = run_to_end(&env, &orch, &script).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    assert_eq!(env.origin_file(&branch, "sub/X"), None);
+    // Someone adds sub/X on the branch.
+    let scratch = env.dir.path().join("scratch");
+    git(
+        env.dir.path(),
+        &[
+            "clone",
+            "-q",
+            "-b",
+            &branch,
+            &env.origin_url(),
+            scratch.to_str().unwrap(),
+        ],
+    );
+    std::fs::create_dir_all(scratch.join("sub")).unwrap();
+    std::fs::write(scratch.join("sub/X"), "from the remote\n").unwrap();
+    git(&scratch, &["add", "sub/X"]);
+    git(&scratch, &["commit", "-q", "-m", "add sub/X"]);
+    git(&scratch, &["push", "-q", "origin", &branch]);
+
+    let again = follow(&orch, &run.pipeline_id, "cat sub/X > seen.txt").await;
+    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "host file\n",
+        "written through the link"
+    );
+    assert_eq!(
+        env.origin_file(&branch, "seen.txt").as_deref(),
+        Some("from the remote\n")
+    );
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_git_refuses_and_huge_files_do_not_wedge_the_pipeline() {
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let run = run_to_end(
+        &env,
+        &orch,
+        "touch git~1 .GIT 'sub.git. ' 'back\\slash'\ntruncate -s 300M huge.bin\n\
+         printf '[include]\\n\\tpath = /etc/passwd\\n' > .gitmodules\necho ok > ok.txt",
+    )
+    .await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let notes = notes(&orch, &run).await;
+    assert!(
+        notes.contains("git refuses") && notes.contains("larger than 100 MB"),
+        "{notes}"
+    );
+    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    assert_eq!(env.origin_file(&branch, "ok.txt").as_deref(), Some("ok\n"));
+    assert_eq!(env.origin_file(&branch, "huge.bin"), None);
+    assert_eq!(env.origin_file(&branch, ".gitmodules"), None);
+    let again = follow(&orch, &run.pipeline_id, "echo two > two.txt").await;
+    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packed_or_malformed_commits_of_the_agent_are_passed_over() {
+    let mut env = TestEnv::new();
+    env.agent_mut().image = ensure_git_image().into();
+    let orch = env.orchestrator().await;
+    // Packs are never read: a pack whose index loops would otherwise hang the daemon.
+    let packed = "set -e\necho one > one.txt\ngit add one.txt\ngit commit -qm packed\ngit gc -q\n";
+    let run = run_to_end(&env, &orch, packed).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}: {}", run.error, run.log_tail);
+    assert!(
+        notes(&orch, &run).await.contains("passed over"),
+        "{}",
+        notes(&orch, &run).await
+    );
+    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    assert_eq!(env.origin_file(&branch, "one.txt").as_deref(), Some("one\n"));
+
+    // A commit whose identity lines are not git's: a forge would refuse it for good.
+    let malformed = "set -e\necho two > two.txt\n\
+        bad=$(printf 'tree %s\\nparent %s\\nauthor nobody\\ncommitter nobody\\n\\nodd\\n' \
+          $(git rev-parse HEAD^{tree}) $(git rev-parse HEAD) | git hash-object --literally -t commit -w --stdin)\n\
+        git update-ref refs/heads/$THREADLINE_BRANCH $bad\n";
+    let again = follow(&orch, &run.pipeline_id, malformed).await;
+    assert_eq!(
+        again.state,
+        RunState::Succeeded,
+        "{:?}: {}",
+        again.error,
+        again.log_tail
+    );
+    assert!(
+        notes(&orch, &again).await.contains("malformed"),
+        "{}",
+        notes(&orch, &again).await
+    );
+    assert_eq!(env.origin_file(&branch, "two.txt").as_deref(), Some("two\n"));
+    let log = git(&env.origin, &["log", "--format=%an", &branch]);
+    assert!(!log.contains("nobody"), "{log}");
+    orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_open_on_the_workspace_stops_the_save_from_reading_it() {
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "sleep 2\necho one > one.txt").await;
+    crate::harness::wait_for(orch.store(), &sub.run.id, "running", |r| r.state == RunState::Running).await;
+    // What `threadline shell` starts: a container labelled with the pipeline.
+    let name = format!("tl-test-shell-{}", sub.pipeline.id);
+    let started = Command::new("docker")
+        .args(["run", "-d", "--rm", "--name", &name, "--label"])
+        .arg(format!("threadline.pipeline={}", sub.pipeline.id))
+        .args([crate::harness::IMAGE, "sleep", "60"])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let run = finished(orch.store(), &sub.run.id).await;
+    let _ = Command::new("docker").args(["rm", "-f", &name]).output();
+    assert_eq!(run.state, RunState::Failed);
+    let error = run.error.unwrap_or_default();
+    assert!(error.contains("open on this pipeline's workspace"), "{error}");
+    // Once it is gone, the next run commits what was left.
+    let again = follow(&orch, &sub.pipeline.id, "echo two > two.txt").await;
+    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    assert_eq!(
+        env.origin_file(&sub.pipeline.branch, "one.txt").as_deref(),
+        Some("one\n")
+    );
+    orch.shutdown().await;
+}

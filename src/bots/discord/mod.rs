@@ -86,19 +86,21 @@ pub fn card_message(card: &StatusCard) -> Value {
         lines.push("no changes".into());
     }
     if let Some(e) = &card.error {
-        lines.push(format!("⚠️ {e}"));
+        lines.push(format!("⚠️ {}", escape(e)));
     }
     if let Some(pr) = &card.pull_request {
         lines.push(format!("pull request [{}]({})", pr.label, pr.url));
     }
     if let Some(n) = &card.note {
-        lines.push(format!("*{n}*"));
+        lines.push(format!("*{}*", escape(n)));
     }
     if let Some(s) = &card.summary {
-        lines.push(format!("> {s}"));
+        // Every line quoted, so none of the agent's lines can pass for the card's own.
+        lines.extend(s.lines().map(|l| format!("> {}", escape(l))));
     }
     if !card.log_lines.is_empty() {
-        lines.push(format!("```\n{}\n```", card.log_lines.join("\n")));
+        let log: Vec<String> = card.log_lines.iter().map(|l| l.replace("```", "'''")).collect();
+        lines.push(format!("```\n{}\n```", log.join("\n")));
     }
     let buttons: Vec<Value> = card
         .buttons
@@ -128,6 +130,19 @@ pub fn card_message(card: &StatusCard) -> Value {
         "embeds": [{"title": format!("Run {}: {}", card.seq, card.headline), "description": lines.join("\n"), "color": color}],
         "components": components,
     })
+}
+
+/// Text from a run shown literally in Discord markdown: the characters of masked links
+/// and mentions escaped, so no disguised link or ping from an agent gets through.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "[]<>@".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn custom_id(action: Action, run_id: &str) -> String {

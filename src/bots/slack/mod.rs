@@ -97,6 +97,13 @@ fn text_content(text: &str) -> SlackMessageContent {
     SlackMessageContent::new().with_text(text.to_owned())
 }
 
+/// Text from a run (the agent's summary and output, errors) as Slack mrkdwn shows it
+/// literally: `&`, `<` and `>` escaped as Slack asks, so no `<!channel>`, mention or
+/// disguised link gets through.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 /// The card as Block Kit, written as Slack's own JSON so it reads like Slack's docs.
 pub fn card_blocks(card: &StatusCard) -> Value {
     let mut lines = vec![format!(
@@ -118,20 +125,27 @@ pub fn card_blocks(card: &StatusCard) -> Value {
     }
     lines.push(facts.join(" · "));
     if let Some(e) = &card.error {
-        lines.push(format!(":warning: {e}"));
+        lines.push(format!(":warning: {}", escape(e)));
     }
     if let Some(pr) = &card.pull_request {
         lines.push(format!("pull request <{}|{}>", pr.url, pr.label));
     }
     if let Some(n) = &card.note {
-        lines.push(format!("_{n}_"));
+        lines.push(format!("_{}_", escape(n)));
     }
     if let Some(s) = &card.summary {
-        lines.push(format!("> {s}"));
+        // Every line quoted, so none of the agent's lines can pass for the card's own.
+        lines.extend(s.lines().map(|l| format!("> {}", escape(l))));
     }
     let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": lines.join("\n")}})];
     if !card.log_lines.is_empty() {
-        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("```{}```", card.log_lines.join("\n"))}}));
+        let log = card
+            .log_lines
+            .iter()
+            .map(|l| escape(l).replace("```", "'''"))
+            .collect::<Vec<_>>();
+        blocks
+            .push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("```{}```", log.join("\n"))}}));
     }
     if !card.buttons.is_empty() {
         let elements: Vec<Value> = card
