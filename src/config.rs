@@ -110,7 +110,7 @@ pub struct SlackConfig {
     /// The Web API base (GovSlack, a proxy, or a test's fake).
     pub api_url: String,
     /// Channel id → what it may do.
-    pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+    pub channels: BTreeMap<String, ChannelBinding>,
 }
 
 /// The Discord bot (gateway for messages and button clicks).
@@ -124,7 +124,7 @@ pub struct DiscordConfig {
     /// gateway address is asked of it, so nothing reaches discord.com when it is set.
     pub api_url: String,
     /// Channel id → what it may do; prompters and approvers may be user or role ids.
-    pub channels: BTreeMap<String, crate::bots::chat::ChannelBinding>,
+    pub channels: BTreeMap<String, ChannelBinding>,
 }
 
 impl Default for DiscordConfig {
@@ -190,7 +190,7 @@ pub struct RepoConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ForgeConfig {
     /// `github`, `gitlab`, `gitea` (also Forgejo), or `none` for no pull requests.
-    pub kind: Option<crate::orchestrator::forge::ForgeKind>,
+    pub kind: Option<ForgeKind>,
     /// The REST API root, e.g. `https://ghe.example.com/api/v3` for GitHub Enterprise.
     pub api_url: String,
     /// The project's web page, e.g. `https://github.com/OWNER/REPO`.
@@ -503,10 +503,10 @@ impl Config {
                 return Err(invalid(&format!("repos.{name}.url"), "must name a path or URL".into()));
             }
             // A path must be a repository now; a URL is only reached when a run fetches.
-            if let Err(e) = crate::orchestrator::workspace::resolve_repo(&repo.url) {
+            if let Some(reason) = not_a_repository(&repo.url) {
                 return Err(invalid(
                     &format!("repos.{name}.url"),
-                    format!("is not usable: {e}; point it at a checkout, a bare repository or a URL"),
+                    format!("is not usable: {reason}; point it at a checkout, a bare repository or a URL"),
                 ));
             }
             if let Some(agent) = &repo.agent
@@ -567,7 +567,7 @@ impl Config {
     fn unknown_bound_repo(
         &self,
         surface: &str,
-        channels: &BTreeMap<String, crate::bots::chat::ChannelBinding>,
+        channels: &BTreeMap<String, ChannelBinding>,
     ) -> Option<(String, String)> {
         channels.iter().find_map(|(channel, binding)| {
             let name = binding.repos.iter().find(|name| !self.repos.contains_key(*name))?;
@@ -671,6 +671,82 @@ pub fn parse_user(s: &str) -> Option<(u32, u32)> {
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
+/// Why a repository named by path is not one (None for a repository, or a URL): what git
+/// itself looks for, a `.git` in a checkout, or HEAD, objects and refs in a bare one.
+fn not_a_repository(url: &str) -> Option<String> {
+    let looks_remote = url.contains("://") || (url.contains('@') && url.contains(':') && !Path::new(url).exists());
+    if looks_remote {
+        return None;
+    }
+    let path = Path::new(url);
+    if !path.is_dir() {
+        return Some(format!("{url} is not a git repository (no such directory)"));
+    }
+    let bare = ["HEAD", "objects", "refs"].iter().all(|p| path.join(p).exists());
+    (!bare && !path.join(".git").exists()).then(|| format!("{url} is not a git repository"))
+}
+
+// ---- what the front ends and the forges are configured with ------------------------
+// (Their behaviour lives with them: `bots::chat` decides who may prompt, `bots::render`
+// what a card shows, `orchestrator::forge` how each forge is spoken to.)
+
+/// A channel bound to repositories.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelBinding {
+    /// Names from `[repos]`; the first is the default. Empty: every configured repository.
+    pub repos: Vec<String>,
+    /// The agent for new pipelines (default: the repository's, then `default_agent`).
+    pub agent: Option<String>,
+    /// User ids (or Discord role ids, or Slack user group ids) that may prompt. Empty:
+    /// everyone in the channel.
+    pub prompters: Vec<String>,
+    /// The same kinds of ids, that may press Cancel, Retry and Open PR. Empty: the prompters.
+    pub approvers: Vec<String>,
+    /// Whoever prompted a pipeline may not open its pull request: another approver must.
+    pub require_other_approver: bool,
+    /// What status messages show beyond metadata.
+    pub detail: Detail,
+}
+
+/// How much a card shows beyond metadata: a per-channel choice, since chat platforms
+/// are someone else's cloud. File contents and diffs are never shown at any level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detail {
+    /// State, timings, diffstat, commit, links.
+    #[default]
+    Metadata,
+    /// Adds the summary the agent left.
+    Summary,
+    /// Adds the last log lines.
+    Logs,
+}
+
+/// The forges Threadline can open pull requests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForgeKind {
+    Github,
+    Gitlab,
+    /// Gitea and Forgejo (the same API).
+    Gitea,
+    /// No forge: the branch is pushed, nothing more (`kind = "none"`).
+    None,
+}
+
+impl ForgeKind {
+    /// The name in configuration and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForgeKind::Github => "github",
+            ForgeKind::Gitlab => "gitlab",
+            ForgeKind::Gitea => "gitea",
+            ForgeKind::None => "none",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,7 +776,7 @@ mod tests {
         c.validate(None).unwrap();
         c.slack.channels.insert(
             "C1".into(),
-            crate::bots::chat::ChannelBinding {
+            ChannelBinding {
                 repos: vec!["ghost".into()],
                 ..Default::default()
             },
@@ -721,7 +797,7 @@ mod tests {
         c.validate(None).unwrap();
         c.discord.channels.insert(
             "123".into(),
-            crate::bots::chat::ChannelBinding {
+            ChannelBinding {
                 repos: vec!["ghost".into()],
                 ..Default::default()
             },

@@ -32,6 +32,11 @@ impl Response {
     }
 }
 
+/// The longest any outbound call may take, answer included.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest answer read.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct JsonClient {
     client: Client<HttpsConnector, Full<bytes::Bytes>>,
@@ -65,14 +70,26 @@ impl JsonClient {
         let req = req
             .body(Full::new(bytes::Bytes::from(bytes)))
             .map_err(|e| e.to_string())?;
-        let res = self.client.request(req).await.map_err(|e| e.to_string())?;
-        let status = res.status().as_u16();
-        let retry_after = res
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<f64>().ok());
-        let body = res.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        // Every call is bounded in time and size: callers hold locks (a pipeline's, while
+        // Open PR asks the forge) and a peer may be slow or hostile.
+        let exchange = async {
+            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+            let status = res.status().as_u16();
+            let retry_after = res
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<f64>().ok());
+            let body = http_body_util::Limited::new(res.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, retry_after, body))
+        };
+        let (status, retry_after, body) = tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))??;
         Ok(Response {
             status,
             retry_after,

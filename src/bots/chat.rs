@@ -8,31 +8,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::render::{Action, Detail, StatusCard, card_in_context};
+use super::render::{Action, StatusCard, card_in_context};
+pub use crate::config::ChannelBinding;
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
-
-/// A channel bound to repositories.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ChannelBinding {
-    /// Names from `[repos]`; the first is the default. Empty: every configured repository.
-    pub repos: Vec<String>,
-    /// The agent for new pipelines (default: the repository's, then `default_agent`).
-    pub agent: Option<String>,
-    /// User ids (or Discord role ids, or Slack user group ids) that may prompt. Empty:
-    /// everyone in the channel.
-    pub prompters: Vec<String>,
-    /// The same kinds of ids, that may press Cancel, Retry and Open PR. Empty: the prompters.
-    pub approvers: Vec<String>,
-    /// Whoever prompted a pipeline may not open its pull request: another approver must.
-    pub require_other_approver: bool,
-    /// What status messages show beyond metadata.
-    pub detail: Detail,
-}
 
 impl ChannelBinding {
     pub fn may_prompt(&self, who: &Sender) -> bool {

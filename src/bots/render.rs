@@ -3,24 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::ForgeKind;
 use crate::model::{Pipeline, Run, RunState, format_duration, now_millis};
 use crate::orchestrator::PullRequestView;
-use crate::orchestrator::forge::ForgeKind;
 use crate::redact::Redactor;
 
-/// How much a card shows beyond metadata: a per-channel choice, since chat platforms
-/// are someone else's cloud. File contents and diffs are never shown at any level.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Detail {
-    /// State, timings, diffstat, commit, links.
-    #[default]
-    Metadata,
-    /// Adds the summary the agent left.
-    Summary,
-    /// Adds the last log lines.
-    Logs,
-}
+pub use crate::config::Detail;
 
 /// What a button does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,23 +4,13 @@
 //! and from `[repos.NAME.forge]` where it is not. Tokens are sent in headers only and
 //! never appear in an error.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::ForgeConfig;
 use crate::http::{JsonClient, Response};
 
-/// The forges Threadline can open pull requests on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ForgeKind {
-    Github,
-    Gitlab,
-    /// Gitea and Forgejo (the same API).
-    Gitea,
-    /// No forge: the branch is pushed, nothing more (`kind = "none"`).
-    None,
-}
+pub use crate::config::ForgeKind;
 
 impl ForgeKind {
     pub fn name(self) -> &'static str {

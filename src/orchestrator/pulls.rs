@@ -294,7 +294,7 @@ impl Orchestrator {
             let client = client.map_err(explain)?;
             let record = |number, url, found| PullRequestRecord {
                 pipeline_id: pipeline.id.clone(),
-                forge: format!("{:?}", target.kind).to_lowercase(),
+                forge: target.kind.as_str().to_owned(),
                 number,
                 url,
                 found,

@@ -18,15 +18,15 @@ use crate::model::{
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
+    Open { url: String, source: SqlError },
     #[error("cannot create the data directory {path}: {source}")]
     DataDir { path: String, source: std::io::Error },
     #[error("cannot lock {path} for the database's migrations: {source}")]
     Lock { path: String, source: std::io::Error },
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
     #[error("database error: {0}")]
-    Sql(#[from] sqlx::Error),
+    Sql(#[from] SqlError),
     #[error("the stored value {value:?} in {column} is not valid")]
     Corrupt { column: &'static str, value: String },
     #[error("a run cannot go from {from} to {to}")]
@@ -44,6 +44,35 @@ pub enum StoreError {
         matches: Vec<String>,
         more: bool,
     },
+}
+
+/// A database driver's error, kept opaque: the store's users see its message, not its
+/// crate.
+#[derive(Debug)]
+pub struct SqlError(sqlx::Error);
+
+impl std::fmt::Display for SqlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SqlError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Sql(SqlError(e))
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -149,7 +178,7 @@ impl Store {
             .await
             .map_err(|source| StoreError::Open {
                 url: url.to_owned(),
-                source,
+                source: SqlError(source),
             })?;
         // Several processes may open a fresh database at once; PostgreSQL's migrator
         // takes an advisory lock, SQLite's takes none: a file lock beside the database

@@ -2,6 +2,7 @@
 //! Real Docker with an image the tests build, real git with a local bare origin, a real
 //! SQLite file.
 
+mod architecture;
 mod browser;
 mod chat;
 mod core;
