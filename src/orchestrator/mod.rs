@@ -5,10 +5,14 @@
 pub mod container;
 mod executor;
 pub mod forge;
+pub mod ports;
 mod pulls;
 mod scheduler;
 pub mod scrub;
 pub mod workspace;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use crate::redact::Redactor;
 use crate::store::{NewRun, Store, StoreError};
 
 pub use container::{ContainerError, ContainerRuntime};
+pub use ports::{Containers, Workspaces};
 pub use pulls::{PullRequestError, PullRequestOutcome, PullRequestView};
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
@@ -141,8 +146,8 @@ pub struct Orchestrator {
 pub(crate) struct Inner {
     config: Arc<Config>,
     store: Store,
-    runtime: ContainerRuntime,
-    git: Git,
+    runtime: Arc<dyn Containers>,
+    git: Arc<dyn Workspaces>,
     redactor: Redactor,
     events: broadcast::Sender<RunUpdate>,
     wake: Notify,
@@ -167,6 +172,18 @@ pub(crate) struct Inner {
 
 impl Orchestrator {
     pub fn new(config: Arc<Config>, store: Store, runtime: ContainerRuntime) -> Self {
+        let git = Arc::new(Git::new(&config));
+        Self::with_ports(config, store, Arc::new(runtime), git)
+    }
+
+    /// An orchestrator on other containers and workspaces than Docker and libgit2 (the
+    /// tests' fakes, another executor).
+    pub fn with_ports(
+        config: Arc<Config>,
+        store: Store,
+        runtime: Arc<dyn Containers>,
+        git: Arc<dyn Workspaces>,
+    ) -> Self {
         let (events, _) = broadcast::channel(1024);
         let redactor = Redactor::new(config.secret_values());
         let repo_keys = config
@@ -181,7 +198,7 @@ impl Orchestrator {
             .collect();
         Orchestrator {
             inner: Arc::new(Inner {
-                git: Git::new(&config),
+                git,
                 me: own_ids(&config.data_dir),
                 config,
                 store,
