@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::Config;
 use crate::model::{Origin, Run, RunEvent, RunState, format_duration, now_millis};
 use crate::orchestrator::container::{AgentSpec, container_name};
-use crate::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted, run_dir};
+use crate::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted};
 use crate::store::Store;
 
 mod doctor;
@@ -273,7 +273,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Logs { run, follow } => {
             let store = Store::open(&config.database_url()).await?;
             let run = find_run(&store, &run).await?;
-            let path = run_dir(&config.data_dir, &run.id).join("agent.log");
+            let path = crate::orchestrator::log_path(&config.data_dir, &run.id);
             if follow {
                 let end = watch(&store, &path, &run.id, |_| {}, |line| println!("{line}")).await?;
                 Ok(exit_for(&end))

@@ -118,8 +118,10 @@ impl AgentSpec {
 
     /// The same container as `docker run` arguments, for `threadline shell`.
     pub fn docker_run_args(&self, tty: bool) -> Vec<String> {
+        // Every hardening flag from the one HostConfig the agents get, so the two cannot
+        // drift apart.
         let hc = self.host_config();
-        let mut args = vec![
+        let mut args: Vec<String> = vec![
             "run".into(),
             "--rm".into(),
             "--interactive".into(),
@@ -129,25 +131,38 @@ impl AgentSpec {
             self.user.clone(),
             "--workdir".into(),
             WORKSPACE_MOUNT.into(),
-            "--cap-drop".into(),
-            "ALL".into(),
-            "--security-opt".into(),
-            "no-new-privileges:true".into(),
-            format!("--pids-limit={}", self.pids_limit),
-            format!("--memory={}", self.memory_bytes),
-            format!("--memory-swap={}", self.memory_bytes),
-            format!("--cpus={}", self.nano_cpus as f64 / 1e9),
-            format!("--network={}", self.network),
             // Nothing reads a shell's log: Docker keeps none.
             "--log-driver".into(),
             "none".into(),
-            "--tmpfs".into(),
-            "/tmp:rw,nosuid,nodev,size=1g,mode=1777".into(),
         ];
+        for cap in hc.cap_drop.unwrap_or_default() {
+            args.extend(["--cap-drop".into(), cap]);
+        }
+        for opt in hc.security_opt.unwrap_or_default() {
+            args.extend(["--security-opt".into(), opt]);
+        }
+        if let Some(pids) = hc.pids_limit {
+            args.push(format!("--pids-limit={pids}"));
+        }
+        if let Some(memory) = hc.memory {
+            args.push(format!("--memory={memory}"));
+        }
+        if let Some(swap) = hc.memory_swap {
+            args.push(format!("--memory-swap={swap}"));
+        }
+        if let Some(cpus) = hc.nano_cpus {
+            args.push(format!("--cpus={}", cpus as f64 / 1e9));
+        }
+        if let Some(network) = hc.network_mode {
+            args.push(format!("--network={network}"));
+        }
+        for (path, options) in hc.tmpfs.unwrap_or_default() {
+            args.extend(["--tmpfs".into(), format!("{path}:{options}")]);
+        }
         if tty {
             args.push("--tty".into());
         }
-        if self.read_only_rootfs {
+        if hc.readonly_rootfs == Some(true) {
             args.push("--read-only".into());
         }
         for m in hc.mounts.unwrap_or_default() {
@@ -396,4 +411,49 @@ pub fn build_hint(image: &str) -> String {
 /// The container name of a run: unique per run, so Docker itself refuses a second one.
 pub fn container_name(run_id: &str) -> String {
     format!("threadline-run-{run_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shell_is_hardened_like_an_agent() {
+        let spec = AgentSpec {
+            name: "threadline-shell-p".into(),
+            image: "img".into(),
+            argv: vec!["sh".into()],
+            env: Vec::new(),
+            user: "1000:1000".into(),
+            workspace: "/data/workspaces/p".into(),
+            context: "/data/workspaces/p.shell-context".into(),
+            objects: Some("/data/gitdirs/p.git/objects".into()),
+            labels: HashMap::from([(LABEL_PIPELINE.to_owned(), "p".to_owned())]),
+            memory_bytes: 256 << 20,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 64,
+            network: "none".into(),
+            read_only_rootfs: true,
+            log_file_bytes: 0,
+        };
+        let args = spec.docker_run_args(false).join(" ");
+        for flag in [
+            "--cap-drop ALL",
+            "--security-opt no-new-privileges:true",
+            "--pids-limit=64",
+            "--memory=268435456",
+            "--memory-swap=268435456",
+            "--cpus=1",
+            "--network=none",
+            "--read-only",
+            "--tmpfs /tmp:rw,nosuid,nodev,size=1g,mode=1777",
+            "--user 1000:1000",
+            "type=bind,source=/data/workspaces/p,target=/workspace",
+            "target=/threadline,readonly",
+            "source=/data/gitdirs/p.git/objects,target=/threadline/objects,readonly",
+            "--label threadline.pipeline=p",
+        ] {
+            assert!(args.contains(flag), "{flag} missing from: {args}");
+        }
+    }
 }

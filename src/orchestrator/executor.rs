@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use super::container::{AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_PIPELINE, LABEL_RUN, container_name};
 use super::scrub::{self, Walk};
 use super::workspace::{self, CommitInfo, SUMMARY_FILE};
-use super::{Inner, RunUpdate, run_dir};
+use super::{Inner, RunUpdate, log_path, run_dir};
 use crate::config::{AgentProfile, parse_user};
 use crate::crash::{self, Step};
 use crate::lifecycle::{self, Ending, SaveOutcome};
@@ -90,9 +90,7 @@ async fn transition(
     let moved = inner.store.transition(run_id, from, to, detail).await?;
     if moved {
         tracing::info!(run_id, from = %from, state = %to, detail, "run state");
-        if let Some(run) = inner.store.run(run_id).await? {
-            let _ = inner.events.send(RunUpdate::State(Box::new(run)));
-        }
+        inner.publish_stored(run_id).await?;
     }
     Ok(moved)
 }
@@ -352,7 +350,7 @@ async fn stop(inner: &Inner, id: &str, grace: Duration) {
 /// duplicating it. Lines are split at [`untrusted::MAX_LINE_BYTES`], so no output, however
 /// long or newline-free, costs more than a line's worth of memory.
 async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String) {
-    let path = run_dir(&inner.config.data_dir, &run_id).join("agent.log");
+    let path = log_path(&inner.config.data_dir, &run_id);
     // Made (or emptied) at the first line: a container that is gone by now leaves the
     // log that was written while it ran as it is.
     let mut file: Option<tokio::io::BufWriter<tokio::fs::File>> = None;

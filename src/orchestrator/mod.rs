@@ -241,7 +241,7 @@ impl Orchestrator {
 
     /// The full log of a run (redacted when written).
     pub fn log_path(&self, run_id: &str) -> PathBuf {
-        run_dir(&self.inner.config.data_dir, run_id).join("agent.log")
+        log_path(&self.inner.config.data_dir, run_id)
     }
 
     /// Threadline's bare mirror of the pipeline's repository (where a local-only
@@ -430,7 +430,7 @@ impl Orchestrator {
         if created {
             crate::crash::point(crate::crash::Step::Queued);
             tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "queued", "run queued");
-            let _ = self.inner.events.send(RunUpdate::State(Box::new(run.clone())));
+            self.inner.publish(run.clone());
             self.inner.wake.notify_one();
         }
         self.submitted(run, created).await
@@ -457,9 +457,7 @@ impl Orchestrator {
     }
 
     async fn publish_state(&self, run_id: &str) {
-        if let Ok(Some(run)) = self.inner.store.run(run_id).await {
-            let _ = self.inner.events.send(RunUpdate::State(Box::new(run)));
-        }
+        let _ = self.inner.publish_stored(run_id).await;
     }
 
     /// Stops a run's container now rather than at its owner's next check.
@@ -551,6 +549,26 @@ impl Orchestrator {
 /// Everything Threadline keeps about one run besides the database.
 pub fn run_dir(data_dir: &Path, run_id: &str) -> PathBuf {
     data_dir.join("runs").join(run_id)
+}
+
+/// A run's full log (cleaned and redacted when written).
+pub fn log_path(data_dir: &Path, run_id: &str) -> PathBuf {
+    run_dir(data_dir, run_id).join("agent.log")
+}
+
+impl Inner {
+    /// Tells every watcher (chat status messages, the web's live stream) a run as it is.
+    fn publish(&self, run: Run) {
+        let _ = self.events.send(RunUpdate::State(Box::new(run)));
+    }
+
+    /// Reads a run afresh and publishes it.
+    async fn publish_stored(&self, run_id: &str) -> Result<(), StoreError> {
+        if let Some(run) = self.store.run(run_id).await? {
+            self.publish(run);
+        }
+        Ok(())
+    }
 }
 
 fn new_pipeline_id() -> String {

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 
 use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest, PrState};
 use super::workspace::PullRequestCheck;
-use super::{GitError, Orchestrator, RunUpdate};
+use super::{GitError, Orchestrator};
 use crate::config::RepoConfig;
 use crate::model::{Approval, Pipeline, PullRequestRecord, Run, RunState, capitalize, now_millis, sentence};
 use crate::store::StoreError;
@@ -501,7 +501,7 @@ impl Orchestrator {
     async fn republish(&self, pipeline_id: &str) {
         if let Ok(runs) = self.inner.store.runs(pipeline_id).await {
             for run in runs.into_iter().filter(|r| r.state == RunState::Succeeded && r.pushed) {
-                let _ = self.inner.events.send(RunUpdate::State(Box::new(run)));
+                self.inner.publish(run);
             }
         }
     }

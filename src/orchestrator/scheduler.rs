@@ -109,9 +109,7 @@ async fn claim_all(inner: &Arc<Inner>, scope: &Scope) -> Result<(), StoreError> 
         };
         tracing::info!(run_id = %run.id, pipeline_id = %run.pipeline_id, state = "preparing", "run claimed");
         crate::crash::point(crate::crash::Step::Claimed);
-        if let Some(r) = inner.store.run(&run.id).await? {
-            let _ = inner.events.send(super::RunUpdate::State(Box::new(r)));
-        }
+        inner.publish_stored(&run.id).await?;
         spawn_executor(inner, run);
     }
     Ok(())

@@ -101,6 +101,8 @@ struct FakeWorkspaces {
     calls: Mutex<Vec<String>>,
     prepare_error: Option<String>,
     push_error: Option<String>,
+    /// How long saving takes (a huge tree, a slow disk).
+    save_takes: Duration,
 }
 
 impl FakeWorkspaces {
@@ -140,6 +142,7 @@ impl Workspaces for FakeWorkspaces {
     }
     fn save(&self, _: &Pipeline, _: &str, info: &CommitInfo<'_>, _: Option<(u32, u32)>) -> Result<Saved, GitError> {
         self.record(&format!("save {}", info.outcome));
+        std::thread::sleep(self.save_takes);
         Ok(Saved {
             head: "b".repeat(40),
             changed: true,
@@ -186,10 +189,22 @@ async fn story(
     push_error: Option<&str>,
     timeout_secs: u64,
 ) -> Story {
+    story_saving(containers, prepare_error, push_error, timeout_secs, Duration::ZERO, 300).await
+}
+
+async fn story_saving(
+    containers: FakeContainers,
+    prepare_error: Option<&str>,
+    push_error: Option<&str>,
+    timeout_secs: u64,
+    save_takes: Duration,
+    save_timeout_secs: u64,
+) -> Story {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         data_dir: dir.path().join("data"),
         default_agent: "fake".into(),
+        save_timeout_secs,
         ..Config::default()
     };
     config.agents.insert(
@@ -210,6 +225,7 @@ async fn story(
         calls: Mutex::default(),
         prepare_error: prepare_error.map(str::to_owned),
         push_error: push_error.map(str::to_owned),
+        save_takes,
     });
     let orch = Orchestrator::with_ports(Arc::new(config), store, containers.clone(), workspaces.clone());
     Story {
@@ -417,5 +433,41 @@ async fn a_container_a_crash_left_created_is_started_not_counted_as_run() {
     let calls = s.containers.calls();
     assert_eq!(calls.first(), Some(&format!("start {name}")), "{calls:?}");
     assert!(!calls.iter().any(|c| c.starts_with("start_agent")), "{calls:?}");
+    s.orch.shutdown().await;
+}
+
+#[tokio::test]
+async fn saving_past_its_limit_fails_the_run_and_says_the_work_is_kept() {
+    let exits = FakeContainers {
+        exit: Some(0),
+        ..Default::default()
+    };
+    let s = story_saving(exits, None, None, 60, Duration::from_secs(3), 1).await;
+    s.orch.start(Scope::All).await.unwrap();
+    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
+    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    assert_eq!(run.state, RunState::Failed);
+    let error = run.error.unwrap();
+    assert!(
+        error.contains("took longer than") && error.contains("still in the workspace"),
+        "{error}"
+    );
+    s.orch.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_works_while_a_run_is_saving() {
+    let exits = FakeContainers {
+        exit: Some(0),
+        ..Default::default()
+    };
+    let s = story_saving(exits, None, None, 60, Duration::from_secs(3), 300).await;
+    s.orch.start(Scope::All).await.unwrap();
+    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
+    until(&s.orch, &sub.run.id, |r| r.state == RunState::Saving).await;
+    s.orch.cancel(&sub.run.id).await.unwrap();
+    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    assert_eq!(run.state, RunState::Cancelled);
+    assert!(run.error.unwrap().contains("while its work was being saved"));
     s.orch.shutdown().await;
 }
