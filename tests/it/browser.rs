@@ -57,6 +57,23 @@ async fn send(browser: &fantoccini::Client, form: &str, text: &str) {
     button.click().await.unwrap();
 }
 
+/// Clicks what `css` names, finding it again when the page redrew it in between (a
+/// card is drawn anew on every update of its run, which leaves a found element stale).
+async fn click(browser: &fantoccini::Client, css: &str) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match browser.find(Locator::Css(css)).await {
+            Ok(element) => match element.click().await {
+                Ok(()) => return,
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot click {css}: {last}");
+}
+
 fn artifacts() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
@@ -138,12 +155,7 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     std::fs::write(artifacts().join("chat.png"), browser.screenshot().await.unwrap()).unwrap();
 
     // Open PR from the card: the button becomes a link to the pull request.
-    card.find(Locator::Css("button[data-action=open_pr]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#messages li:nth-child(1) .card button[data-action=open_pr]").await;
     let pr_link = wait(30)
         .for_element(Locator::Css("#messages li:nth-child(1) .card a.pr-link"))
         .await
@@ -164,13 +176,9 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
 
     // A long run, cancelled from its card.
     send(&browser, "reply", "sleep 60").await;
-    let running = wait(60)
-        .for_element(Locator::Css(
-            "#messages li:nth-child(3) .card[data-state=running] button[data-action=cancel]",
-        ))
-        .await
-        .unwrap();
-    running.click().await.unwrap();
+    let cancel = "#messages li:nth-child(3) .card[data-state=running] button[data-action=cancel]";
+    wait(60).for_element(Locator::Css(cancel)).await.unwrap();
+    click(&browser, cancel).await;
     wait(60)
         .for_element(Locator::Css("#messages li:nth-child(3) .card[data-state=cancelled]"))
         .await
