@@ -236,6 +236,21 @@ async fn story_saving(
     }
 }
 
+/// An agent that exits with `code` at once.
+fn exits(code: i64) -> FakeContainers {
+    FakeContainers {
+        exit: Some(code),
+        ..Default::default()
+    }
+}
+
+/// Starts the orchestrator, submits one prompt and waits for its run to end.
+async fn one_run(s: &Story) -> Run {
+    s.orch.start(Scope::All).await.unwrap();
+    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
+    until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await
+}
+
 fn prompt() -> NewPipeline {
     NewPipeline {
         repo: "https://forge.invalid/demo.git".into(),
@@ -271,19 +286,8 @@ async fn states(orch: &Orchestrator, run_id: &str) -> Vec<RunState> {
 
 #[tokio::test]
 async fn an_agent_that_exits_zero_succeeds_and_its_work_is_pushed() {
-    let s = story(
-        FakeContainers {
-            exit: Some(0),
-            ..Default::default()
-        },
-        None,
-        None,
-        60,
-    )
-    .await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let s = story(exits(0), None, None, 60).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
     assert!(run.pushed && run.changed && run.error.is_none());
     use RunState::*;
@@ -302,19 +306,8 @@ async fn an_agent_that_exits_zero_succeeds_and_its_work_is_pushed() {
 
 #[tokio::test]
 async fn an_agent_that_fails_fails_with_its_code_and_its_work_is_saved() {
-    let s = story(
-        FakeContainers {
-            exit: Some(3),
-            ..Default::default()
-        },
-        None,
-        None,
-        60,
-    )
-    .await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let s = story(exits(3), None, None, 60).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::Failed);
     assert_eq!(run.exit_code, Some(3));
     assert!(run.error.unwrap().contains("exited with code 3"));
@@ -324,19 +317,8 @@ async fn an_agent_that_fails_fails_with_its_code_and_its_work_is_saved() {
 
 #[tokio::test]
 async fn a_failed_push_fails_the_run_and_says_why() {
-    let s = story(
-        FakeContainers {
-            exit: Some(0),
-            ..Default::default()
-        },
-        None,
-        Some("the remote hung up"),
-        60,
-    )
-    .await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let s = story(exits(0), None, Some("the remote hung up"), 60).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::Failed);
     assert!(!run.pushed);
     let error = run.error.unwrap();
@@ -365,9 +347,7 @@ async fn cancel_stops_a_running_agent_and_saves_its_work() {
 #[tokio::test]
 async fn an_agent_past_its_time_limit_is_stopped_and_timed_out() {
     let s = story(FakeContainers::default(), None, None, 1).await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::TimedOut);
     assert!(run.error.unwrap().contains("past its limit"));
     assert_eq!(s.workspaces.calls(), ["prepare", "save timed out", "push"]);
@@ -376,19 +356,8 @@ async fn an_agent_past_its_time_limit_is_stopped_and_timed_out() {
 
 #[tokio::test]
 async fn a_preparation_that_fails_starts_no_agent() {
-    let s = story(
-        FakeContainers {
-            exit: Some(0),
-            ..Default::default()
-        },
-        Some("no route to host"),
-        None,
-        60,
-    )
-    .await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let s = story(exits(0), Some("no route to host"), None, 60).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::Failed);
     assert_eq!(run.end_reason, Some(EndReason::NotStarted));
     assert!(run.error.unwrap().contains("no route to host"));
@@ -400,16 +369,7 @@ async fn a_preparation_that_fails_starts_no_agent() {
 
 #[tokio::test]
 async fn a_container_a_crash_left_created_is_started_not_counted_as_run() {
-    let s = story(
-        FakeContainers {
-            exit: Some(0),
-            ..Default::default()
-        },
-        None,
-        None,
-        60,
-    )
-    .await;
+    let s = story(exits(0), None, None, 60).await;
     // A process that has died claimed the run and created its container, never started.
     let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
     let claimed = s
@@ -438,14 +398,8 @@ async fn a_container_a_crash_left_created_is_started_not_counted_as_run() {
 
 #[tokio::test]
 async fn saving_past_its_limit_fails_the_run_and_says_the_work_is_kept() {
-    let exits = FakeContainers {
-        exit: Some(0),
-        ..Default::default()
-    };
-    let s = story_saving(exits, None, None, 60, Duration::from_secs(3), 1).await;
-    s.orch.start(Scope::All).await.unwrap();
-    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
-    let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
+    let s = story_saving(exits(0), None, None, 60, Duration::from_secs(3), 1).await;
+    let run = one_run(&s).await;
     assert_eq!(run.state, RunState::Failed);
     let error = run.error.unwrap();
     assert!(
@@ -457,11 +411,7 @@ async fn saving_past_its_limit_fails_the_run_and_says_the_work_is_kept() {
 
 #[tokio::test]
 async fn cancel_works_while_a_run_is_saving() {
-    let exits = FakeContainers {
-        exit: Some(0),
-        ..Default::default()
-    };
-    let s = story_saving(exits, None, None, 60, Duration::from_secs(3), 300).await;
+    let s = story_saving(exits(0), None, None, 60, Duration::from_secs(3), 300).await;
     s.orch.start(Scope::All).await.unwrap();
     let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
     until(&s.orch, &sub.run.id, |r| r.state == RunState::Saving).await;

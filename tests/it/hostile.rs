@@ -83,6 +83,15 @@ async fn follow(orch: &Orchestrator, pipeline: &str, script: &str) -> Run {
     finished(orch.store(), &sub.run.id).await
 }
 
+/// The branch a run's pipeline pushes.
+async fn branch_of(orch: &Orchestrator, run: &Run) -> String {
+    orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch
+}
+
+fn succeeded(run: &Run) {
+    assert_eq!(run.state, RunState::Succeeded, "{:?}: {}", run.error, run.log_tail);
+}
+
 /// Every file below `dir` with its content, to compare before and after.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -122,13 +131,13 @@ async fn url_rewrites_in_the_agents_git_config_steer_no_push_or_fetch() {
         mirrors = mirrors.display(),
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert!(run.pushed);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "one.txt").as_deref(), Some("one\n"));
 
     let again = follow(&orch, &run.pipeline_id, "echo two > two.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     assert_eq!(env.origin_file(&branch, "two.txt").as_deref(), Some("two\n"));
     let seen = recorder.requests();
     assert!(
@@ -175,8 +184,8 @@ async fn an_origin_swapped_in_the_agents_git_config_brings_nothing_in() {
         secret.display()
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    succeeded(&run);
+    let branch = branch_of(&orch, &run).await;
     // Another repository on the host, whose copy of the branch goes further.
     git(
         env.dir.path(),
@@ -205,7 +214,7 @@ async fn an_origin_swapped_in_the_agents_git_config_brings_nothing_in() {
         "cat secret.txt > leaked.txt 2>&1; ls > listing.txt",
     )
     .await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     assert_eq!(env.origin_file(&branch, "secret.txt"), None);
     let listing = env.origin_file(&branch, "listing.txt").unwrap();
     assert!(!listing.contains("secret"), "{listing}");
@@ -227,8 +236,8 @@ async fn core_worktree_in_the_agents_git_config_commits_no_host_directory() {
         host_dir.display()
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    succeeded(&run);
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "host-secret.txt"), None);
     assert_eq!(env.origin_file(&branch, "mine.txt").as_deref(), Some("mine\n"));
 
@@ -240,9 +249,9 @@ async fn core_worktree_in_the_agents_git_config_commits_no_host_directory() {
         "rm -f .git/refs/heads/$THREADLINE_BRANCH; echo again > again.txt",
     )
     .await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     let third = follow(&orch, &run.pipeline_id, "echo third > third.txt").await;
-    assert_eq!(third.state, RunState::Succeeded, "{:?}", third.error);
+    succeeded(&third);
     assert_eq!(snapshot(&host_dir), before, "the host directory changed");
     assert_eq!(env.origin_file(&branch, "third.txt").as_deref(), Some("third\n"));
     orch.shutdown().await;
@@ -266,13 +275,13 @@ async fn a_gitdir_file_pointing_at_a_users_checkout_leaves_it_untouched() {
         checkout.display()
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     let again = follow(&orch, &run.pipeline_id, "echo more > more.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     let after = snapshot(&checkout.join(".git"));
     assert!(before == after, "the user's checkout's git directory changed");
     assert_eq!(git(&checkout, &["branch", "--list"]), "* main");
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "more.txt").as_deref(), Some("more\n"));
     orch.shutdown().await;
 }
@@ -294,12 +303,12 @@ async fn links_in_place_of_git_files_write_nothing_on_the_host() {
         created = created.display(),
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     let again = follow(&orch, &run.pipeline_id, "echo two > two.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host file\n");
     assert!(!created.exists() && !env.dir.path().join("created-by-daemon-head").exists());
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "two.txt").as_deref(), Some("two\n"));
     orch.shutdown().await;
 }
@@ -320,7 +329,7 @@ async fn the_summary_is_never_read_through_a_link_a_fifo_or_whole() {
         host_file.display()
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert_eq!(run.summary, None);
     assert!(
         notes(&orch, &run).await.contains("link"),
@@ -331,13 +340,13 @@ async fn the_summary_is_never_read_through_a_link_a_fifo_or_whole() {
 
     // The control directory itself a link to a host directory.
     let run = follow(&orch, &p, &format!("ln -s {} .threadline", host_dir.display())).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert_eq!(run.summary, None);
     assert!(host_dir.join("summary.md").exists(), "the host directory was emptied");
 
     // A FIFO: nothing will ever write to it.
     let run = follow(&orch, &p, "mkdir -p .threadline\nmkfifo .threadline/summary.md").await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert_eq!(run.summary, None);
 
     // A 200 MB sparse file: its beginning, capped.
@@ -347,7 +356,7 @@ async fn the_summary_is_never_read_through_a_link_a_fifo_or_whole() {
         "mkdir -p .threadline\necho 'the start' > .threadline/summary.md\ntruncate -s 200M .threadline/summary.md",
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     let summary = run.summary.unwrap();
     assert!(
         summary.starts_with("the start") && summary.len() <= 16 * 1024,
@@ -360,7 +369,7 @@ async fn the_summary_is_never_read_through_a_link_a_fifo_or_whole() {
     let branch = orch.store().pipeline(&p).await.unwrap().unwrap().branch;
     let history = env.origin_file(&branch, "history-seen.md").unwrap();
     assert!(!history.contains("HOST-CANARY"), "{history}");
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     orch.shutdown().await;
 }
 
@@ -375,7 +384,7 @@ async fn huge_output_without_newlines_is_bounded() {
         "head -c 30000000 /dev/zero | tr '\\000' x\necho\necho the end",
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert!(
         run.log_tail.len() <= 64 * 1024,
         "the stored tail is {} bytes",
@@ -451,15 +460,15 @@ async fn a_very_deep_directory_does_not_break_the_pipeline() {
         "echo top > top.txt\nmkdir deep && cd deep && i=0\nwhile [ $i -lt 2000 ]; do mkdir d && cd d; i=$((i+1)); done\necho bottom > bottom.txt",
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     assert!(
         notes(&orch, &run).await.contains("too long"),
         "{}",
         notes(&orch, &run).await
     );
     let again = follow(&orch, &run.pipeline_id, "echo ok > ok.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    succeeded(&again);
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "ok.txt").as_deref(), Some("ok\n"));
     assert_eq!(env.origin_file(&branch, "top.txt").as_deref(), Some("top\n"));
     orch.shutdown().await;
@@ -519,7 +528,7 @@ async fn the_agent_has_a_working_git_and_its_own_commits_are_imported() {
         cp /tmp/status /tmp/log /tmp/blame /tmp/diff /tmp/diff-base .\n";
     let run = run_to_end(&env, &orch, script).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?}: {}", run.error, run.log_tail);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     let file = |name: &str| env.origin_file(&branch, name).unwrap_or_default();
     assert_eq!(file("status"), "", "the agent's git status starts clean");
     assert_eq!(file("log"), "initial\n");
@@ -542,7 +551,7 @@ async fn the_agent_has_a_working_git_and_its_own_commits_are_imported() {
          git commit -qm stray\ngit update-ref refs/heads/$THREADLINE_BRANCH stray\n",
     )
     .await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     let history = env.origin_file(&branch, "history.txt").unwrap();
     assert!(history.contains("agent: its own commit"), "{history}");
     assert!(
@@ -569,8 +578,8 @@ async fn links_left_ignored_are_not_written_through_by_the_next_checkout() {
         victim.display()
     );
     let run = run_to_end(&env, &orch, &script).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    succeeded(&run);
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "sub/X"), None);
     // Someone adds sub/X on the branch.
     let scratch = env.dir.path().join("scratch");
@@ -592,7 +601,7 @@ async fn links_left_ignored_are_not_written_through_by_the_next_checkout() {
     git(&scratch, &["push", "-q", "origin", &branch]);
 
     let again = follow(&orch, &run.pipeline_id, "cat sub/X > seen.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     assert_eq!(
         std::fs::read_to_string(&victim).unwrap(),
         "host file\n",
@@ -616,18 +625,18 @@ async fn names_git_refuses_and_huge_files_do_not_wedge_the_pipeline() {
          printf '[include]\\n\\tpath = /etc/passwd\\n' > .gitmodules\necho ok > ok.txt",
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    succeeded(&run);
     let notes = notes(&orch, &run).await;
     assert!(
         notes.contains("git refuses") && notes.contains("larger than 100 MB"),
         "{notes}"
     );
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "ok.txt").as_deref(), Some("ok\n"));
     assert_eq!(env.origin_file(&branch, "huge.bin"), None);
     assert_eq!(env.origin_file(&branch, ".gitmodules"), None);
     let again = follow(&orch, &run.pipeline_id, "echo two > two.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     orch.shutdown().await;
 }
 
@@ -645,7 +654,7 @@ async fn packed_or_malformed_commits_of_the_agent_are_passed_over() {
         "{}",
         notes(&orch, &run).await
     );
-    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    let branch = branch_of(&orch, &run).await;
     assert_eq!(env.origin_file(&branch, "one.txt").as_deref(), Some("one\n"));
 
     // A commit whose identity lines are not git's: a forge would refuse it for good.
@@ -694,7 +703,7 @@ async fn a_container_open_on_the_workspace_stops_the_save_from_reading_it() {
     assert!(error.contains("open on this pipeline's workspace"), "{error}");
     // Once it is gone, the next run commits what was left.
     let again = follow(&orch, &sub.pipeline.id, "echo two > two.txt").await;
-    assert_eq!(again.state, RunState::Succeeded, "{:?}", again.error);
+    succeeded(&again);
     assert_eq!(
         env.origin_file(&sub.pipeline.branch, "one.txt").as_deref(),
         Some("one\n")
