@@ -176,10 +176,17 @@ pub fn card_blocks(card: &StatusCard) -> Value {
 }
 
 fn card_content(card: &StatusCard) -> SlackMessageContent {
-    let blocks: Vec<SlackBlock> = serde_json::from_value(card_blocks(card)).unwrap_or_default();
-    SlackMessageContent::new()
-        .with_text(format!("Threadline run {}: {}", card.run_id, card.headline))
-        .with_blocks(blocks)
+    let json = card_blocks(card);
+    let text = format!("Threadline run {}: {}", card.run_id, card.headline);
+    match serde_json::from_value::<Vec<SlackBlock>>(json.clone()) {
+        Ok(blocks) => SlackMessageContent::new().with_text(text).with_blocks(blocks),
+        Err(e) => {
+            // Never silently: the card goes out as its text, and the log says why.
+            tracing::error!(run_id = %card.run_id, error = %e, "the card's Block Kit does not parse; posting its text");
+            let body = json[0]["text"]["text"].as_str().unwrap_or_default();
+            SlackMessageContent::new().with_text(format!("{text}\n{body}"))
+        }
+    }
 }
 
 fn action_id(action: Action) -> &'static str {

@@ -510,12 +510,19 @@ fn shown_pipeline(state: &WebState, p: &Pipeline) -> Value {
     })
 }
 
+/// A run as the API shows it: named here field by field, so a change to the domain type
+/// never changes the API unnoticed. Its log tail is served by /api/runs/{id} only.
 fn shown_run(state: &WebState, run: &Run) -> Value {
     let r = state.orch.redactor();
-    let mut run = run.clone();
-    run.prompt = r.redact(&run.prompt);
-    run.log_tail = String::new(); // served by /api/runs/{id} only
-    serde_json::to_value(run).unwrap_or(Value::Null)
+    json!({
+        "id": run.id, "pipeline_id": run.pipeline_id, "seq": run.seq, "prompt": r.redact(&run.prompt),
+        "agent": run.agent, "requested_by": run.requested_by, "state": run.state,
+        "created_at": run.created_at, "started_at": run.started_at, "finished_at": run.finished_at,
+        "exit_code": run.exit_code, "end_reason": run.end_reason, "error": run.error,
+        "start_commit": run.start_commit, "head_commit": run.head_commit, "changed": run.changed,
+        "diffstat": run.diffstat, "pushed": run.pushed, "push_error": run.push_error,
+        "cancel_requested": run.cancel_requested, "summary": run.summary,
+    })
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Option<String> {
