@@ -258,7 +258,7 @@ impl ChatCore {
             thread: here.origin_key(),
             url: String::new(),
         };
-        let pipeline = match self.orch.store().pipeline_by_origin(&origin).await {
+        let pipeline = match self.orch.queries().pipeline_by_origin(&origin).await {
             Ok(Some(p)) => p,
             Ok(None) if msg.mentions_bot => {
                 return Outcome::Reply {
@@ -320,7 +320,7 @@ impl ChatCore {
                 text: "That run no longer exists.".into(),
             };
         };
-        let Ok(Some(pipeline)) = self.orch.store().pipeline(&run.pipeline_id).await else {
+        let Ok(Some(pipeline)) = self.orch.queries().pipeline(&run.pipeline_id).await else {
             return Outcome::Private {
                 text: "That run's pipeline no longer exists.".into(),
             };
@@ -376,7 +376,7 @@ impl ChatCore {
         let key = format!("{}:click:{}", self.surface, click.id);
         let (repo, settings) = self.orch.repo_settings(pipeline);
         let prompted = || async {
-            let runs = self.orch.store().runs(&pipeline.id).await.unwrap_or_default();
+            let runs = self.orch.queries().runs(&pipeline.id).await.unwrap_or_default();
             runs.iter().any(|r| r.requested_by == actor)
         };
         let refusal = if !binding.may_approve(&click.sender) {
@@ -412,7 +412,7 @@ impl ChatCore {
 
     /// The card of a run as this surface shows it (the channel's detail level).
     pub async fn card(&self, run: &Run) -> Option<(ThreadRef, StatusCard)> {
-        let store = self.orch.store();
+        let store = self.orch.queries();
         let pipeline = store.pipeline(&run.pipeline_id).await.ok()??;
         if pipeline.origin.surface != self.surface {
             return None;
@@ -505,7 +505,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
         if let Ok(active) = self
             .core
             .orch
-            .store()
+            .queries()
             .runs_in_states(&crate::model::RunState::UNFINISHED)
             .await
         {
@@ -524,7 +524,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     let ids: Vec<String> = workers.keys().cloned().collect();
                     for id in ids {
-                        if let Ok(Some(run)) = self.core.orch.store().run(&id).await {
+                        if let Ok(Some(run)) = self.core.orch.queries().run(&id).await {
                             self.push(&mut workers, &run).await;
                         }
                     }
@@ -549,7 +549,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
         let known = self
             .core
             .orch
-            .store()
+            .queries()
             .chat_message(&run.id)
             .await
             .ok()
@@ -559,7 +559,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
         let core = self.core.clone();
         let run_id = run.id.clone();
         tokio::spawn(async move {
-            let store = core.orch.store().clone();
+            let store = core.orch.queries().clone();
             let counters_orch = core.orch.clone();
             let refresh_core = core.clone();
             let refresh_id = run_id.clone();
@@ -586,7 +586,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
                     let core = refresh_core.clone();
                     let id = refresh_id.clone();
                     async move {
-                        let run = core.orch.store().run(&id).await.ok()??;
+                        let run = core.orch.queries().run(&id).await.ok()??;
                         core.card(&run).await.map(|(_, c)| c)
                     }
                 },

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use crate::config::Config;
 use crate::model::RunState;
 use crate::orchestrator::ContainerRuntime;
-use crate::store::Store;
+use crate::orchestrator::Queries;
 
 struct Report {
     failures: usize,
@@ -65,7 +65,7 @@ pub async fn doctor(config: Config) -> ExitCode {
         ),
     }
 
-    match Store::open(&config.database_url()).await {
+    match Queries::open(&config.database_url()).await {
         Ok(store) => {
             r.ok("database opens and its schema is up to date");
             if let Ok(active) = store.runs_in_states(&RunState::ACTIVE).await

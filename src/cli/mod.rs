@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::model::{Origin, Run, RunEvent, RunState, format_duration, now_millis};
+use crate::orchestrator::Queries;
 use crate::orchestrator::container::{AgentSpec, container_name};
-use crate::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted};
-use crate::store::Store;
+use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, Scope, Submitted};
 
 mod doctor;
 
@@ -175,9 +175,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 }
 
 async fn open(config: Config) -> anyhow::Result<Orchestrator> {
-    let store = Store::open(&config.database_url()).await?;
-    let runtime = ContainerRuntime::connect().await?;
-    Ok(Orchestrator::new(Arc::new(config), store, runtime))
+    Ok(Orchestrator::open(Arc::new(config)).await?)
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -190,7 +188,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => Ok(doctor::doctor(config).await),
         Command::Pipelines { limit, json } => {
-            let store = Store::open(&config.database_url()).await?;
+            let store = Queries::open(&config.database_url()).await?;
             let list = store.pipelines(limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -209,7 +207,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { pipeline, json } => {
-            let store = Store::open(&config.database_url()).await?;
+            let store = Queries::open(&config.database_url()).await?;
             let Some(p) = store.find_pipeline(&pipeline).await? else {
                 anyhow::bail!("no pipeline {pipeline:?}; `threadline pipelines` lists them");
             };
@@ -271,7 +269,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs { run, follow } => {
-            let store = Store::open(&config.database_url()).await?;
+            let store = Queries::open(&config.database_url()).await?;
             let run = find_run(&store, &run).await?;
             let path = crate::orchestrator::log_path(&config.data_dir, &run.id);
             if follow {
@@ -352,7 +350,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Resolves a run id; a pipeline id means its latest run. Needs only the store.
-async fn find_run(store: &Store, id: &str) -> anyhow::Result<Run> {
+async fn find_run(store: &Queries, id: &str) -> anyhow::Result<Run> {
     store
         .find_run(id)
         .await?
@@ -409,7 +407,7 @@ async fn execute_and_watch(orch: Orchestrator, submitted: Submitted, detach: boo
         async move {
             let started = created_at;
             watch(
-                orch.store(),
+                &orch.queries(),
                 &orch.log_path(&run_id),
                 &run_id,
                 move |e: &RunEvent| {
@@ -460,7 +458,7 @@ fn exit_for(run: &Run) -> ExitCode {
 }
 
 async fn print_outcome(orch: &Orchestrator, run: &Run) {
-    let pipeline = orch.store().pipeline(&run.pipeline_id).await.ok().flatten();
+    let pipeline = orch.queries().pipeline(&run.pipeline_id).await.ok().flatten();
     let took = run.duration_millis().map(format_duration).unwrap_or_default();
     let mark = if run.state == RunState::Succeeded { "✔" } else { "✘" };
     let exit = run.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default();
@@ -502,7 +500,7 @@ async fn print_outcome(orch: &Orchestrator, run: &Run) {
 /// Follows a run through the store and its log file until it ends, whichever process
 /// executes it. Calls `on_state` on each new state and `on_line` on each log line.
 pub async fn watch(
-    store: &Store,
+    store: &Queries,
     path: &std::path::Path,
     run_id: &str,
     mut on_event: impl FnMut(&RunEvent),
@@ -740,7 +738,7 @@ fn hand_over(ws: &std::path::Path, owner: (u32, u32)) -> std::io::Result<()> {
 
 async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     let orch = open(config).await?;
-    let Some(p) = orch.store().find_pipeline(pipeline).await? else {
+    let Some(p) = orch.queries().find_pipeline(pipeline).await? else {
         anyhow::bail!("no pipeline {pipeline:?}; `threadline pipelines` lists them");
     };
     let agent_name = agent.unwrap_or(&p.agent);
@@ -751,7 +749,7 @@ async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::R
         );
     };
     // The daemon must have the work tree to itself while it prepares or saves.
-    if let Some(active) = orch.store().runs(&p.id).await?.iter().find(|r| r.state.is_active()) {
+    if let Some(active) = orch.queries().runs(&p.id).await?.iter().find(|r| r.state.is_active()) {
         anyhow::bail!(
             "run {} of pipeline {} is {}; open a shell once it has finished (`threadline logs --follow {}`)",
             active.id,

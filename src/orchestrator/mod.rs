@@ -7,6 +7,7 @@ mod executor;
 pub mod forge;
 pub mod ports;
 mod pulls;
+mod queries;
 mod scheduler;
 pub mod scrub;
 pub mod workspace;
@@ -25,11 +26,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::model::{Origin, Pipeline, Run, RunState, now_millis};
 use crate::redact::Redactor;
-use crate::store::{NewRun, Store, StoreError};
+use crate::store::{NewRun, Store};
 
+pub use crate::store::{PipelineSummary, StoreError};
 pub use container::{ContainerError, ContainerRuntime};
 pub use ports::{Containers, Workspaces};
 pub use pulls::{PullRequestError, PullRequestOutcome, PullRequestView};
+pub use queries::Queries;
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
 
@@ -105,6 +108,15 @@ pub struct Submitted {
     pub ahead: usize,
 }
 
+/// Why an orchestrator could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Docker(#[from] ContainerError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("the prompt is empty: say what the agent should do")]
@@ -176,6 +188,13 @@ impl Orchestrator {
         Self::with_ports(config, store, Arc::new(runtime), git)
     }
 
+    /// Opens the store the configuration names and connects to Docker.
+    pub async fn open(config: Arc<Config>) -> Result<Self, OpenError> {
+        let store = Store::open(&config.database_url()).await?;
+        let runtime = ContainerRuntime::connect().await?;
+        Ok(Self::new(config, store, runtime))
+    }
+
     /// An orchestrator on other containers and workspaces than Docker and libgit2 (the
     /// tests' fakes, another executor).
     pub fn with_ports(
@@ -219,8 +238,15 @@ impl Orchestrator {
         }
     }
 
+    /// The store itself, for tests and the orchestrator's own modules; front ends read
+    /// through [`Orchestrator::queries`].
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// What front ends may read.
+    pub fn queries(&self) -> Queries {
+        Queries::new(self.inner.store.clone())
     }
 
     pub fn config(&self) -> &Config {

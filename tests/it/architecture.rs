@@ -83,3 +83,14 @@ fn the_orchestrator_never_names_a_chat_platform_or_http_server() {
         assert_eq!(inside, Vec::<String>::new(), "{needle}");
     }
 }
+
+#[test]
+fn front_ends_read_through_the_orchestrator_not_the_store() {
+    for needle in ["crate::store", ".store()"] {
+        let inside: Vec<String> = offenders(needle, &[])
+            .into_iter()
+            .filter(|p| p.starts_with("bots") || p.starts_with("cli"))
+            .collect();
+        assert_eq!(inside, Vec::<String>::new(), "{needle}");
+    }
+}

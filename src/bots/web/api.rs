@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use super::WebState;
 use crate::bots::render::{Detail, StatusCard, card_in_context};
 use crate::model::{Origin, Pipeline, Run};
+use crate::orchestrator::StoreError;
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
-use crate::store::StoreError;
 
 /// An API error: a status and a sentence saying what to do (`error`), with the ids an
 /// ambiguous prefix matched (`candidates`) when that is what went wrong.
@@ -242,7 +242,7 @@ pub async fn index() -> Json<Value> {
 }
 
 pub async fn healthz(State(state): State<WebState>) -> Response {
-    match state.orch.store().count_by_state().await {
+    match state.orch.queries().count_by_state().await {
         Ok(_) => Json(json!({ "status": "ok" })).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -277,7 +277,7 @@ pub struct ListQuery {
 }
 
 pub async fn list_pipelines(State(state): State<WebState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<Value>> {
-    let store = state.orch.store();
+    let store = state.orch.queries();
     let mut out = Vec::new();
     for s in store.pipelines(q.limit.unwrap_or(200).clamp(1, 1000)).await? {
         if q.surface
@@ -403,7 +403,7 @@ pub async fn open_pr(State(state): State<WebState>, Path(id): Path<String>, head
 }
 
 pub async fn get_pipeline(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let store = state.orch.store();
+    let store = state.orch.queries();
     let pipeline = store
         .find_pipeline(&id)
         .await?
@@ -425,7 +425,7 @@ pub async fn get_pipeline(State(state): State<WebState>, Path(id): Path<String>)
 
 pub async fn get_run(State(state): State<WebState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let run = state.orch.find_run(&id).await?;
-    let store = state.orch.store();
+    let store = state.orch.queries();
     let pipeline = store
         .pipeline(&run.pipeline_id)
         .await?
@@ -447,7 +447,7 @@ pub async fn events(State(state): State<WebState>) -> Sse<impl Stream<Item = Res
         loop {
             let event = match rx.recv().await {
                 Ok(RunUpdate::State(run)) => {
-                    let store = state.orch.store();
+                    let store = state.orch.queries();
                     let (Ok(Some(pipeline)), Ok(runs)) = (
                         store.pipeline(&run.pipeline_id).await,
                         store.runs(&run.pipeline_id).await,
@@ -478,7 +478,7 @@ pub async fn events(State(state): State<WebState>) -> Sse<impl Stream<Item = Res
 }
 
 async fn submitted_response(state: &WebState, s: Submitted) -> Response {
-    let runs = state.orch.store().runs(&s.pipeline.id).await.unwrap_or_default();
+    let runs = state.orch.queries().runs(&s.pipeline.id).await.unwrap_or_default();
     let status = if s.created { StatusCode::CREATED } else { StatusCode::OK };
     let body = json!({
         "pipeline": shown_pipeline(state, &s.pipeline),

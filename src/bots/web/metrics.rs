@@ -13,7 +13,7 @@ use crate::model::RunState;
 const BUCKETS_SECONDS: [f64; 10] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
 pub async fn metrics(State(state): State<WebState>) -> Response {
-    let store = state.orch.store();
+    let store = state.orch.queries();
     let (counts, durations) = match (store.count_by_state().await, store.finished_durations(10_000).await) {
         (Ok(c), Ok(d)) => (c, d),
         (Err(e), _) | (_, Err(e)) => {
