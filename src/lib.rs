@@ -11,6 +11,7 @@ pub mod bots;
 pub mod cli;
 pub mod config;
 pub mod crash;
+pub mod daemon;
 pub mod http;
 pub mod lifecycle;
 pub mod model;

@@ -559,16 +559,9 @@ pub async fn watch(
 }
 
 async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
-    let web = config.web.enabled && !until_idle;
-    // Refuse a non-loopback address without a token before anything starts.
-    let listener = if web {
-        Some(crate::bots::web::bind(&config).await?)
-    } else {
-        None
-    };
-    let orch = open(config).await?;
-    orch.start(Scope::All).await?;
     if until_idle {
+        let orch = open(config).await?;
+        orch.start(Scope::All).await?;
         tokio::select! {
             idle = orch.wait_until_idle(&Scope::All) => idle?,
             signal = stop_signal() => eprintln!("threadline: {signal}: stopping"),
@@ -576,11 +569,11 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
         orch.shutdown().await;
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = tokio_util::sync::CancellationToken::new();
-    let server = match listener {
-        Some(listener) => {
-            let addr = listener.local_addr()?;
-            let state = crate::bots::web::WebState::new(orch.clone(), addr);
+    // Bound first: a bad or unsafe address fails before anything starts.
+    let listeners = crate::daemon::Listeners::bind(&config).await?;
+    let orch = open(config).await?;
+    match listeners.web_addr() {
+        Some(addr) => {
             let repos = orch.config().repos.keys().cloned().collect::<Vec<_>>().join(", ");
             eprintln!(
                 "threadline: web chat and dashboard on http://{addr}/ (repositories: {}); Ctrl-C stops",
@@ -590,92 +583,22 @@ async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
                     repos
                 }
             );
-            let stopped = stop.clone();
-            Some(tokio::spawn(crate::bots::web::serve(listener, state, async move {
-                stopped.cancelled().await
-            })))
         }
-        None => {
-            eprintln!("threadline: executing queued runs (web chat disabled); Ctrl-C stops");
-            None
-        }
-    };
-    let slack = if orch.config().slack.enabled {
-        let config = orch.config().slack.clone();
-        let events = match config.mode {
-            crate::config::SlackMode::Events => {
-                let listener = tokio::net::TcpListener::bind(&config.events_listen)
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("cannot listen on slack.events_listen {}: {e}", config.events_listen)
-                    })?;
-                eprintln!(
-                    "threadline: Slack Events API on http://{}/slack/events (point your public URL there)",
-                    listener.local_addr()?
-                );
-                Some(listener)
-            }
-            crate::config::SlackMode::Socket => None,
-        };
-        let (orch, stop) = (orch.clone(), stop.clone());
-        Some(tokio::spawn(async move {
-            crate::bots::slack::start(orch, &config, events, stop).await
-        }))
-    } else {
-        None
-    };
+        None => eprintln!("threadline: executing queued runs (web chat disabled); Ctrl-C stops"),
+    }
+    if let Some(addr) = listeners.slack_events_addr() {
+        eprintln!("threadline: Slack Events API on http://{addr}/slack/events (point your public URL there)");
+    }
     eprintln!(
         "threadline: at most {} runs at once; running agents keep going across restarts",
         orch.config().max_concurrent_runs
     );
-    // Any chat adapter that stops (bad token, lost connection) stops the daemon with its reason.
-    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(2);
-    if let Some(slack) = slack {
-        let tx = failed_tx.clone();
-        tokio::spawn(async move {
-            let reason = match slack.await {
-                Ok(Err(e)) => format!("slack: {e}"),
-                Ok(Ok(())) => "slack: the connection ended".to_owned(),
-                Err(e) => format!("slack: {e}"),
-            };
-            let _ = tx.send(reason).await;
-        });
-    }
-    if orch.config().discord.enabled {
-        let (orch, stop, config, tx) = (
-            orch.clone(),
-            stop.clone(),
-            orch.config().discord.clone(),
-            failed_tx.clone(),
-        );
-        tokio::spawn(async move {
-            let result = crate::bots::discord::start(orch, &config, stop.clone()).await;
-            if !stop.is_cancelled() {
-                let reason = match result {
-                    Err(e) => format!("discord: {e}"),
-                    Ok(()) => "discord: the gateway connection ended".to_owned(),
-                };
-                let _ = tx.send(reason).await;
-            }
-        });
-    }
-    drop(failed_tx);
-    let failed = tokio::select! {
-        signal = stop_signal() => {
-            eprintln!("threadline: {signal}: stopping; running agents keep going and the next start adopts them");
-            None
-        }
-        Some(reason) = failed_rx.recv() => Some(reason),
+    let shutdown = async {
+        let signal = stop_signal().await;
+        eprintln!("threadline: {signal}: stopping; running agents keep going and the next start adopts them");
     };
-    stop.cancel();
-    if let Some(server) = server {
-        let _ = server.await;
-    }
-    orch.shutdown().await;
-    match failed {
-        Some(reason) => anyhow::bail!("{reason}"),
-        None => Ok(ExitCode::SUCCESS),
-    }
+    crate::daemon::serve(orch, listeners, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves at the first SIGINT (Ctrl-C) or SIGTERM (`systemctl stop`, `docker stop`),

@@ -932,3 +932,46 @@ async fn a_work_tree_whose_git_directory_was_lost_keeps_its_files() {
     assert_eq!(env.origin_file(branch, "two.txt").as_deref(), Some("two\n"));
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_function_serves_runs_and_the_web_until_told_to_stop() {
+    use std::io::{Read, Write};
+    use threadline::daemon::{Listeners, serve};
+    // What `threadline serve` runs, started the way the binary starts it, on port 0.
+    let mut env = TestEnv::new();
+    env.config.web.listen = "127.0.0.1:0".into();
+    let listeners = Listeners::bind(&env.config).await.unwrap();
+    let addr = listeners.web_addr().expect("the web chat is on by default");
+    let orch = env.orchestrator_unstarted().await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let daemon = tokio::spawn(serve(orch.clone(), listeners, async move {
+        let _ = stop_rx.await;
+    }));
+    let sub = env.start(&orch, "echo daemon > daemon.txt").await;
+    let run = finished(orch.store(), &sub.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let health = tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            conn,
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).unwrap();
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), daemon)
+        .await
+        .expect("the daemon stops when told")
+        .unwrap()
+        .unwrap();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the web chat stopped with it"
+    );
+}
