@@ -1,0 +1,91 @@
+//! `threadline shell`: a shell in a container on a pipeline's workspace, hardened like an
+//! agent's.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use super::{FAILED, open};
+use crate::config::Config;
+use crate::orchestrator::container::AgentSpec;
+
+/// Makes `owner` the owner of every entry of a work tree, never following a link.
+fn hand_over(ws: &std::path::Path, owner: (u32, u32)) -> std::io::Result<()> {
+    let how = crate::orchestrator::scrub::Walk {
+        owner: Some(owner),
+        scrub: false,
+    };
+    crate::orchestrator::scrub::walk(ws, how).map(drop)
+}
+
+pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
+    let orch = open(config).await?;
+    let Some(p) = orch.queries().find_pipeline(pipeline).await? else {
+        anyhow::bail!("no pipeline {pipeline:?}; `threadline pipelines` lists them");
+    };
+    let agent_name = agent.unwrap_or(&p.agent);
+    let Some(profile) = orch.config().agent(agent_name).cloned() else {
+        anyhow::bail!(
+            "no agent {agent_name:?}; known: {}",
+            orch.config().agent_names().join(", ")
+        );
+    };
+    // The daemon must have the work tree to itself while it prepares or saves.
+    if let Some(active) = orch.queries().runs(&p.id).await?.iter().find(|r| r.state.is_active()) {
+        anyhow::bail!(
+            "run {} of pipeline {} is {}; open a shell once it has finished (`threadline logs --follow {}`)",
+            active.id,
+            p.id,
+            active.state,
+            active.id
+        );
+    }
+    let ws = orch.workspace_path(&p.id);
+    if !ws.exists() {
+        anyhow::bail!("pipeline {} has no workspace yet: its first run has not started", p.id);
+    }
+    let context = ws.with_extension("shell-context");
+    std::fs::create_dir_all(context.join("objects"))?;
+    let me = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&ws)?;
+        (m.uid(), m.gid())
+    };
+    let user = if me.0 == 0 { (1000, 1000) } else { me };
+    if user != me {
+        hand_over(&ws, user)?;
+    }
+    let spec = AgentSpec {
+        name: format!("threadline-shell-{}", p.id),
+        image: profile.image.clone(),
+        argv: vec!["sh".into()],
+        env: Vec::new(),
+        user: format!("{}:{}", user.0, user.1),
+        workspace: ws.clone(),
+        context: context.clone(),
+        objects: Some(orch.objects_path(&p.id)),
+        labels: [("threadline.pipeline".to_owned(), p.id.clone())].into(),
+        memory_bytes: (profile.memory_mb * 1024 * 1024) as i64,
+        nano_cpus: (profile.cpus * 1e9) as i64,
+        pids_limit: profile.pids_limit,
+        network: profile.network.clone(),
+        read_only_rootfs: profile.read_only_rootfs,
+        log_file_bytes: 0,
+    };
+    eprintln!(
+        "shell on {} (branch {}); changes are committed with the pipeline's next run",
+        ws.display(),
+        p.branch
+    );
+    let status = std::process::Command::new("docker")
+        .args(spec.docker_run_args(std::io::stdin().is_terminal()))
+        .status();
+    if user != me {
+        hand_over(&ws, me)?;
+    }
+    let _ = std::fs::remove_dir_all(&context);
+    match status {
+        Ok(s) if s.success() => Ok(ExitCode::SUCCESS),
+        Ok(_) => Ok(ExitCode::from(FAILED)),
+        Err(e) => anyhow::bail!("cannot run the docker command ({e}); is the docker CLI installed?"),
+    }
+}
