@@ -4,13 +4,25 @@
 //! and from `[repos.NAME.forge]` where it is not. Tokens are sent in headers only and
 //! never appear in an error.
 
-use serde::Serialize;
-use serde_json::{Value, json};
+//!
+//! One file per forge (`github.rs`, `gitlab.rs`, `gitea.rs`), the URL detection in
+//! `detect.rs`, and here what they share: the trait, its types and errors, and `Api`.
 
-use crate::config::ForgeConfig;
+mod detect;
+mod gitea;
+mod github;
+mod gitlab;
+
+use serde::Serialize;
+use serde_json::Value;
+
 use crate::http::{JsonClient, Response};
 
 pub use crate::config::ForgeKind;
+pub use detect::{ForgeTarget, resolve};
+use gitea::Gitea;
+use github::GitHub;
+use gitlab::GitLab;
 
 impl ForgeKind {
     pub fn name(self) -> &'static str {
@@ -37,115 +49,6 @@ impl ForgeKind {
             _ => format!("#{n}"),
         }
     }
-}
-
-/// A repository on a forge.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForgeTarget {
-    pub kind: ForgeKind,
-    /// The REST API root: `https://api.github.com`, `https://host/api/v4`, `https://host/api/v1`.
-    pub api_url: String,
-    /// The project's page: `https://github.com/owner/repo`.
-    pub web_url: String,
-    /// `owner/repo` (GitLab: `group/subgroup/repo`).
-    pub project: String,
-}
-
-impl ForgeTarget {
-    /// The page of a branch.
-    pub fn branch_url(&self, branch: &str) -> String {
-        match self.kind {
-            ForgeKind::Gitlab => format!("{}/-/tree/{branch}", self.web_url),
-            ForgeKind::Gitea => format!("{}/src/branch/{branch}", self.web_url),
-            _ => format!("{}/tree/{branch}", self.web_url),
-        }
-    }
-}
-
-/// A remote URL taken apart: `https://host[:port]/path`, `ssh://[user@]host[:port]/path`
-/// or scp-like `user@host:path`.
-fn split_remote(url: &str) -> Option<(String, String, String)> {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
-        None => {
-            let (userhost, path) = url.split_once(':')?;
-            if userhost.contains('/') || !userhost.contains('@') {
-                return None;
-            }
-            let host = userhost.rsplit('@').next()?;
-            return Some(("https".into(), host.to_ascii_lowercase(), path.to_owned()));
-        }
-    };
-    let (authority, path) = rest.split_once('/')?;
-    let hostport = authority.rsplit('@').next()?.to_ascii_lowercase();
-    let host = match scheme.as_str() {
-        // The web server of an SSH remote is the host's default HTTPS one.
-        "http" | "https" => hostport,
-        _ => hostport.split(':').next()?.to_owned(),
-    };
-    let web_scheme = if scheme == "http" { "http" } else { "https" };
-    Some((web_scheme.to_owned(), host, path.to_owned()))
-}
-
-/// Works out the forge of a repository from its remote URL and its `[repos.NAME.forge]`
-/// settings. `Ok(None)`: no forge (a path on disk, an unknown host, or `kind = "none"`).
-/// An error says which setting is missing.
-pub fn resolve(remote_url: &str, config: &ForgeConfig) -> Result<Option<ForgeTarget>, String> {
-    if config.kind == Some(ForgeKind::None) {
-        return Ok(None);
-    }
-    let parts = split_remote(remote_url);
-    let host = parts.as_ref().map(|(_, host, _)| host.as_str()).unwrap_or_default();
-    let bare_host = host.split(':').next().unwrap_or_default();
-    let detected = if bare_host == "github.com" {
-        Some(ForgeKind::Github)
-    } else if bare_host == "gitlab.com" || bare_host.starts_with("gitlab.") {
-        Some(ForgeKind::Gitlab)
-    } else if bare_host == "codeberg.org" || bare_host.starts_with("gitea.") || bare_host.starts_with("forgejo.") {
-        Some(ForgeKind::Gitea)
-    } else {
-        None
-    };
-    let Some(kind) = config.kind.or(detected) else {
-        return Ok(None);
-    };
-    let project = if !config.project.is_empty() {
-        config.project.trim_matches('/').to_owned()
-    } else if let Some((_, _, path)) = &parts {
-        let path = path.trim_matches('/');
-        path.strip_suffix(".git").unwrap_or(path).to_owned()
-    } else {
-        return Err("the remote is not a URL: set `project` (OWNER/REPO) and `api_url`".into());
-    };
-    if !project.contains('/') {
-        return Err(format!("the project {project:?} is not of the form OWNER/REPO"));
-    }
-    let site = parts.as_ref().map(|(scheme, host, _)| format!("{scheme}://{host}"));
-    let api_url = if !config.api_url.is_empty() {
-        config.api_url.trim_end_matches('/').to_owned()
-    } else {
-        match (&site, kind) {
-            (Some(_), ForgeKind::Github) if bare_host == "github.com" => "https://api.github.com".to_owned(),
-            (Some(site), ForgeKind::Github) => format!("{site}/api/v3"),
-            (Some(site), ForgeKind::Gitlab) => format!("{site}/api/v4"),
-            (Some(site), ForgeKind::Gitea) => format!("{site}/api/v1"),
-            _ => return Err("cannot tell the forge's API from the remote: set `api_url`".into()),
-        }
-    };
-    let web_url = if !config.web_url.is_empty() {
-        config.web_url.trim_end_matches('/').to_owned()
-    } else {
-        match &site {
-            Some(site) => format!("{site}/{project}"),
-            None => return Err("cannot tell the forge's web address from the remote: set `web_url`".into()),
-        }
-    };
-    Ok(Some(ForgeTarget {
-        kind,
-        api_url,
-        web_url,
-        project,
-    }))
 }
 
 /// A pull request as Threadline keeps it.
@@ -408,198 +311,11 @@ fn query(pairs: &[(&str, &str)]) -> String {
         .finish()
 }
 
-struct GitHub(Api);
-
-#[async_trait::async_trait]
-impl Forge for GitHub {
-    async fn find_open(&self, head: &str, base: &str) -> Result<Option<PullRequest>, ForgeError> {
-        let owner = self.0.target.project.split('/').next().unwrap_or_default();
-        let path = format!(
-            "/repos/{}/pulls?{}",
-            self.0.target.project,
-            query(&[("head", &format!("{owner}:{head}")), ("base", base), ("state", "open")])
-        );
-        let list = self.0.ok("GET", &path, None).await?;
-        Ok(list
-            .as_array()
-            .and_then(|prs| prs.iter().find_map(|pr| number_and_url(pr, "number", "html_url"))))
-    }
-
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
-        let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
-    }
-
-    async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
-        let project = &self.0.target.project;
-        let body = json!({"title": pr.title, "head": pr.head, "base": pr.base, "body": pr.body, "draft": pr.draft});
-        let opened = self
-            .0
-            .create(&format!("/repos/{project}/pulls"), &body, "number", "html_url")
-            .await?;
-        let mut warnings = Vec::new();
-        if !pr.labels.is_empty() {
-            let path = format!("/repos/{project}/issues/{}/labels", opened.number);
-            let labels = json!({"labels": pr.labels});
-            self.0
-                .add(&path, labels, "the labels were not added", &mut warnings)
-                .await;
-        }
-        if !pr.reviewers.is_empty() {
-            let path = format!("/repos/{project}/pulls/{}/requested_reviewers", opened.number);
-            let reviewers = json!({"reviewers": pr.reviewers});
-            self.0
-                .add(&path, reviewers, "the reviewers were not requested", &mut warnings)
-                .await;
-        }
-        Ok(Opened { pr: opened, warnings })
-    }
-}
-
-struct GitLab(Api);
-
-impl GitLab {
-    fn project_path(&self) -> String {
-        format!("/projects/{}", segment(&self.0.target.project))
-    }
-}
-
-#[async_trait::async_trait]
-impl Forge for GitLab {
-    async fn find_open(&self, head: &str, base: &str) -> Result<Option<PullRequest>, ForgeError> {
-        let path = format!(
-            "{}/merge_requests?{}",
-            self.project_path(),
-            query(&[("state", "opened"), ("source_branch", head), ("target_branch", base)])
-        );
-        let list = self.0.ok("GET", &path, None).await?;
-        Ok(list
-            .as_array()
-            .and_then(|mrs| mrs.iter().find_map(|mr| number_and_url(mr, "iid", "web_url"))))
-    }
-
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
-        let path = format!("{}/merge_requests/{number}", self.project_path());
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
-    }
-
-    async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
-        let mut warnings = Vec::new();
-        // Reviewers are user ids on GitLab: look each name up.
-        let mut reviewer_ids = Vec::new();
-        for name in &pr.reviewers {
-            let found = self
-                .0
-                .ok("GET", &format!("/users?{}", query(&[("username", name)])), None)
-                .await;
-            match found.ok().and_then(|users| users[0]["id"].as_i64()) {
-                Some(id) => reviewer_ids.push(id),
-                None => warnings.push(format!("the reviewer {name:?} was not found")),
-            }
-        }
-        let title = if pr.draft {
-            format!("Draft: {}", pr.title)
-        } else {
-            pr.title.clone()
-        };
-        let mut body = json!({
-            "source_branch": pr.head,
-            "target_branch": pr.base,
-            "title": title,
-            "description": pr.body,
-        });
-        if !pr.labels.is_empty() {
-            body["labels"] = json!(pr.labels.join(","));
-        }
-        if !reviewer_ids.is_empty() {
-            body["reviewer_ids"] = json!(reviewer_ids);
-        }
-        let path = format!("{}/merge_requests", self.project_path());
-        let opened = self.0.create(&path, &body, "iid", "web_url").await?;
-        Ok(Opened { pr: opened, warnings })
-    }
-}
-
-struct Gitea(Api);
-
-#[async_trait::async_trait]
-impl Forge for Gitea {
-    async fn find_open(&self, head: &str, base: &str) -> Result<Option<PullRequest>, ForgeError> {
-        // Gitea's list has no head filter: page through the open ones.
-        for page in 1..=20 {
-            let path = format!(
-                "/repos/{}/pulls?{}",
-                self.0.target.project,
-                query(&[("state", "open"), ("limit", "50"), ("page", &page.to_string())])
-            );
-            let list = self.0.ok("GET", &path, None).await?;
-            let Some(prs) = list.as_array().filter(|l| !l.is_empty()) else {
-                return Ok(None);
-            };
-            let found = prs
-                .iter()
-                .find(|pr| pr["head"]["ref"].as_str() == Some(head) && pr["base"]["ref"].as_str() == Some(base));
-            if let Some(pr) = found {
-                return Ok(number_and_url(pr, "number", "html_url"));
-            }
-        }
-        Ok(None)
-    }
-
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
-        let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
-    }
-
-    async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {
-        let project = &self.0.target.project;
-        let mut warnings = Vec::new();
-        // Labels are ids on Gitea: look the names up among the repository's labels.
-        let mut label_ids = Vec::new();
-        if !pr.labels.is_empty() {
-            let known = self
-                .0
-                .ok("GET", &format!("/repos/{project}/labels?limit=50"), None)
-                .await
-                .unwrap_or(Value::Null);
-            for name in &pr.labels {
-                let id = known
-                    .as_array()
-                    .and_then(|ls| ls.iter().find(|l| l["name"].as_str() == Some(name)))
-                    .and_then(|l| l["id"].as_i64());
-                match id {
-                    Some(id) => label_ids.push(id),
-                    None => warnings.push(format!("the label {name:?} does not exist on the repository")),
-                }
-            }
-        }
-        let title = if pr.draft {
-            format!("WIP: {}", pr.title)
-        } else {
-            pr.title.clone()
-        };
-        let mut body = json!({"head": pr.head, "base": pr.base, "title": title, "body": pr.body});
-        if !label_ids.is_empty() {
-            body["labels"] = json!(label_ids);
-        }
-        let opened = self
-            .0
-            .create(&format!("/repos/{project}/pulls"), &body, "number", "html_url")
-            .await?;
-        if !pr.reviewers.is_empty() {
-            let path = format!("/repos/{project}/pulls/{}/requested_reviewers", opened.number);
-            let reviewers = json!({"reviewers": pr.reviewers});
-            self.0
-                .add(&path, reviewers, "the reviewers were not requested", &mut warnings)
-                .await;
-        }
-        Ok(Opened { pr: opened, warnings })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ForgeConfig;
+    use serde_json::json;
 
     fn cfg() -> ForgeConfig {
         ForgeConfig::default()
