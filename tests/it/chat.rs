@@ -6,19 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use threadline::bots::chat::{
-    ChannelBinding, ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef,
+    ChannelBinding, ChatCore, ChatError, ChatSurface, Click, Message, Outcome, StatusUpdater, ThreadRef,
 };
 use threadline::bots::render::{Action, StatusCard};
 use threadline::model::RunState;
 
 use crate::harness::{TestEnv, finished, wait_for};
 
-fn user(id: &str) -> Sender {
-    Sender {
-        id: id.into(),
-        ..Default::default()
-    }
-}
+use crate::harness::sender as user;
 
 fn mention(channel: &str, id: &str, who: &str, text: &str) -> Message {
     Message {

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -95,21 +94,18 @@ impl FakeDiscord {
     }
 
     pub async fn wait_until(&self, what: &str, check: impl Fn(&FakeDiscord) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !check(self) {
-            if tokio::time::Instant::now() >= deadline {
-                let calls: Vec<String> = self
-                    .recorded
-                    .lock()
-                    .unwrap()
-                    .calls
-                    .iter()
-                    .map(|(m, p, b)| format!("{m} {p} {b}"))
-                    .collect();
-                panic!("fake Discord never saw: {what}; it got: {calls:#?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let seen = || {
+            let calls: Vec<String> = self
+                .recorded
+                .lock()
+                .unwrap()
+                .calls
+                .iter()
+                .map(|(m, p, b)| format!("{m} {p} {b}"))
+                .collect();
+            format!("{calls:#?}")
+        };
+        crate::harness::poll_until(what, || check(self), seen).await;
     }
 
     fn record(&self, method: &str, path: String, body: &Value) -> u64 {

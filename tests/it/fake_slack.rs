@@ -4,7 +4,6 @@
 //! parameters of each request) and records every call for tests to assert on.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
@@ -128,21 +127,18 @@ impl FakeSlack {
 
     /// Waits until `check` holds on the recorded calls.
     pub async fn wait_until(&self, what: &str, check: impl Fn(&FakeSlack) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !check(self) {
-            if tokio::time::Instant::now() >= deadline {
-                let calls: Vec<String> = self
-                    .recorded
-                    .lock()
-                    .unwrap()
-                    .calls
-                    .iter()
-                    .map(|(m, b)| format!("{m} {b}"))
-                    .collect();
-                panic!("fake Slack never saw: {what}; it got: {calls:#?}");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let seen = || {
+            let calls: Vec<String> = self
+                .recorded
+                .lock()
+                .unwrap()
+                .calls
+                .iter()
+                .map(|(m, b)| format!("{m} {b}"))
+                .collect();
+            format!("{calls:#?}")
+        };
+        crate::harness::poll_until(what, || check(self), seen).await;
     }
 }
 

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use threadline::bots::chat::{ChannelBinding, ChatCore, Click, Message, Outcome, Sender};
+use threadline::bots::chat::{ChannelBinding, ChatCore, Click, Message, Outcome};
 use threadline::bots::render::Action;
 use threadline::bots::web::{WebState, router};
 use threadline::config::{Config, ForgeConfig, RepoConfig, Secret};
@@ -22,12 +22,7 @@ use tower::ServiceExt;
 use crate::fake_forge::{FakeForge, READ_ONLY_TOKEN, TOKEN};
 use crate::harness::{TestEnv, cli, finished, write_cli_config};
 
-fn user(id: &str) -> Sender {
-    Sender {
-        id: id.into(),
-        ..Default::default()
-    }
-}
+use crate::harness::sender as user;
 
 fn click(id: &str, run: &Run, who: &str) -> Click {
     Click {

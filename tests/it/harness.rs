@@ -241,3 +241,23 @@ pub fn cli(config: &Path, args: &[&str]) -> Command {
     c.arg("--config").arg(config).args(args);
     c
 }
+
+/// A chat sender with this id and no roles.
+pub fn sender(id: &str) -> threadline::bots::chat::Sender {
+    threadline::bots::chat::Sender {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Polls `check` every 100 ms for up to 30 s; panics naming `what` and, for the
+/// diagnosis, whatever `seen` describes.
+pub async fn poll_until(what: &str, check: impl Fn() -> bool, seen: impl Fn() -> String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check() {
+        if tokio::time::Instant::now() >= deadline {
+            panic!("never saw: {what}; saw: {}", seen());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
