@@ -68,7 +68,7 @@ fn only_the_container_runtime_names_bollard() {
 #[test]
 fn only_the_workspace_opens_repositories() {
     assert_eq!(
-        offenders("Repository::", &["orchestrator/workspace.rs"]),
+        offenders("Repository::", &["orchestrator/workspace"]),
         Vec::<String>::new()
     );
 }
