@@ -169,8 +169,9 @@ async fn cancel_works_while_queued_and_while_running() {
         r.state == RunState::Running
     })
     .await;
-    // Let the agent write its file before cancelling.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent has written its file before it is cancelled.
+    let x = orch.workspace_path(&running.pipeline.id).join("x.txt");
+    crate::harness::poll_until("the agent's x.txt", || x.exists(), || format!("{}", x.display())).await;
 
     let c = orch.cancel(&queued.pipeline.id).await.unwrap();
     assert_eq!(c.dequeued, std::slice::from_ref(&queued.run.id));
