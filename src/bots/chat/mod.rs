@@ -101,6 +101,36 @@ pub enum Outcome {
     Private { text: String },
 }
 
+/// How a platform says what the core decided. [`Outcome::say_with`] is the one place
+/// that maps an outcome to these calls: a redelivered prompt (its run found again) is not
+/// acknowledged twice, and an ignored or finished one says nothing.
+#[async_trait::async_trait]
+pub trait Say: Send + Sync {
+    /// A new run was queued from a message in `thread`: acknowledge it there.
+    async fn queued(&self, thread: &ThreadRef, submitted: &Submitted, text: &str);
+    /// Say this in the thread.
+    async fn reply(&self, thread: &ThreadRef, text: &str);
+    /// Say this to the sender only.
+    async fn private(&self, text: &str);
+    /// Nothing to say (a platform may still have to answer, as Discord's interactions do).
+    async fn nothing(&self) {}
+}
+
+impl Outcome {
+    pub async fn say_with(self, say: &impl Say) {
+        match self {
+            Outcome::Queued {
+                thread,
+                submitted,
+                text,
+            } if submitted.created => say.queued(&thread, &submitted, &text).await,
+            Outcome::Reply { thread, text } => say.reply(&thread, &text).await,
+            Outcome::Private { text } => say.private(&text).await,
+            Outcome::Queued { .. } | Outcome::Ignored | Outcome::Done => say.nothing().await,
+        }
+    }
+}
+
 /// The decisions shared by every chat platform.
 #[derive(Clone)]
 pub struct ChatCore {

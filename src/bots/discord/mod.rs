@@ -13,11 +13,11 @@ use serenity::all::{ComponentInteraction, Context, EventHandler, GatewayIntents,
 use serenity::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef};
+use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Say, Sender, StatusUpdater, ThreadRef};
 use super::render::{Action, StatusCard};
 use crate::config::DiscordConfig;
 use crate::model::RunState;
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, Submitted};
 pub use rest::Rest;
 
 const SURFACE: &str = "discord";
@@ -242,34 +242,13 @@ impl EventHandler for Handler {
             text: msg.content.clone(),
             mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot),
         };
-        let top_level = thread.is_none();
-        match self.core.on_message(message).await {
-            Outcome::Ignored | Outcome::Done => {}
-            Outcome::Queued {
-                thread,
-                submitted,
-                text,
-            } => {
-                if !submitted.created {
-                    return; // a redelivery: acknowledged the first time
-                }
-                if top_level {
-                    let name: String = submitted.pipeline.title.chars().take(90).collect();
-                    let body = json!({"name": if name.is_empty() { "threadline".to_owned() } else { name }, "auto_archive_duration": 1440});
-                    let path = format!("/channels/{}/messages/{}/threads", thread.channel, thread.thread);
-                    if let Err(e) = self.rest.call("POST", &path, Some(body)).await {
-                        tracing::warn!(error = %e, "cannot open a Discord thread");
-                    }
-                }
-                // A thread started from a message has that message's id.
-                self.say(&thread.thread, &text, None).await;
-            }
-            Outcome::Reply { thread, text } if top_level => {
-                self.say(&thread.channel, &text, Some(&thread.thread)).await
-            }
-            Outcome::Reply { thread, text } => self.say(&thread.thread, &text, None).await,
-            Outcome::Private { text } => self.say(&channel, &text, Some(&msg.id.get().to_string())).await,
-        }
+        let say = MessageSay {
+            handler: self,
+            channel: &channel,
+            message_id: msg.id.get().to_string(),
+            top_level: thread.is_none(),
+        };
+        self.core.on_message(message).await.say_with(&say).await;
     }
 
     async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
@@ -317,37 +296,99 @@ impl Handler {
                 respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await;
                 let Ok(late) = decision.await else { return };
                 let here = c.channel_id.get().to_string();
-                match late {
-                    Outcome::Queued {
-                        thread,
-                        submitted,
-                        text,
-                    } if submitted.created => self.say(&thread.thread, &text, None).await,
-                    Outcome::Reply { thread, text } => self.say(&thread.thread, &text, None).await,
-                    Outcome::Private { text } => self.say(&here, &text, None).await,
-                    _ => {}
-                }
+                late.say_with(&LateSay { handler: self, here }).await;
                 return;
             }
         };
-        match outcome {
-            Outcome::Private { text } => respond(json!({"type": 4, "data": {"content": text, "flags": 64}})).await,
-            Outcome::Queued {
-                thread,
-                submitted,
-                text,
-            } => {
-                respond(json!({"type": 6})).await;
-                if submitted.created {
-                    self.say(&thread.thread, &text, None).await;
-                }
+        let say = ClickSay {
+            handler: self,
+            respond: &respond,
+        };
+        outcome.say_with(&say).await;
+    }
+}
+
+/// Where a message's outcome is said: a run queued from a message outside a thread gets
+/// a thread opened on that message (same id), the acknowledgment goes in the thread, and
+/// a refusal replies to the message.
+struct MessageSay<'a> {
+    handler: &'a Handler,
+    channel: &'a str,
+    message_id: String,
+    top_level: bool,
+}
+
+#[async_trait]
+impl Say for MessageSay<'_> {
+    async fn queued(&self, thread: &ThreadRef, submitted: &Submitted, text: &str) {
+        if self.top_level {
+            let name: String = submitted.pipeline.title.chars().take(90).collect();
+            let body = json!({"name": if name.is_empty() { "threadline".to_owned() } else { name }, "auto_archive_duration": 1440});
+            let path = format!("/channels/{}/messages/{}/threads", thread.channel, thread.thread);
+            if let Err(e) = self.handler.rest.call("POST", &path, Some(body)).await {
+                tracing::warn!(error = %e, "cannot open a Discord thread");
             }
-            Outcome::Reply { thread, text } => {
-                respond(json!({"type": 6})).await;
-                self.say(&thread.thread, &text, None).await;
-            }
-            Outcome::Ignored | Outcome::Done => respond(json!({"type": 6})).await,
         }
+        // A thread started from a message has that message's id.
+        self.handler.say(&thread.thread, text, None).await;
+    }
+    async fn reply(&self, thread: &ThreadRef, text: &str) {
+        if self.top_level {
+            self.handler.say(&thread.channel, text, Some(&thread.thread)).await
+        } else {
+            self.handler.say(&thread.thread, text, None).await
+        }
+    }
+    async fn private(&self, text: &str) {
+        self.handler.say(self.channel, text, Some(&self.message_id)).await
+    }
+}
+
+/// A click answered in time: the interaction gets its response (an ephemeral message for
+/// what is private, an acknowledgment otherwise) and the thread what is public.
+struct ClickSay<'a, R> {
+    handler: &'a Handler,
+    respond: &'a R,
+}
+
+#[async_trait]
+impl<R, F> Say for ClickSay<'_, R>
+where
+    R: Fn(Value) -> F + Send + Sync,
+    F: std::future::Future<Output = ()> + Send,
+{
+    async fn queued(&self, thread: &ThreadRef, _submitted: &Submitted, text: &str) {
+        (self.respond)(json!({"type": 6})).await;
+        self.handler.say(&thread.thread, text, None).await;
+    }
+    async fn reply(&self, thread: &ThreadRef, text: &str) {
+        (self.respond)(json!({"type": 6})).await;
+        self.handler.say(&thread.thread, text, None).await;
+    }
+    async fn private(&self, text: &str) {
+        (self.respond)(json!({"type": 4, "data": {"content": text, "flags": 64}})).await;
+    }
+    async fn nothing(&self) {
+        (self.respond)(json!({"type": 6})).await;
+    }
+}
+
+/// A click decided after Discord stopped waiting: everything goes to the channel.
+struct LateSay<'a> {
+    handler: &'a Handler,
+    here: String,
+}
+
+#[async_trait]
+impl Say for LateSay<'_> {
+    async fn queued(&self, thread: &ThreadRef, _submitted: &Submitted, text: &str) {
+        self.handler.say(&thread.thread, text, None).await;
+    }
+    async fn reply(&self, thread: &ThreadRef, text: &str) {
+        self.handler.say(&thread.thread, text, None).await;
+    }
+    async fn private(&self, text: &str) {
+        self.handler.say(&self.here, text, None).await;
     }
 }
 

@@ -8,10 +8,10 @@ use slack_morphism::prelude::*;
 use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 use tokio_util::sync::CancellationToken;
 
-use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Sender, StatusUpdater, ThreadRef};
+use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Say, Sender, StatusUpdater, ThreadRef};
 use super::render::{Action, StatusCard};
 use crate::config::SlackConfig;
-use crate::orchestrator::Orchestrator;
+use crate::orchestrator::{Orchestrator, Submitted};
 
 type Connector =
     SlackClientHyperConnector<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>>;
@@ -526,23 +526,42 @@ async fn act(
     thread: Option<&str>,
     message_ts: Option<&str>,
 ) {
-    match outcome {
-        Outcome::Ignored | Outcome::Done => {}
-        Outcome::Queued {
-            thread,
-            submitted,
-            text,
-        } => {
-            // A redelivered event finds its run again: it was acknowledged the first time.
-            if submitted.created {
-                if let Some(ts) = message_ts {
-                    state.surface.react(&thread.channel, ts).await;
-                }
-                state.surface.say(&thread, &text).await;
-            }
+    let say = SlackSay {
+        state,
+        channel,
+        user,
+        thread,
+        message_ts,
+    };
+    outcome.say_with(&say).await;
+}
+
+/// Where in Slack an outcome is said: the thread, with an eyes reaction on the message
+/// that queued a run, and ephemeral messages to the sender in the thread they used.
+struct SlackSay<'a> {
+    state: &'a State,
+    channel: &'a str,
+    user: &'a str,
+    thread: Option<&'a str>,
+    message_ts: Option<&'a str>,
+}
+
+#[async_trait::async_trait]
+impl Say for SlackSay<'_> {
+    async fn queued(&self, thread: &ThreadRef, _submitted: &Submitted, text: &str) {
+        if let Some(ts) = self.message_ts {
+            self.state.surface.react(&thread.channel, ts).await;
         }
-        Outcome::Reply { thread, text } => state.surface.say(&thread, &text).await,
-        Outcome::Private { text } => state.surface.whisper(channel, user, thread, &text).await,
+        self.state.surface.say(thread, text).await;
+    }
+    async fn reply(&self, thread: &ThreadRef, text: &str) {
+        self.state.surface.say(thread, text).await;
+    }
+    async fn private(&self, text: &str) {
+        self.state
+            .surface
+            .whisper(self.channel, self.user, self.thread, text)
+            .await;
     }
 }
 
