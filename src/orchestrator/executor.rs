@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::container::{AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_PIPELINE, LABEL_RUN, container_name};
 use super::scrub::{self, Walk};
-use super::workspace::{self, CommitInfo, SUMMARY_FILE};
+use super::workspace::{self, CommitInfo, PushState, SUMMARY_FILE};
 use super::{Inner, RunUpdate, log_path, run_dir};
 use crate::config::{AgentProfile, parse_user};
 use crate::crash::{self, Step};
@@ -481,12 +481,13 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                 owner,
             )?;
             crash::point(Step::Committed);
-            let push = if git.needs_push(&p)? { Some(git.push(&p)) } else { None };
+            let state = git.push_state(&p)?;
+            let push = (state == PushState::Needed).then(|| git.push(&p));
             if let Some(Ok(())) = push {
                 crash::point(Step::Pushed);
             }
-            // Pushed by a save that a crash interrupted before its outcome was stored.
-            let pushed_before = push.is_none() && git.is_pushed(&p)?;
+            // Pushed already: by a save that a crash interrupted before its outcome was stored.
+            let pushed_before = state == PushState::Pushed;
             Ok::<_, workspace::GitError>((saved, push, pushed_before))
         });
         // Whatever the agent left, saving ends: within its time limit, or when the run

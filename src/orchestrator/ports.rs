@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use super::container::{AgentSpec, ContainerError, ContainerRuntime, ContainerStatus};
-use super::workspace::{CommitInfo, Git, GitError, Prepared, PullRequestCheck, Saved};
+use super::workspace::{CommitInfo, Git, GitError, Prepared, PullRequestCheck, PushState, Saved};
 use crate::model::Pipeline;
 
 /// Where agents run.
@@ -48,8 +48,7 @@ pub trait Workspaces: Send + Sync + 'static {
         info: &CommitInfo<'_>,
         owner: Option<(u32, u32)>,
     ) -> Result<Saved, GitError>;
-    fn needs_push(&self, pipeline: &Pipeline) -> Result<bool, GitError>;
-    fn is_pushed(&self, pipeline: &Pipeline) -> Result<bool, GitError>;
+    fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError>;
     fn push(&self, pipeline: &Pipeline) -> Result<(), GitError>;
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError>;
 }
@@ -107,11 +106,8 @@ impl Workspaces for Git {
     ) -> Result<Saved, GitError> {
         Git::save(self, pipeline, start_commit, info, owner)
     }
-    fn needs_push(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
-        Git::needs_push(self, pipeline)
-    }
-    fn is_pushed(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
-        Git::is_pushed(self, pipeline)
+    fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError> {
+        Git::push_state(self, pipeline)
     }
     fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
         Git::push(self, pipeline)

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use super::container::{AgentSpec, ContainerError, ContainerStatus, container_name};
-use super::workspace::{CommitInfo, GitError, Prepared, PullRequestCheck, Saved};
+use super::workspace::{CommitInfo, GitError, Prepared, PullRequestCheck, PushState, Saved};
 use super::{Containers, NewPipeline, Orchestrator, Scope, Workspaces};
 use crate::config::{AgentProfile, Config};
 use crate::model::{Diffstat, EndReason, Origin, Pipeline, Run, RunState};
@@ -155,11 +155,8 @@ impl Workspaces for FakeWorkspaces {
             notes: Vec::new(),
         })
     }
-    fn needs_push(&self, _: &Pipeline) -> Result<bool, GitError> {
-        Ok(true)
-    }
-    fn is_pushed(&self, _: &Pipeline) -> Result<bool, GitError> {
-        Ok(false)
+    fn push_state(&self, _: &Pipeline) -> Result<PushState, GitError> {
+        Ok(PushState::Needed)
     }
     fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
         self.record("push");

@@ -226,6 +226,17 @@ pub struct Saved {
     pub notes: Vec<String>,
 }
 
+/// Where a pipeline's branch stands against its remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushState {
+    /// The branch has commits the remote does not.
+    Needed,
+    /// The remote has the branch head (pushed, perhaps by a save a crash cut short).
+    Pushed,
+    /// The branch is its base, and not on the remote: nothing worth pushing.
+    NothingToPush,
+}
+
 /// The run and outcome for a commit message.
 pub struct CommitInfo<'a> {
     pub run_id: &'a str,
@@ -688,28 +699,20 @@ impl Git {
         result.map(|()| Some(tip)).map_err(passed_over)
     }
 
-    /// Whether the branch head differs from what the remote had at the last fetch and
-    /// from the base (a branch identical to its base is not worth pushing).
-    pub fn needs_push(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
+    /// Where the branch stands against the remote, as of the last fetch or push.
+    pub fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError> {
         let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
+        let tracking = |branch: &str| repo.refname_to_id(&format!("refs/remotes/origin/{branch}")).ok();
         let head = repo.refname_to_id(&format!("refs/heads/{}", pipeline.branch))?;
-        let remote = repo
-            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.branch))
-            .ok();
-        let base = repo
-            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.base_branch))
-            .ok();
-        Ok(Some(head) != remote && (remote.is_some() || Some(head) != base))
-    }
-
-    /// Whether the remote has the branch head, as of the last fetch or push.
-    pub fn is_pushed(&self, pipeline: &Pipeline) -> Result<bool, GitError> {
-        let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
-        let head = repo.refname_to_id(&format!("refs/heads/{}", pipeline.branch))?;
-        let remote = repo
-            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.branch))
-            .ok();
-        Ok(remote == Some(head))
+        let (remote, base) = (tracking(&pipeline.branch), tracking(&pipeline.base_branch));
+        Ok(if remote == Some(head) {
+            PushState::Pushed
+        } else if remote.is_none() && base == Some(head) {
+            // A branch identical to its base is not worth pushing.
+            PushState::NothingToPush
+        } else {
+            PushState::Needed
+        })
     }
 
     /// Pushes the pipeline's branch, and nothing else, without force, from the daemon's
@@ -766,7 +769,7 @@ impl Git {
         if let Some(reason) = rejection.lock().unwrap().take() {
             return Err(GitError::PushRejected { remote: target, reason });
         }
-        // Remember what the remote now has, for `needs_push`.
+        // Remember what the remote now has, for `push_state`.
         let head = repo.refname_to_id(&format!("refs/heads/{branch}"))?;
         repo.reference(
             &format!("refs/remotes/origin/{branch}"),
