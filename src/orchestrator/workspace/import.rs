@@ -146,25 +146,25 @@ impl<'a> Import<'a> {
         if !descends {
             return Err(format!("{} does not build on the run's start", short(&tip)));
         }
-        // Parents first, each commit after its tree.
+        // Parents first (a walk from the tip that writes a commit on its way back), each
+        // commit after its tree.
         let mut written = std::collections::HashSet::new();
-        while written.len() < commits.len() {
-            let ready: Vec<Oid> = commits
-                .iter()
-                .filter(|(oid, (_, parents, _))| {
-                    !written.contains(*oid) && parents.iter().all(|p| !commits.contains_key(p) || written.contains(p))
-                })
-                .map(|(oid, _)| *oid)
-                .collect();
-            if ready.is_empty() {
-                return Err("its commits form a cycle".into());
+        let mut stack = vec![(tip, false)];
+        while let Some((oid, expanded)) = stack.pop() {
+            let Some((tree, parents, data)) = commits.get(&oid) else {
+                continue; // not new: the daemon has it
+            };
+            if written.contains(&oid) {
+                continue;
             }
-            for oid in ready {
-                let (tree, _, data) = &commits[&oid];
-                self.tree(*tree)?;
-                self.write(oid, ObjectType::Commit, data)?;
-                written.insert(oid);
+            if !expanded {
+                stack.push((oid, true));
+                stack.extend(parents.iter().map(|p| (*p, false)));
+                continue;
             }
+            self.tree(*tree)?;
+            self.write(oid, ObjectType::Commit, data)?;
+            written.insert(oid);
         }
         Ok(())
     }
