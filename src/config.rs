@@ -671,11 +671,16 @@ pub fn parse_user(s: &str) -> Option<(u32, u32)> {
     Some((u.parse().ok()?, g.parse().ok()?))
 }
 
+/// Whether a repository is named by URL (`https://…`, `ssh://…`, `git@host:path`) rather
+/// than by a path on this machine. The one rule for configuration and for prompts alike.
+pub fn looks_like_url(repo: &str) -> bool {
+    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !Path::new(repo).exists())
+}
+
 /// Why a repository named by path is not one (None for a repository, or a URL): what git
 /// itself looks for, a `.git` in a checkout, or HEAD, objects and refs in a bare one.
 fn not_a_repository(url: &str) -> Option<String> {
-    let looks_remote = url.contains("://") || (url.contains('@') && url.contains(':') && !Path::new(url).exists());
-    if looks_remote {
+    if looks_like_url(url) {
         return None;
     }
     let path = Path::new(url);

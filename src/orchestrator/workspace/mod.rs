@@ -119,9 +119,7 @@ pub struct RepoSource {
 /// bare repository path is the remote; a checkout with an `origin` pushes there; a
 /// checkout without one keeps the branch in Threadline's own mirror only.
 pub fn resolve_repo(input: &str) -> Result<RepoSource, GitError> {
-    let looks_remote =
-        input.contains("://") || (input.contains('@') && input.contains(':') && !Path::new(input).exists());
-    if looks_remote {
+    if crate::config::looks_like_url(input) {
         return Ok(RepoSource {
             repo: input.to_owned(),
             remote_url: input.to_owned(),
