@@ -8,15 +8,6 @@ use super::{FAILED, open};
 use crate::config::Config;
 use crate::orchestrator::container::AgentSpec;
 
-/// Makes `owner` the owner of every entry of a work tree, never following a link.
-fn hand_over(ws: &std::path::Path, owner: (u32, u32)) -> std::io::Result<()> {
-    let how = crate::orchestrator::scrub::Walk {
-        owner: Some(owner),
-        scrub: false,
-    };
-    crate::orchestrator::scrub::walk(ws, how).map(drop)
-}
-
 pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -> anyhow::Result<ExitCode> {
     let orch = open(config).await?;
     let Some(p) = orch.queries().find_pipeline(pipeline).await? else {
@@ -52,7 +43,7 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
     };
     let user = if me.0 == 0 { (1000, 1000) } else { me };
     if user != me {
-        hand_over(&ws, user)?;
+        crate::orchestrator::scrub::hand_over(&ws, user)?;
     }
     let spec = AgentSpec {
         name: format!("threadline-shell-{}", p.id),
@@ -80,7 +71,7 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
         .args(spec.docker_run_args(std::io::stdin().is_terminal()))
         .status();
     if user != me {
-        hand_over(&ws, me)?;
+        crate::orchestrator::scrub::hand_over(&ws, me)?;
     }
     let _ = std::fs::remove_dir_all(&context);
     match status {

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::container::{AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_PIPELINE, LABEL_RUN, container_name};
-use super::scrub::{self, Walk};
+use super::scrub;
 use super::workspace::{self, CommitInfo, PushState, SUMMARY_FILE};
 use super::{Inner, RunUpdate, log_path, run_dir};
 use crate::config::{AgentProfile, parse_user};
@@ -585,21 +585,11 @@ async fn give_back_workspace(inner: &Inner, pipeline: &Pipeline) {
     }
 }
 
-/// Makes `uid:gid` the owner of every entry of the work tree (links themselves, never
-/// their targets).
+/// [`scrub::hand_over`] on a blocking thread.
 async fn hand_over(path: PathBuf, uid: u32, gid: u32) -> std::io::Result<()> {
-    tokio::task::spawn_blocking(move || {
-        scrub::walk(
-            &path,
-            Walk {
-                owner: Some((uid, gid)),
-                scrub: false,
-            },
-        )
-        .map(drop)
-    })
-    .await
-    .expect("chown does not panic")
+    tokio::task::spawn_blocking(move || scrub::hand_over(&path, (uid, gid)))
+        .await
+        .expect("chown does not panic")
 }
 
 /// The uid:gid an agent runs as: the profile's, else the daemon's own, else (when the

@@ -110,6 +110,19 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
     Ok(removed)
 }
 
+/// Makes `owner` the owner of every entry of a work tree, links themselves and never
+/// their targets (handing it to an agent's user, or taking it back).
+pub fn hand_over(root: &Path, owner: (u32, u32)) -> std::io::Result<()> {
+    walk(
+        root,
+        Walk {
+            owner: Some(owner),
+            scrub: false,
+        },
+    )
+    .map(drop)
+}
+
 /// Removes a directory tree, first giving back the rights to every directory in it that
 /// an agent of the daemon's own uid may have taken away (`chmod 000`).
 pub fn remove_tree(path: &Path) -> std::io::Result<()> {
