@@ -876,22 +876,10 @@ async fn commits_made_during_the_run_are_kept_under_the_runs_own() {
 
 #[test]
 fn only_a_pipeline_branch_is_ever_pushed() {
-    use threadline::model::Pipeline;
     use threadline::orchestrator::{Git, GitError};
     let env = TestEnv::new();
     let git = Git::new(&env.config);
-    let mut pipeline = Pipeline {
-        id: "p".into(),
-        repo: env.origin_url(),
-        remote_url: env.origin_url(),
-        local_only: false,
-        base_branch: "main".into(),
-        branch: "main".into(),
-        agent: "sh".into(),
-        title: "t".into(),
-        origin: Origin::cli(),
-        created_at: 0,
-    };
+    let mut pipeline = crate::harness::pipeline_on("p", &env.origin_url());
     for branch in ["main", "feature/x", "threadline/"] {
         pipeline.branch = branch.into();
         assert!(

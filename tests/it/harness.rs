@@ -261,3 +261,19 @@ pub async fn poll_until(what: &str, check: impl Fn() -> bool, seen: impl Fn() ->
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A pipeline as the store keeps it: `id` on `repo`, branch `threadline/p-<id>` from main.
+pub fn pipeline_on(id: &str, repo: &str) -> threadline::model::Pipeline {
+    threadline::model::Pipeline {
+        id: id.into(),
+        repo: repo.into(),
+        remote_url: repo.into(),
+        local_only: false,
+        base_branch: "main".into(),
+        branch: format!("threadline/p-{id}"),
+        agent: "sh".into(),
+        title: "t".into(),
+        origin: Origin::cli(),
+        created_at: threadline::model::now_millis(),
+    }
+}

@@ -1,21 +1,10 @@
 //! The store under concurrent writers, as two processes sharing one SQLite file are.
 
-use threadline::model::{Origin, Pipeline, RunState, now_millis};
+use threadline::model::{Pipeline, RunState};
 use threadline::store::{NewRun, Store};
 
 fn pipeline(id: &str) -> Pipeline {
-    Pipeline {
-        id: id.into(),
-        repo: "/r".into(),
-        remote_url: "/r".into(),
-        local_only: false,
-        base_branch: "main".into(),
-        branch: format!("threadline/p-{id}"),
-        agent: "sh".into(),
-        title: "t".into(),
-        origin: Origin::cli(),
-        created_at: now_millis(),
-    }
+    crate::harness::pipeline_on(id, "/r")
 }
 
 fn new_run(key: Option<String>) -> NewRun {

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use threadline::bots::web::{WebState, listen_addr, router};
 use threadline::config::Secret;
-use threadline::model::{Origin, Pipeline, RunState, now_millis};
+use threadline::model::RunState;
 use threadline::orchestrator::Orchestrator;
 use threadline::store::NewRun;
 use tower::ServiceExt;
@@ -552,21 +552,6 @@ async fn state_changes_from_other_sites_are_refused() {
     web.orch.shutdown().await;
 }
 
-fn stored_pipeline(id: &str, repo: &str) -> Pipeline {
-    Pipeline {
-        id: id.into(),
-        repo: repo.into(),
-        remote_url: repo.into(),
-        local_only: false,
-        base_branch: "main".into(),
-        branch: format!("threadline/p-{id}"),
-        agent: "sh".into(),
-        title: "t".into(),
-        origin: Origin::cli(),
-        created_at: now_millis(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_ids_list_their_candidates_and_match_literally() {
     let mut env = TestEnv::new();
@@ -580,7 +565,7 @@ async fn ambiguous_ids_list_their_candidates_and_match_literally() {
             idempotency_key: None,
         };
         store
-            .insert_pipeline(&stored_pipeline(id, &env.origin_url()), &run)
+            .insert_pipeline(&crate::harness::pipeline_on(id, &env.origin_url()), &run)
             .await
             .unwrap();
     }
