@@ -184,8 +184,6 @@ mod tests {
         assert!(owner_is_dead(None, now));
         let stale = Instance {
             id: "a".into(),
-            hostname: "elsewhere".into(),
-            pid: 1,
             heartbeat_at: now - LEASE_MILLIS - 1,
         };
         assert!(owner_is_dead(Some(&stale), now));

@@ -119,12 +119,11 @@ pub struct RunPatch {
     pub summary: Option<String>,
 }
 
-/// A live Threadline process, as recorded in the store.
+/// A Threadline process's lease, as recorded in the store (its host and pid are kept in
+/// the row for people; liveness is the lease alone).
 #[derive(Debug, Clone)]
 pub struct Instance {
     pub id: String,
-    pub hostname: String,
-    pub pid: i64,
     pub heartbeat_at: Millis,
 }
 
@@ -741,15 +740,13 @@ impl Store {
     }
 
     pub async fn instance(&self, id: &str) -> Result<Option<Instance>> {
-        let row = sqlx::query("SELECT id, hostname, pid, heartbeat_at FROM instances WHERE id = $1")
+        let row = sqlx::query("SELECT id, heartbeat_at FROM instances WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| {
             Ok(Instance {
                 id: r.try_get("id")?,
-                hostname: r.try_get("hostname")?,
-                pid: r.try_get("pid")?,
                 heartbeat_at: r.try_get("heartbeat_at")?,
             })
         })
