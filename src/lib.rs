@@ -14,6 +14,7 @@ pub mod crash;
 pub mod daemon;
 pub mod http;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod redact;

@@ -20,12 +20,27 @@ pub enum Action {
 }
 
 impl Action {
+    pub const ALL: [Action; 3] = [Action::Cancel, Action::Retry, Action::OpenPr];
+
     pub fn label(self) -> &'static str {
         match self {
             Action::Cancel => "Cancel",
             Action::Retry => "Retry",
             Action::OpenPr => "Open PR",
         }
+    }
+
+    /// The action's name inside a platform's button id.
+    pub fn key(self) -> &'static str {
+        match self {
+            Action::Cancel => "cancel",
+            Action::Retry => "retry",
+            Action::OpenPr => "open_pr",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Action> {
+        Action::ALL.into_iter().find(|a| a.key() == key)
     }
 }
 
@@ -164,6 +179,73 @@ pub fn status_card(
         pull_request: None,
         note: None,
     }
+}
+
+/// How a chat platform writes the parts of a card's text. Every text-based card (Slack's
+/// Block Kit, Discord's embed) is drawn once, by [`card_text`], in the platform's markup.
+pub trait Markup {
+    /// A link showing `text`.
+    fn link(&self, url: &str, text: &str) -> String;
+    /// Emphasis (italics).
+    fn emphasis(&self, text: &str) -> String;
+    /// The sign before an error.
+    fn warning(&self) -> &'static str;
+    /// Text from a run (the agent's summary and output, errors) made to show literally:
+    /// no mention, ping or disguised link of the agent's gets through.
+    fn escape(&self, text: &str) -> String;
+    /// Log lines in a code block, escaped for the inside of one.
+    fn log_block(&self, lines: &[String]) -> String;
+}
+
+/// A card's text for a chat platform: its facts, error, pull request, note and the
+/// agent's summary, one line each (the title and buttons are the platform's own).
+pub fn card_text(card: &StatusCard, m: &impl Markup) -> CardText {
+    let branch = match &card.branch_url {
+        Some(url) => m.link(url, &card.branch),
+        None => format!("`{}`", card.branch),
+    };
+    let mut facts = vec![
+        card.elapsed.clone(),
+        format!("agent {}", card.agent),
+        format!("branch {branch}"),
+    ];
+    if let Some(c) = &card.commit {
+        facts.push(format!("commit `{c}`"));
+    }
+    if let Some(d) = &card.diffstat {
+        facts.push(d.clone());
+    } else if card.terminal && !card.changed {
+        facts.push("no changes".into());
+    }
+    let mut lines = vec![facts.join(" · ")];
+    if let Some(e) = &card.error {
+        lines.push(format!("{} {}", m.warning(), m.escape(e)));
+    }
+    if let Some(pr) = &card.pull_request {
+        lines.push(format!("pull request {}", m.link(&pr.url, &pr.label)));
+    }
+    if let Some(n) = &card.note {
+        lines.push(m.emphasis(&m.escape(n)));
+    }
+    if let Some(s) = &card.summary {
+        // Every line quoted, so none of the agent's lines can pass for the card's own.
+        lines.extend(s.lines().map(|l| format!("> {}", m.escape(l))));
+    }
+    CardText {
+        title: format!("Run {}: {}", card.seq, card.headline),
+        lines,
+        log: (!card.log_lines.is_empty()).then(|| m.log_block(&card.log_lines)),
+    }
+}
+
+/// What [`card_text`] draws.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardText {
+    /// `Run 2: succeeded`.
+    pub title: String,
+    pub lines: Vec<String>,
+    /// The last log lines as a code block (at `Detail::Logs`).
+    pub log: Option<String>,
 }
 
 /// A forge link to a branch from a template with `{branch}` (e.g.

@@ -90,7 +90,7 @@ async fn transition(
     let moved = inner.store.transition(run_id, from, to, detail).await?;
     if moved {
         tracing::info!(run_id, from = %from, state = %to, detail, "run state");
-        inner.publish_stored(run_id).await?;
+        inner.publish_moved(run_id).await?;
     }
     Ok(moved)
 }
@@ -230,12 +230,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         log_file_bytes: inner.config.max_log_bytes.saturating_mul(4),
     };
     let started = inner.runtime.start_agent(&spec).await;
-    let counter = if started.is_ok() {
-        &inner.counters.container_starts
-    } else {
-        &inner.counters.container_failures
-    };
-    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    inner.metrics.container_started(started.is_ok());
     let id = started.map_err(failed)?;
     crash::point(Step::ContainerStarted);
     mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?;

@@ -36,36 +36,6 @@ pub use queries::Queries;
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
 
-/// Counters for `/metrics`, kept by this process.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub container_starts: std::sync::atomic::AtomicU64,
-    pub container_failures: std::sync::atomic::AtomicU64,
-    /// Failed calls to a chat platform's API, by platform (chat adapters count them).
-    chat_api_errors: Mutex<std::collections::BTreeMap<&'static str, u64>>,
-}
-
-impl Counters {
-    pub fn chat_api_error(&self, platform: &'static str) {
-        *self.chat_api_errors.lock().unwrap().entry(platform).or_default() += 1;
-    }
-
-    /// Every platform that has an adapter running, with its count.
-    pub fn chat_api_errors(&self) -> Vec<(&'static str, u64)> {
-        self.chat_api_errors
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect()
-    }
-
-    /// Makes a platform show in `/metrics` from its start, at zero.
-    pub fn register_platform(&self, platform: &'static str) {
-        self.chat_api_errors.lock().unwrap().entry(platform).or_default();
-    }
-}
-
 /// What happened to a run, for whoever is watching in this process.
 #[derive(Debug, Clone)]
 pub enum RunUpdate {
@@ -179,7 +149,7 @@ pub(crate) struct Inner {
     repo_keys: Vec<(String, String)>,
     /// The daemon's own uid and gid.
     me: (u32, u32),
-    counters: Counters,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Orchestrator {
@@ -233,7 +203,7 @@ impl Orchestrator {
                 http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
                 repo_keys,
-                counters: Counters::default(),
+                metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
         }
     }
@@ -257,8 +227,9 @@ impl Orchestrator {
         &self.inner.redactor
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.inner.counters
+    /// This process's metrics registry (`/metrics`).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<RunUpdate> {
@@ -390,7 +361,7 @@ impl Orchestrator {
         for run in runs.iter().rev().filter(|r| r.state.can_cancel()) {
             if store.request_cancel(&run.id).await? {
                 out.dequeued.push(run.id.clone());
-                self.publish_state(&run.id).await;
+                let _ = self.inner.publish_moved(&run.id).await;
             } else if let Some(now) = store.run(&run.id).await?
                 && now.state.is_active()
             {
@@ -480,10 +451,6 @@ impl Orchestrator {
 
     fn mirror_lock(&self, remote_url: &str) -> Arc<tokio::sync::Mutex<()>> {
         executor::mirror_lock(&self.inner, remote_url)
-    }
-
-    async fn publish_state(&self, run_id: &str) {
-        let _ = self.inner.publish_stored(run_id).await;
     }
 
     /// Stops a run's container now rather than at its owner's next check.
@@ -586,6 +553,17 @@ impl Inner {
     /// Tells every watcher (chat status messages, the web's live stream) a run as it is.
     fn publish(&self, run: Run) {
         let _ = self.events.send(RunUpdate::State(Box::new(run)));
+    }
+
+    /// Publishes a run that has just moved to another state; one that ended is counted.
+    async fn publish_moved(&self, run_id: &str) -> Result<(), StoreError> {
+        if let Some(run) = self.store.run(run_id).await? {
+            if run.state.is_terminal() {
+                self.metrics.run_ended(&run);
+            }
+            self.publish(run);
+        }
+        Ok(())
     }
 
     /// Reads a run afresh and publishes it.

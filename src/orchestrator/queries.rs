@@ -3,7 +3,7 @@
 //! narrow view of the store, so no front end names it (the CLI's read-only commands
 //! open one without starting an orchestrator).
 
-use crate::model::{Approval, Millis, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState};
+use crate::model::{Approval, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState};
 use crate::store::{PipelineSummary, Store, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -80,11 +80,6 @@ impl Queries {
     /// How many runs are in each state.
     pub async fn count_by_state(&self) -> Result<Vec<(RunState, i64)>> {
         self.store.count_by_state().await
-    }
-
-    /// Durations (acceptance to end) of the latest `limit` finished runs.
-    pub async fn finished_durations(&self, limit: i64) -> Result<Vec<Millis>> {
-        self.store.finished_durations(limit).await
     }
 
     /// The chat message showing a run: (channel, message id).

@@ -411,19 +411,6 @@ impl Store {
             .collect()
     }
 
-    /// Durations in milliseconds (acceptance to end) of the latest `limit` finished runs.
-    pub async fn finished_durations(&self, limit: i64) -> Result<Vec<Millis>> {
-        let rows = sqlx::query(&format!(
-            "SELECT finished_at - created_at AS d FROM runs WHERE state IN {terminal} \
-             AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT $1",
-            terminal = *TERMINAL_STATES
-        ))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|r| Ok(r.try_get("d")?)).collect()
-    }
-
     // ---- the lifecycle ------------------------------------------------------------
 
     /// Takes the oldest queued run that may start now: its pipeline has no active run and

@@ -130,6 +130,11 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         0,
         "the fake did answer one update with 429"
     );
+    let metrics = orch.metrics().render(&[]);
+    assert!(
+        metrics.contains("threadline_chat_api_errors_total{platform=\"slack\"} 0"),
+        "Slack counted from its start, a 429 waited out is no error:\n{metrics}"
+    );
     let updates = status_texts(&fake, &first);
     assert_eq!(
         updates.iter().filter(|c| c.get("ts").is_none()).count(),

@@ -257,7 +257,8 @@ async fn every_route_of_the_chat_and_the_api_works() {
         "threadline_queue_depth 0",
         "threadline_run_duration_seconds_count 4",
         "threadline_container_starts_total 3",
-        "# TYPE threadline_chat_api_errors_total counter",
+        "threadline_container_failures_total 0",
+        "# TYPE threadline_run_duration_seconds histogram",
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }

@@ -134,7 +134,7 @@ impl<S: ChatSurface> StatusUpdater<S> {
                         }
                     }
                 },
-                || counters_orch.counters().chat_api_error(surface.name()),
+                || counters_orch.metrics().chat_api_error(surface.name()),
                 || {
                     let core = refresh_core.clone();
                     let id = refresh_id.clone();

@@ -14,7 +14,7 @@ use serenity::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Say, Sender, StatusUpdater, ThreadRef};
-use super::render::{Action, StatusCard};
+use super::render::{Action, Markup, StatusCard, card_text};
 use crate::config::DiscordConfig;
 use crate::model::RunState;
 use crate::orchestrator::{Orchestrator, Submitted};
@@ -64,6 +64,36 @@ impl ChatSurface for DiscordSurface {
     }
 }
 
+/// Discord's markdown. Text from a run has the characters of masked links and mentions
+/// escaped, so no disguised link or ping from an agent gets through.
+struct DiscordMarkdown;
+
+impl Markup for DiscordMarkdown {
+    fn link(&self, url: &str, text: &str) -> String {
+        format!("[{text}]({url})")
+    }
+    fn emphasis(&self, text: &str) -> String {
+        format!("*{text}*")
+    }
+    fn warning(&self) -> &'static str {
+        "⚠️"
+    }
+    fn escape(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            if "[]<>@".contains(c) {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    }
+    fn log_block(&self, lines: &[String]) -> String {
+        let log: Vec<String> = lines.iter().map(|l| l.replace("```", "'''")).collect();
+        format!("```\n{}\n```", log.join("\n"))
+    }
+}
+
 /// The card as a Discord message: an embed and a row of buttons.
 pub fn card_message(card: &StatusCard) -> Value {
     let color = match card.state {
@@ -72,36 +102,8 @@ pub fn card_message(card: &StatusCard) -> Value {
         RunState::Cancelled => 0xb7791f,
         _ => 0x3057d5,
     };
-    let branch = match &card.branch_url {
-        Some(url) => format!("[{}]({url})", card.branch),
-        None => format!("`{}`", card.branch),
-    };
-    let mut lines = vec![format!("{} · agent {} · branch {branch}", card.elapsed, card.agent)];
-    if let Some(c) = &card.commit {
-        lines.push(format!("commit `{c}`"));
-    }
-    if let Some(d) = &card.diffstat {
-        lines.push(d.clone());
-    } else if card.terminal && !card.changed {
-        lines.push("no changes".into());
-    }
-    if let Some(e) = &card.error {
-        lines.push(format!("⚠️ {}", escape(e)));
-    }
-    if let Some(pr) = &card.pull_request {
-        lines.push(format!("pull request [{}]({})", pr.label, pr.url));
-    }
-    if let Some(n) = &card.note {
-        lines.push(format!("*{}*", escape(n)));
-    }
-    if let Some(s) = &card.summary {
-        // Every line quoted, so none of the agent's lines can pass for the card's own.
-        lines.extend(s.lines().map(|l| format!("> {}", escape(l))));
-    }
-    if !card.log_lines.is_empty() {
-        let log: Vec<String> = card.log_lines.iter().map(|l| l.replace("```", "'''")).collect();
-        lines.push(format!("```\n{}\n```", log.join("\n")));
-    }
+    let text = card_text(card, &DiscordMarkdown);
+    let description = text.lines.into_iter().chain(text.log).collect::<Vec<_>>().join("\n");
     let buttons: Vec<Value> = card
         .buttons
         .iter()
@@ -127,43 +129,18 @@ pub fn card_message(card: &StatusCard) -> Value {
     };
     json!({
         "content": "",
-        "embeds": [{"title": format!("Run {}: {}", card.seq, card.headline), "description": lines.join("\n"), "color": color}],
+        "embeds": [{"title": text.title, "description": description, "color": color}],
         "components": components,
     })
 }
 
-/// Text from a run shown literally in Discord markdown: the characters of masked links
-/// and mentions escaped, so no disguised link or ping from an agent gets through.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if "[]<>@".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn custom_id(action: Action, run_id: &str) -> String {
-    let name = match action {
-        Action::Cancel => "cancel",
-        Action::Retry => "retry",
-        Action::OpenPr => "open_pr",
-    };
-    format!("threadline:{name}:{run_id}")
+    format!("threadline:{}:{run_id}", action.key())
 }
 
 fn parse_custom_id(id: &str) -> Option<(Action, String)> {
-    let rest = id.strip_prefix("threadline:")?;
-    let (name, run) = rest.split_once(':')?;
-    let action = match name {
-        "cancel" => Action::Cancel,
-        "retry" => Action::Retry,
-        "open_pr" => Action::OpenPr,
-        _ => return None,
-    };
-    Some((action, run.to_owned()))
+    let (name, run) = id.strip_prefix("threadline:")?.split_once(':')?;
+    Some((Action::from_key(name)?, run.to_owned()))
 }
 
 struct Handler {
@@ -408,7 +385,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(), DiscordError> {
     let rest = Rest::new(&config.api_url, config.token.expose()).map_err(DiscordError::Tls)?;
-    orch.counters().register_platform(SURFACE);
+    orch.metrics().register_platform(SURFACE);
     let core = ChatCore::new(orch.clone(), SURFACE, config.channels.clone());
     let surface = Arc::new(DiscordSurface { rest: rest.clone() });
     let updater = tokio::spawn(StatusUpdater::new(core.clone(), surface).run(shutdown.clone()));

@@ -9,7 +9,7 @@ use slack_morphism::signature_verifier::SlackEventSignatureVerifier;
 use tokio_util::sync::CancellationToken;
 
 use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Say, Sender, StatusUpdater, ThreadRef};
-use super::render::{Action, StatusCard};
+use super::render::{Action, Markup, StatusCard, card_text};
 use crate::config::SlackConfig;
 use crate::orchestrator::{Orchestrator, Submitted};
 
@@ -97,55 +97,38 @@ fn text_content(text: &str) -> SlackMessageContent {
     SlackMessageContent::new().with_text(text.to_owned())
 }
 
-/// Text from a run (the agent's summary and output, errors) as Slack mrkdwn shows it
-/// literally: `&`, `<` and `>` escaped as Slack asks, so no `<!channel>`, mention or
-/// disguised link gets through.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+/// Slack's mrkdwn. Text from a run has `&`, `<` and `>` escaped as Slack asks, so no
+/// `<!channel>`, mention or disguised link gets through.
+struct Mrkdwn;
+
+impl Markup for Mrkdwn {
+    fn link(&self, url: &str, text: &str) -> String {
+        format!("<{url}|{text}>")
+    }
+    fn emphasis(&self, text: &str) -> String {
+        format!("_{text}_")
+    }
+    fn warning(&self) -> &'static str {
+        ":warning:"
+    }
+    fn escape(&self, text: &str) -> String {
+        text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    }
+    fn log_block(&self, lines: &[String]) -> String {
+        let log: Vec<String> = lines.iter().map(|l| self.escape(l).replace("```", "'''")).collect();
+        format!("```{}```", log.join("\n"))
+    }
 }
 
 /// The card as Block Kit, written as Slack's own JSON so it reads like Slack's docs.
 pub fn card_blocks(card: &StatusCard) -> Value {
-    let mut lines = vec![format!(
-        "*{}* · {} · run {} · agent {}",
-        card.headline, card.elapsed, card.seq, card.agent
-    )];
-    let branch = match &card.branch_url {
-        Some(url) => format!("<{url}|{}>", card.branch),
-        None => format!("`{}`", card.branch),
-    };
-    let mut facts = vec![format!("branch {branch}")];
-    if let Some(c) = &card.commit {
-        facts.push(format!("commit `{c}`"));
-    }
-    if let Some(d) = &card.diffstat {
-        facts.push(d.clone());
-    } else if card.terminal && !card.changed {
-        facts.push("no changes".into());
-    }
-    lines.push(facts.join(" · "));
-    if let Some(e) = &card.error {
-        lines.push(format!(":warning: {}", escape(e)));
-    }
-    if let Some(pr) = &card.pull_request {
-        lines.push(format!("pull request <{}|{}>", pr.url, pr.label));
-    }
-    if let Some(n) = &card.note {
-        lines.push(format!("_{}_", escape(n)));
-    }
-    if let Some(s) = &card.summary {
-        // Every line quoted, so none of the agent's lines can pass for the card's own.
-        lines.extend(s.lines().map(|l| format!("> {}", escape(l))));
-    }
-    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": lines.join("\n")}})];
-    if !card.log_lines.is_empty() {
-        let log = card
-            .log_lines
-            .iter()
-            .map(|l| escape(l).replace("```", "'''"))
-            .collect::<Vec<_>>();
-        blocks
-            .push(json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("```{}```", log.join("\n"))}}));
+    let text = card_text(card, &Mrkdwn);
+    let body = std::iter::once(format!("*{}*", text.title))
+        .chain(text.lines)
+        .collect::<Vec<_>>();
+    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": body.join("\n")}})];
+    if let Some(log) = text.log {
+        blocks.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": log}}));
     }
     if !card.buttons.is_empty() {
         let elements: Vec<Value> = card
@@ -189,18 +172,12 @@ fn card_content(card: &StatusCard) -> SlackMessageContent {
     }
 }
 
-fn action_id(action: Action) -> &'static str {
-    match action {
-        Action::Cancel => "threadline_cancel",
-        Action::Retry => "threadline_retry",
-        Action::OpenPr => "threadline_open_pr",
-    }
+fn action_id(action: Action) -> String {
+    format!("threadline_{}", action.key())
 }
 
 fn action_from(id: &str) -> Option<Action> {
-    [Action::Cancel, Action::Retry, Action::OpenPr]
-        .into_iter()
-        .find(|a| action_id(*a) == id)
+    Action::from_key(id.strip_prefix("threadline_")?)
 }
 
 /// What the Socket Mode callbacks need.
@@ -288,7 +265,7 @@ pub async fn start(
         .auth_test()
         .await
         .map_err(|e| SlackError::Auth(e.to_string()))?;
-    orch.counters().register_platform(SURFACE);
+    orch.metrics().register_platform(SURFACE);
     let surface = Arc::new(SlackSurface {
         client: client.clone(),
         token,
