@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ForgeKind;
 use crate::model::{Pipeline, Run, RunState, format_duration, now_millis};
-use crate::orchestrator::PullRequestView;
+use crate::model::{capitalize, sentence};
+use crate::orchestrator::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
 use crate::redact::Redactor;
 
 pub use crate::config::Detail;
@@ -311,6 +312,43 @@ pub fn card_in_context(
     card
 }
 
+/// What Open PR did, in one sentence for the thread.
+pub fn pull_request_said(done: &PullRequestOutcome) -> String {
+    let noun = done.kind.noun();
+    let reference = done.kind.reference(done.pr.number);
+    let mut text = match done.previous {
+        Some((number, state)) => format!(
+            "{} {} was {}. ",
+            capitalize(noun),
+            done.kind.reference(number),
+            state.word()
+        ),
+        None => String::new(),
+    };
+    text += &if done.opened {
+        format!("Opened {noun} {reference}: {}", done.pr.url)
+    } else if done.pr.found {
+        format!("Found an open {noun} for this branch, {reference}: {}", done.pr.url)
+    } else {
+        format!("This pipeline already has {noun} {reference}: {}", done.pr.url)
+    };
+    for warning in &done.warnings {
+        text += &format!(" (Note: {warning}.)");
+    }
+    text
+}
+
+/// Why Open PR opened nothing, and what to do next, redacted.
+pub fn pull_request_refused(e: &PullRequestError, redactor: &Redactor) -> String {
+    let next = match e.next_step() {
+        NextStep::TryAgain => " Then press Open PR again.",
+        NextStep::PushAgain => " Press Retry on the last run or send a follow-up to push it again, then press Open PR.",
+        NextStep::ChangeFirst => " Send a follow-up to make changes, then press Open PR.",
+        NextStep::Nothing => "",
+    };
+    format!("{}{next}", sentence(&redactor.redact(&e.to_string())))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -480,5 +518,56 @@ pub(crate) mod tests {
         assert_eq!(logs.log_lines.last().map(String::as_str), Some("line 20"));
         let queued = status_card(&p, &run(RunState::Queued), 2, Detail::Metadata, None, false, &r);
         assert_eq!(queued.headline, "queued (2 ahead)");
+    }
+
+    #[test]
+    fn the_thread_hears_what_became_of_an_earlier_pull_request() {
+        use crate::model::PullRequestRecord;
+        use crate::orchestrator::forge::PrState;
+        let outcome = PullRequestOutcome {
+            pr: PullRequestRecord {
+                pipeline_id: "p".into(),
+                forge: "gitlab".into(),
+                number: 2,
+                url: "https://gl/x/-/merge_requests/2".into(),
+                found: false,
+                opened_by: "slack:U1".into(),
+                created_at: 0,
+            },
+            kind: ForgeKind::Gitlab,
+            opened: true,
+            fresh: true,
+            previous: Some((1, PrState::Closed)),
+            warnings: vec!["the reviewer \"x\" was not found".into()],
+        };
+        assert_eq!(
+            pull_request_said(&outcome),
+            "Merge request !1 was closed. Opened merge request !2: https://gl/x/-/merge_requests/2 \
+             (Note: the reviewer \"x\" was not found.)"
+        );
+    }
+
+    #[test]
+    fn a_refusal_says_what_to_do_next() {
+        let r = Redactor::new(vec![]);
+        let missing = PullRequestError::BranchMissing { branch: "b".into() };
+        assert_eq!(
+            pull_request_refused(&missing, &r),
+            "The branch `b` is not on the remote (deleted?). Press Retry on the last run or send a follow-up to \
+             push it again, then press Open PR."
+        );
+        let local = PullRequestError::LocalOnly {
+            branch: "b".into(),
+            mirror: "/m".into(),
+        };
+        assert!(pull_request_refused(&local, &r).ends_with("`git fetch /m b`."));
+        let wrapped = PullRequestError::AfterEnded {
+            what: "PR #1 was merged".into(),
+            source: Box::new(PullRequestError::NoCommits {
+                branch: "b".into(),
+                base: "main".into(),
+            }),
+        };
+        assert!(pull_request_refused(&wrapped, &r).ends_with("Send a follow-up to make changes, then press Open PR."));
     }
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::model::Origin;
-use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator};
+use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, SubmitError};
 
 mod doctor;
 mod execute;
@@ -160,7 +160,12 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let hint = match e.downcast_ref::<SubmitError>() {
+                Some(SubmitError::UnknownPipeline(_)) => "; `threadline pipelines` lists them",
+                Some(SubmitError::UnknownRun(_)) => "; `threadline runs <PIPELINE>` lists them",
+                _ => "",
+            };
+            eprintln!("error: {e:#}{hint}");
             ExitCode::from(USAGE)
         }
     }

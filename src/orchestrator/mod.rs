@@ -31,7 +31,7 @@ use crate::store::{NewRun, Store};
 pub use crate::store::{PipelineSummary, StoreError};
 pub use container::{ContainerError, ContainerRuntime};
 pub use ports::{Containers, Workspaces};
-pub use pulls::{PullRequestError, PullRequestOutcome, PullRequestView};
+pub use pulls::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
 pub use queries::Queries;
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
@@ -99,9 +99,9 @@ pub enum SubmitError {
     ControlCharacter { code: u32, at: usize },
     #[error("there is no agent named {name:?}; the configured agents are: {}", .known.join(", "))]
     UnknownAgent { name: String, known: Vec<String> },
-    #[error("no pipeline {0:?}; `threadline pipelines` lists them")]
+    #[error("no pipeline {0:?}")]
     UnknownPipeline(String),
-    #[error("no run {0:?}; `threadline runs <PIPELINE>` lists them")]
+    #[error("no run {0:?}")]
     UnknownRun(String),
     #[error("run {id} is {state}; only a failed, timed out or cancelled run can be retried")]
     NotRetryable { id: String, state: RunState },

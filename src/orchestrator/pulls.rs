@@ -27,7 +27,7 @@ pub enum PullRequestError {
          kind` (github, gitlab or gitea) to enable Open PR"
     )]
     NoForge { remote: String, repo: String },
-    #[error("the forge settings of {remote} are incomplete: {reason}; fix `[repos.{repo}.forge]` and try again")]
+    #[error("the forge settings of {remote} are incomplete: {reason}; fix `[repos.{repo}.forge]`")]
     Misconfigured {
         remote: String,
         repo: String,
@@ -35,7 +35,7 @@ pub enum PullRequestError {
     },
     #[error(
         "no {forge} token is configured; set `[repos.{repo}.forge] token` (or THREADLINE_REPOS__{env}__FORGE__TOKEN, \
-         or `git.token`) to a token that may open {noun}s, then press Open PR again"
+         or `git.token`) to a token that may open {noun}s"
     )]
     NoToken {
         forge: &'static str,
@@ -43,14 +43,11 @@ pub enum PullRequestError {
         repo: String,
         env: String,
     },
-    #[error(
-        "{forge} refused the token (it is wrong, expired or revoked); replace `[repos.{repo}.forge] token`, then \
-         press Open PR again"
-    )]
+    #[error("{forge} refused the token (it is wrong, expired or revoked); replace `[repos.{repo}.forge] token`")]
     Unauthorized { forge: &'static str, repo: String },
     #[error(
         "the token may not open {noun}s on {project} ({forge} said forbidden); give it write access to {noun}s \
-         there, then press Open PR again"
+         there"
     )]
     Forbidden {
         forge: &'static str,
@@ -59,35 +56,29 @@ pub enum PullRequestError {
     },
     #[error(
         "{forge} has no project {project}, or the token cannot see it; check `[repos.{repo}.forge] project` and \
-         the token's access, then press Open PR again"
+         the token's access"
     )]
     ProjectNotFound {
         forge: &'static str,
         project: String,
         repo: String,
     },
-    #[error(
-        "the branch `{branch}` is not on the remote (deleted?); press Retry on the last run or send a follow-up \
-         to push it again, then press Open PR"
-    )]
+    #[error("the branch `{branch}` is not on the remote (deleted?)")]
     BranchMissing { branch: String },
     #[error(
         "the base branch `{base}` is gone from the remote; recreate it there (or open the {noun} by hand against \
-         another branch), then press Open PR again"
+         another branch)"
     )]
     BaseMissing { base: String, noun: &'static str },
-    #[error(
-        "there is nothing to merge: `{branch}` has no commits that `{base}` lacks (already merged?); send a \
-         follow-up to make changes, then press Open PR"
-    )]
+    #[error("there is nothing to merge: `{branch}` has no commits that `{base}` lacks (already merged?)")]
     NoCommits { branch: String, base: String },
-    #[error("{forge} cannot be reached at {api} ({detail}); press Open PR again once it can")]
+    #[error("{forge} cannot be reached at {api} ({detail})")]
     Unreachable {
         forge: &'static str,
         api: String,
         detail: String,
     },
-    #[error("{forge} refused the {noun} ({status}: {message}); press Open PR again once that is fixed")]
+    #[error("{forge} refused the {noun} ({status}: {message})")]
     Refused {
         forge: &'static str,
         noun: &'static str,
@@ -99,10 +90,46 @@ pub enum PullRequestError {
         what: String,
         source: Box<PullRequestError>,
     },
-    #[error("cannot read the branches on the remote ({0}); press Open PR again")]
+    #[error("cannot read the branches on the remote ({0})")]
     Git(#[from] GitError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What a person can do about a [`PullRequestError`], for front ends to word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Ask again once the cause is fixed.
+    TryAgain,
+    /// Push the branch again (a retry or a follow-up), then ask again.
+    PushAgain,
+    /// Make changes with a follow-up, then ask again.
+    ChangeFirst,
+    /// Asking again will not help.
+    Nothing,
+}
+
+impl PullRequestError {
+    pub fn next_step(&self) -> NextStep {
+        match self {
+            PullRequestError::BranchMissing { .. } => NextStep::PushAgain,
+            PullRequestError::NoCommits { .. } => NextStep::ChangeFirst,
+            PullRequestError::AfterEnded { source, .. } => source.next_step(),
+            PullRequestError::UnknownRun(_)
+            | PullRequestError::LocalOnly { .. }
+            | PullRequestError::NoForge { .. }
+            | PullRequestError::Store(_) => NextStep::Nothing,
+            PullRequestError::Misconfigured { .. }
+            | PullRequestError::NoToken { .. }
+            | PullRequestError::Unauthorized { .. }
+            | PullRequestError::Forbidden { .. }
+            | PullRequestError::ProjectNotFound { .. }
+            | PullRequestError::BaseMissing { .. }
+            | PullRequestError::Unreachable { .. }
+            | PullRequestError::Refused { .. }
+            | PullRequestError::Git(_) => NextStep::TryAgain,
+        }
+    }
 }
 
 /// What Open PR produced.
@@ -119,34 +146,6 @@ pub struct PullRequestOutcome {
     pub previous: Option<(i64, PrState)>,
     /// Extras (labels, reviewers) that did not apply.
     pub warnings: Vec<String>,
-}
-
-impl PullRequestOutcome {
-    /// One sentence for the thread.
-    pub fn sentence(&self) -> String {
-        let noun = self.kind.noun();
-        let reference = self.kind.reference(self.pr.number);
-        let mut text = match self.previous {
-            Some((number, state)) => format!(
-                "{} {} was {}. ",
-                capitalize(noun),
-                self.kind.reference(number),
-                state.word()
-            ),
-            None => String::new(),
-        };
-        text += &if self.opened {
-            format!("Opened {noun} {reference}: {}", self.pr.url)
-        } else if self.pr.found {
-            format!("Found an open {noun} for this branch, {reference}: {}", self.pr.url)
-        } else {
-            format!("This pipeline already has {noun} {reference}: {}", self.pr.url)
-        };
-        for warning in &self.warnings {
-            let _ = write!(text, " (Note: {warning}.)");
-        }
-        text
-    }
 }
 
 /// How a pipeline's card shows pull requests: where its branch is on the forge, whether
@@ -363,15 +362,24 @@ impl Orchestrator {
 
     /// Open PR pressed by `actor`, whom the front end has let through: opens (or finds)
     /// the pull request and records the approval with what came of it, once per `key`
-    /// (a click's id). An error is the sentence to show, redacted.
-    pub async fn approve_pull_request(&self, key: &str, run: &Run, actor: &str) -> Result<PullRequestOutcome, String> {
-        let result = self
-            .open_pull_request(&run.id, actor)
-            .await
-            .map_err(|e| sentence(&self.inner.redactor.redact(&e.to_string())));
+    /// (a click's id).
+    pub async fn approve_pull_request(
+        &self,
+        key: &str,
+        run: &Run,
+        actor: &str,
+    ) -> Result<PullRequestOutcome, PullRequestError> {
+        let result = self.open_pull_request(&run.id, actor).await;
         let reason = match &result {
-            Ok(done) => done.sentence(),
-            Err(text) => format!("failed: {text}"),
+            Ok(done) => {
+                let reference = done.kind.reference(done.pr.number);
+                match (done.opened, done.pr.found, done.fresh) {
+                    (true, _, _) => format!("opened {reference}"),
+                    (false, true, true) => format!("found {reference} open on the forge"),
+                    _ => format!("the pipeline already had {reference}"),
+                }
+            }
+            Err(e) => format!("failed: {}", sentence(&e.to_string())),
         };
         self.record_approval(key, run, actor, true, &reason).await;
         result
@@ -514,35 +522,5 @@ fn outcome_word(state: RunState) -> &'static str {
         RunState::TimedOut => "timed out",
         RunState::Cancelled => "cancelled",
         _ => "unfinished",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_thread_hears_what_became_of_an_earlier_pull_request() {
-        let outcome = PullRequestOutcome {
-            pr: PullRequestRecord {
-                pipeline_id: "p".into(),
-                forge: "gitlab".into(),
-                number: 2,
-                url: "https://gl/x/-/merge_requests/2".into(),
-                found: false,
-                opened_by: "slack:U1".into(),
-                created_at: 0,
-            },
-            kind: ForgeKind::Gitlab,
-            opened: true,
-            fresh: true,
-            previous: Some((1, PrState::Closed)),
-            warnings: vec!["the reviewer \"x\" was not found".into()],
-        };
-        assert_eq!(
-            outcome.sentence(),
-            "Merge request !1 was closed. Opened merge request !2: https://gl/x/-/merge_requests/2 \
-             (Note: the reviewer \"x\" was not found.)"
-        );
     }
 }

@@ -94,3 +94,17 @@ fn front_ends_read_through_the_orchestrator_not_the_store() {
         assert_eq!(inside, Vec::<String>::new(), "{needle}");
     }
 }
+
+#[test]
+fn chat_wording_lives_with_the_front_ends() {
+    // Buttons are the front ends' words; the orchestrator returns typed outcomes and
+    // errors (`NextStep`, `PullRequestOutcome`) for them to word. (A run's stored error
+    // is the orchestrator's sentence, shown as it is everywhere.)
+    for needle in ["press ", "Press ", "lists them"] {
+        let inside: Vec<String> = offenders(needle, &[])
+            .into_iter()
+            .filter(|p| p.starts_with("orchestrator"))
+            .collect();
+        assert_eq!(inside, Vec::<String>::new(), "{needle:?}");
+    }
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::render::{Action, StatusCard, card_in_context};
+use super::render::{Action, StatusCard, card_in_context, pull_request_refused, pull_request_said};
 pub use crate::config::ChannelBinding;
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
@@ -397,10 +397,15 @@ impl ChatCore {
         match self.orch.approve_pull_request(&key, run, &actor).await {
             Ok(done) if done.fresh => Outcome::Reply {
                 thread,
-                text: done.sentence(),
+                text: pull_request_said(&done),
             },
-            Ok(done) => Outcome::Private { text: done.sentence() },
-            Err(text) => Outcome::Reply { thread, text },
+            Ok(done) => Outcome::Private {
+                text: pull_request_said(&done),
+            },
+            Err(e) => Outcome::Reply {
+                thread,
+                text: pull_request_refused(&e, self.orch.redactor()),
+            },
         }
     }
 

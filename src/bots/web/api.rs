@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::WebState;
-use crate::bots::render::{Detail, StatusCard, card_in_context};
+use crate::bots::render::{Detail, StatusCard, card_in_context, pull_request_refused, pull_request_said};
 use crate::model::{Origin, Pipeline, Run};
 use crate::orchestrator::StoreError;
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
@@ -395,9 +395,12 @@ pub async fn open_pr(State(state): State<WebState>, Path(id): Path<String>, head
             } else {
                 StatusCode::OK
             },
-            json!({ "text": done.sentence(), "pull_request": done.pr }),
+            json!({ "text": pull_request_said(&done), "pull_request": done.pr }),
         ),
-        Err(text) => (StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": text })),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({ "error": pull_request_refused(&e, state.orch.redactor()) }),
+        ),
     };
     Ok((status, Json(body)).into_response())
 }
