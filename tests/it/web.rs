@@ -370,19 +370,17 @@ async fn off_loopback_a_token_is_required_and_checked() {
     // A browser opens a link with ?token= once, then carries a cookie.
     let (s, headers, _) = web.send(bare("/dashboard?token=s3cret-web-token")).await;
     assert_eq!(s, StatusCode::SEE_OTHER);
-    let cookie = headers[header::SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+    let set = headers[header::SET_COOKIE].to_str().unwrap();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set.contains(attribute), "{set}");
+    }
+    let cookie = set.split(';').next().unwrap().to_owned();
     assert!(cookie.starts_with("threadline_token="));
     let (s, _, body) = web
         .send(
             Request::builder()
                 .uri("/dashboard")
-                .header(header::COOKIE, &cookie)
+                .header(header::COOKIE, format!("theme=dark; {cookie}"))
                 .body(Body::empty())
                 .unwrap(),
         )

@@ -10,11 +10,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use serde_json::json;
 
 use crate::config::{Config, Secret};
@@ -213,25 +214,24 @@ async fn guard(State(state): State<WebState>, request: Request, next: Next) -> R
             next.run(request).await
         }
         Some(token) => {
-            if bearer(headers).is_some_and(|t| same(t, token)) || cookie(headers).is_some_and(|t| same(&t, token)) {
+            let jar = CookieJar::from_headers(headers);
+            if bearer(headers).is_some_and(|t| same(t, token))
+                || jar.get(TOKEN_COOKIE).is_some_and(|c| same(c.value(), token))
+            {
                 return next.run(request).await;
             }
             // `?token=` once sets a cookie, so links and the browser work.
-            let query_token = request
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
-                .map(str::to_owned);
+            let query_token = request.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes()).find_map(|(k, v)| (k == "token").then(|| v.into_owned()))
+            });
             if let Some(t) = query_token
                 && same(&t, token)
             {
-                let path = request.uri().path().to_owned();
-                let mut response = Redirect::to(&path).into_response();
-                if let Ok(v) = HeaderValue::from_str(&format!("{TOKEN_COOKIE}={t}; HttpOnly; SameSite=Strict; Path=/"))
-                {
-                    response.headers_mut().insert(header::SET_COOKIE, v);
-                }
-                return response;
+                let cookie = Cookie::build((TOKEN_COOKIE, t))
+                    .http_only(true)
+                    .same_site(SameSite::Strict)
+                    .path("/");
+                return (jar.add(cookie), Redirect::to(request.uri().path())).into_response();
             }
             (
                 StatusCode::UNAUTHORIZED,
@@ -248,15 +248,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-fn cookie(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| kv.trim().strip_prefix(&format!("{TOKEN_COOKIE}=")).map(str::to_owned))
 }
 
 /// Compares in constant time (`subtle`, which the optimiser cannot turn into an early
