@@ -2,16 +2,16 @@
 //! thread message or a click leads to, and the status message kept up to date.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use threadline::bots::chat::{
-    ChannelBinding, ChatCore, ChatError, ChatSurface, Click, Message, Outcome, StatusUpdater, ThreadRef,
-};
-use threadline::bots::render::{Action, StatusCard};
+use threadline::bots::chat::{ChannelBinding, ChatCore, Click, Message, Outcome, StatusUpdater, ThreadRef};
+use threadline::bots::render::Action;
 use threadline::model::RunState;
 
-use crate::harness::{TestEnv, finished, wait_for};
+use threadline::bots::chat::testing::{CallKind, RecordingSurface, SurfaceCall};
+
+use crate::harness::{TestEnv, finished, one_channel, poll_until, wait_for};
 
 use crate::harness::sender as user;
 
@@ -46,15 +46,7 @@ fn env_with_repo() -> TestEnv {
 }
 
 fn bindings() -> BTreeMap<String, ChannelBinding> {
-    BTreeMap::from([(
-        "C1".to_owned(),
-        ChannelBinding {
-            repos: vec!["demo".into()],
-            prompters: vec!["U1".into(), "U2".into()],
-            approvers: vec!["U1".into()],
-            ..Default::default()
-        },
-    )])
+    one_channel("C1", "demo", &["U1", "U2"], &["U1"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,40 +182,13 @@ async fn mentions_replies_and_clicks_mean_what_they_should() {
     orch.shutdown().await;
 }
 
-/// A surface that records what it was asked to show.
-#[derive(Default)]
-struct Recorder {
-    cards: Mutex<Vec<(String, StatusCard)>>,
-    limited_once: Mutex<bool>,
-}
-
-impl ChatSurface for Recorder {
-    fn name(&self) -> &'static str {
-        "slack"
-    }
-    async fn post_status(&self, _t: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
-        self.cards.lock().unwrap().push(("post".into(), card.clone()));
-        Ok(format!("msg-{}", card.run_id))
-    }
-    async fn update_status(&self, _t: &ThreadRef, id: &str, card: &StatusCard) -> Result<(), ChatError> {
-        let mut limited = self.limited_once.lock().unwrap();
-        if !*limited {
-            *limited = true;
-            return Err(ChatError::RateLimited {
-                retry_after: Duration::from_millis(300),
-            });
-        }
-        self.cards.lock().unwrap().push((format!("update {id}"), card.clone()));
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_message_follows_the_run_to_its_branch_link() {
     let env = env_with_repo();
     let orch = env.orchestrator().await;
     let core = ChatCore::new(orch.clone(), "slack", bindings());
-    let surface = Arc::new(Recorder::default());
+    let surface = Arc::new(RecordingSurface::new("slack"));
+    surface.rate_limit_next_update(Duration::from_millis(300));
     let stop = tokio_util::sync::CancellationToken::new();
     let updater = tokio::spawn(StatusUpdater::new(core.clone(), surface.clone()).run(stop.clone()));
 
@@ -232,28 +197,21 @@ async fn the_status_message_follows_the_run_to_its_branch_link() {
         other => panic!("{other:?}"),
     };
     finished(orch.store(), &sub.run.id).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let last = surface.cards.lock().unwrap().last().cloned();
-        if let Some((_, card)) = &last
-            && card.terminal
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the final state never reached the chat"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let cards = surface.cards.lock().unwrap().clone();
+    poll_until(
+        "the final state in the chat",
+        || surface.last_shown().is_some_and(|c| c.terminal),
+        || format!("{:?}", surface.calls()),
+    )
+    .await;
+    let calls = surface.calls();
     assert_eq!(
-        cards.iter().filter(|(k, _)| k == "post").count(),
+        calls.iter().filter(|c| c.kind == CallKind::Post).count(),
         1,
-        "one status message: {cards:?}"
+        "one status message: {calls:?}"
     );
-    let (kind, last) = cards.last().unwrap();
-    assert_eq!(kind, &format!("update msg-{}", sub.run.id));
+    assert!(calls.iter().any(|c| c.kind == CallKind::RateLimited), "{calls:?}");
+    let SurfaceCall { kind, card: last, .. } = calls.last().unwrap();
+    assert_eq!(kind, &CallKind::Update(format!("msg-{}", sub.run.id)));
     assert_eq!(last.state, RunState::Succeeded);
     assert_eq!(
         last.branch_url.as_deref(),

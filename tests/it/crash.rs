@@ -363,7 +363,12 @@ async fn a_second_ctrl_c_stops_waiting_and_the_cancel_stands() {
     };
     let pid = run.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first Ctrl-C asks for the cancel; the second one comes after it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !store.cancel_requested(&run_id).await.unwrap() {
+        assert!(Instant::now() < deadline, "the first Ctrl-C asked for no cancel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let out = run.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", said(&out));

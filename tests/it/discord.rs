@@ -1,10 +1,7 @@
 //! Discord stories against the wire-level fake, with the real serenity gateway client:
 //! mention → thread → status message ending with the branch link.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Value, json};
-use threadline::bots::chat::ChannelBinding;
 use threadline::bots::discord;
 use threadline::config::Secret;
 use threadline::model::RunState;
@@ -14,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::fake_discord::{FakeDiscord, click, message};
-use crate::harness::{TestEnv, appears, finished, wait_for};
+use std::time::Duration;
+
+use crate::harness::{TestEnv, appears, finished, holds_for, one_channel, wait_for};
 
 pub const CHANNEL: &str = "2000";
 pub const THREAD: &str = "3001";
@@ -42,9 +41,9 @@ pub async fn start_gateway(
         let (orch, stop) = (orch.clone(), stop.clone());
         async move { discord::start(orch, &config, stop).await }
     });
+    // READY is on its way; dispatches sent from now on follow it on the socket.
     fake.wait_until("an Identify", |f| f.recorded.lock().unwrap().identifies >= 1)
         .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     (adapter, stop)
 }
 
@@ -56,13 +55,7 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     env.config.discord.enabled = true;
     env.config.discord.token = Secret::new("bot-token-123");
     env.config.discord.api_url = fake.base.clone();
-    let binding = ChannelBinding {
-        repos: vec!["demo".into()],
-        prompters: vec!["101".into(), "102".into(), "501".into()],
-        approvers: vec!["101".into()],
-        ..Default::default()
-    };
-    env.config.discord.channels = BTreeMap::from([(CHANNEL.to_owned(), binding)]);
+    env.config.discord.channels = one_channel(CHANNEL, "demo", &["101", "102", "501"], &["101"]);
     fake.recorded.lock().unwrap().rate_limit_edits = 1;
     let orch = env.orchestrator().await;
     let (adapter, stop) = start_gateway(&fake, &env, &orch).await;
@@ -151,14 +144,11 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
         r.resumes + r.identifies >= 2
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(
-        orch.store().runs(&pipeline.id).await.unwrap().len(),
-        4,
-        "no lost or doubled run"
-    );
+    holds_for("no lost or doubled run", Duration::from_millis(500), || async {
+        orch.store().runs(&pipeline.id).await.unwrap().len() == 4
+    })
+    .await;
     assert_eq!(orch.store().run(&long).await.unwrap().unwrap().state, RunState::Running);
 
     // Cancel: refused (ephemerally) for a prompter, obeyed for an approver.

@@ -125,6 +125,11 @@ impl FakeSlack {
         self.recorded.lock().unwrap().acks.iter().any(|a| a == envelope_id)
     }
 
+    /// Whether a Socket Mode websocket is open and receives envelopes.
+    pub fn listening(&self) -> bool {
+        self.envelopes.receiver_count() > 0
+    }
+
     /// Waits until `check` holds on the recorded calls.
     pub async fn wait_until(&self, what: &str, check: impl Fn(&FakeSlack) -> bool) {
         let seen = || {

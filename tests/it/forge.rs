@@ -20,7 +20,7 @@ use threadline::store::Store;
 use tower::ServiceExt;
 
 use crate::fake_forge::{FakeForge, READ_ONLY_TOKEN, TOKEN};
-use crate::harness::{TestEnv, cli, finished, write_cli_config};
+use crate::harness::{TestEnv, cli, finished, one_channel, write_cli_config};
 
 use crate::harness::sender as user;
 
@@ -35,16 +35,9 @@ fn click(id: &str, run: &Run, who: &str) -> Click {
 
 /// U1 and U2 prompt; U1 and U3 approve; whoever prompted may not approve.
 fn bindings() -> BTreeMap<String, ChannelBinding> {
-    BTreeMap::from([(
-        "C1".to_owned(),
-        ChannelBinding {
-            repos: vec!["app".into()],
-            prompters: vec!["U1".into(), "U2".into()],
-            approvers: vec!["U1".into(), "U3".into()],
-            require_other_approver: true,
-            ..Default::default()
-        },
-    )])
+    let mut channels = one_channel("C1", "app", &["U1", "U2"], &["U1", "U3"]);
+    channels.get_mut("C1").unwrap().require_other_approver = true;
+    channels
 }
 
 /// An environment whose repository "app" is `project` on a fake forge of `kind`.
@@ -653,13 +646,7 @@ async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
     env.config.discord.enabled = true;
     env.config.discord.token = Secret::new("bot-token-123");
     env.config.discord.api_url = discord_fake.base.clone();
-    let binding = ChannelBinding {
-        repos: vec!["app".into()],
-        prompters: vec!["101".into()],
-        approvers: vec!["101".into(), "202".into(), "203".into()],
-        ..Default::default()
-    };
-    env.config.discord.channels = BTreeMap::from([(CHANNEL.to_owned(), binding)]);
+    env.config.discord.channels = one_channel(CHANNEL, "app", &["101"], &["101", "202", "203"]);
     let orch = env.orchestrator().await;
     let (adapter, stop) = crate::discord::start_gateway(&discord_fake, &env, &orch).await;
 

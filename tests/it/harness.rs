@@ -262,6 +262,24 @@ pub async fn poll_until(what: &str, check: impl Fn() -> bool, seen: impl Fn() ->
     }
 }
 
+/// Checks, for `window`, that what must not happen does not: `check` must hold every
+/// time it is looked at (a negative cannot be waited for; this fails at the first sight
+/// of the contrary rather than sleeping and looking once).
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + window;
+    loop {
+        assert!(check().await, "no longer true: {what}");
+        if tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A pipeline as the store keeps it: `id` on `repo`, branch `threadline/p-<id>` from main.
 pub fn pipeline_on(id: &str, repo: &str) -> threadline::model::Pipeline {
     threadline::model::Pipeline {
@@ -276,4 +294,22 @@ pub fn pipeline_on(id: &str, repo: &str) -> threadline::model::Pipeline {
         origin: Origin::cli(),
         created_at: threadline::model::now_millis(),
     }
+}
+
+/// Channel `id` bound to `repo`, with these prompters and approvers (none: anyone in the
+/// channel may prompt, nobody may approve).
+pub fn one_channel(
+    id: &str,
+    repo: &str,
+    prompters: &[&str],
+    approvers: &[&str],
+) -> std::collections::BTreeMap<String, threadline::bots::chat::ChannelBinding> {
+    let names = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
+    let binding = threadline::bots::chat::ChannelBinding {
+        repos: vec![repo.into()],
+        prompters: names(prompters),
+        approvers: names(approvers),
+        ..Default::default()
+    };
+    [(id.to_owned(), binding)].into()
 }

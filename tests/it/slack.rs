@@ -1,10 +1,7 @@
 //! Slack stories against the wire-level fake, with the real slack-morphism client over
 //! Socket Mode: mention → thread → status message ending with the branch link.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Value, json};
-use threadline::bots::chat::ChannelBinding;
 use threadline::bots::slack;
 use threadline::config::Secret;
 use threadline::model::RunState;
@@ -14,7 +11,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::fake_slack::FakeSlack;
-use crate::harness::{TestEnv, appears, finished, wait_for};
+use std::time::Duration;
+
+use crate::harness::{TestEnv, appears, finished, holds_for, one_channel, wait_for};
 
 pub fn mention(user: &str, ts: &str, text: &str) -> Value {
     json!({"type": "app_mention", "user": user, "text": format!("<@UBOT> {text}"), "ts": ts,
@@ -33,11 +32,7 @@ fn slack_env(fake: &FakeSlack) -> TestEnv {
     env.config.slack.enabled = true;
     env.config.slack.bot_token = Secret::new("xoxb-test-token");
     env.config.slack.api_url = fake.api_url.clone();
-    let binding = ChannelBinding {
-        repos: vec!["demo".into()],
-        ..Default::default()
-    };
-    env.config.slack.channels = BTreeMap::from([("C1".to_owned(), binding)]);
+    env.config.slack.channels = one_channel("C1", "demo", &[], &[]);
     env
 }
 
@@ -76,8 +71,7 @@ pub async fn start_socket_mode(
         !f.calls("apps.connections.open").is_empty()
     })
     .await;
-    // The websocket is up a moment after the connection was opened.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    fake.wait_until("the Socket Mode websocket", |f| f.listening()).await;
     (adapter, stop)
 }
 
@@ -291,8 +285,10 @@ async fn the_events_api_checks_signatures_and_starts_runs() {
     assert_eq!(post_signed(&url, secret, now, &body, true).await.0, 401);
     assert_eq!(post_signed(&url, secret, now - 6 * 60, &body, false).await.0, 401);
     assert_eq!(post_signed(&url, "another-secret", now, &body, false).await.0, 401);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(orch.store().pipelines(10).await.unwrap().is_empty(), "nothing started");
+    holds_for("nothing started", Duration::from_millis(300), || async {
+        orch.store().pipelines(10).await.unwrap().is_empty()
+    })
+    .await;
 
     // A correctly signed mention runs to the end.
     let body = callback(mention("U1", "1700000010.001000", "echo signed > s.txt"), "EvGood");
@@ -315,8 +311,10 @@ async fn the_events_api_checks_signatures_and_starts_runs() {
     assert_eq!(env.origin_file(&pipeline.branch, "s.txt").as_deref(), Some("signed\n"));
     // Slack retries a slow delivery with the same event: still one run.
     assert_eq!(post_signed(&url, secret, now, &body, false).await.0, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(orch.store().runs(&pipeline.id).await.unwrap().len(), 1);
+    holds_for("one run", Duration::from_millis(300), || async {
+        orch.store().runs(&pipeline.id).await.unwrap().len() == 1
+    })
+    .await;
 
     stop.cancel();
     adapter.await.unwrap().unwrap();

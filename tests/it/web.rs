@@ -14,7 +14,7 @@ use threadline::orchestrator::Orchestrator;
 use threadline::store::NewRun;
 use tower::ServiceExt;
 
-use crate::harness::TestEnv;
+use crate::harness::{TestEnv, one_channel};
 
 const HOST: &str = "127.0.0.1:8080";
 
@@ -264,11 +264,7 @@ async fn every_route_of_the_chat_and_the_api_works() {
     }
 
     // A pipeline from a chat platform links to its thread on the dashboard.
-    let binding = threadline::bots::chat::ChannelBinding {
-        repos: vec!["demo".into()],
-        ..Default::default()
-    };
-    let core = threadline::bots::chat::ChatCore::new(web.orch.clone(), "slack", [("C1".to_owned(), binding)].into());
+    let core = threadline::bots::chat::ChatCore::new(web.orch.clone(), "slack", one_channel("C1", "demo", &[], &[]));
     let outcome = core
         .on_message(threadline::bots::chat::Message {
             channel: "C1".into(),

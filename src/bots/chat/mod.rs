@@ -11,6 +11,8 @@ mod policy;
 use policy::allowed;
 mod prompt;
 mod status;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use prompt::{ParsedPrompt, parse_prompt};
 pub use status::{ChatError, ChatSurface, StatusUpdater, deliver};
@@ -453,8 +455,8 @@ fn sentence(e: &SubmitError) -> String {
 #[cfg(test)]
 mod tests {
     use super::status::EDIT_INTERVAL;
+    use super::testing::{CallKind, RecordingSurface};
     use super::*;
-    use std::sync::Mutex;
 
     #[test]
     fn prompts_lose_mentions_and_options() {
@@ -493,41 +495,6 @@ mod tests {
         assert!(strict.may_prompt(&who("U1")) && !strict.may_approve(&who("U1")) && strict.may_approve(&who("U9")));
     }
 
-    /// Records every call with the (paused) time it was made at.
-    #[derive(Default)]
-    struct Recorder {
-        calls: Mutex<Vec<(tokio::time::Instant, String, String)>>,
-        rate_limit_next_update: Mutex<Option<Duration>>,
-    }
-
-    impl ChatSurface for Recorder {
-        fn name(&self) -> &'static str {
-            "test"
-        }
-        async fn post_status(&self, _t: &ThreadRef, card: &StatusCard) -> Result<String, ChatError> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push((tokio::time::Instant::now(), "post".into(), card.headline.clone()));
-            Ok("m1".into())
-        }
-        async fn update_status(&self, _t: &ThreadRef, id: &str, card: &StatusCard) -> Result<(), ChatError> {
-            assert_eq!(id, "m1");
-            if let Some(retry_after) = self.rate_limit_next_update.lock().unwrap().take() {
-                self.calls
-                    .lock()
-                    .unwrap()
-                    .push((tokio::time::Instant::now(), "429".into(), card.headline.clone()));
-                return Err(ChatError::RateLimited { retry_after });
-            }
-            self.calls
-                .lock()
-                .unwrap()
-                .push((tokio::time::Instant::now(), "update".into(), card.headline.clone()));
-            Ok(())
-        }
-    }
-
     fn card(headline: &str, terminal: bool) -> StatusCard {
         StatusCard {
             pipeline_id: "p".into(),
@@ -560,7 +527,7 @@ mod tests {
         }
     }
 
-    async fn run_deliver(rec: Arc<Recorder>, rx: watch::Receiver<StatusCard>) {
+    async fn run_deliver(rec: Arc<RecordingSurface>, rx: watch::Receiver<StatusCard>) {
         let thread = ThreadRef {
             channel: "C".into(),
             thread: "T".into(),
@@ -570,7 +537,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn edits_are_throttled_and_the_final_state_always_lands() {
-        let rec = Arc::new(Recorder::default());
+        let rec = Arc::new(RecordingSurface::new("test"));
         let (tx, rx) = watch::channel(card("queued", false));
         let task = tokio::spawn(run_deliver(rec.clone(), rx));
         // A burst of 20 states within 200 ms, the last one final.
@@ -579,17 +546,17 @@ mod tests {
             tx.send(card(&format!("step {i}"), i == 19)).unwrap();
         }
         task.await.unwrap();
-        let calls = rec.calls.lock().unwrap().clone();
-        assert_eq!(calls.first().unwrap().1, "post");
+        let calls = rec.calls();
+        assert_eq!(calls.first().unwrap().kind, CallKind::Post);
         assert_eq!(
-            calls.last().unwrap().2,
+            calls.last().unwrap().card.headline,
             "step 19",
             "the final state is delivered: {calls:?}"
         );
         assert!(calls.len() <= 3, "a burst collapses into few edits: {calls:?}");
         for pair in calls.windows(2) {
             assert!(
-                pair[1].0 - pair[0].0 >= EDIT_INTERVAL,
+                pair[1].at - pair[0].at >= EDIT_INTERVAL,
                 "at most one edit per second: {calls:?}"
             );
         }
@@ -597,8 +564,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rate_limit_is_waited_out_and_the_latest_card_sent() {
-        let rec = Arc::new(Recorder::default());
-        *rec.rate_limit_next_update.lock().unwrap() = Some(Duration::from_secs(5));
+        let rec = Arc::new(RecordingSurface::new("test"));
+        rec.rate_limit_next_update(Duration::from_secs(5));
         let (tx, rx) = watch::channel(card("queued", false));
         let task = tokio::spawn(run_deliver(rec.clone(), rx));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -606,13 +573,21 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         tx.send(card("succeeded", true)).unwrap();
         task.await.unwrap();
-        let calls = rec.calls.lock().unwrap().clone();
-        let kinds: Vec<&str> = calls.iter().map(|c| c.1.as_str()).collect();
-        assert_eq!(kinds, ["post", "429", "update"], "{calls:?}");
+        let calls = rec.calls();
+        let kinds: Vec<CallKind> = calls.iter().map(|c| c.kind.clone()).collect();
+        assert_eq!(
+            kinds,
+            [
+                CallKind::Post,
+                CallKind::RateLimited,
+                CallKind::Update("msg-p-1".into())
+            ],
+            "{calls:?}"
+        );
         assert!(
-            calls[2].0 - calls[1].0 >= Duration::from_secs(5),
+            calls[2].at - calls[1].at >= Duration::from_secs(5),
             "Retry-After honoured"
         );
-        assert_eq!(calls[2].2, "succeeded", "the retry carries the newest card");
+        assert_eq!(calls[2].card.headline, "succeeded", "the retry carries the newest card");
     }
 }

@@ -191,11 +191,16 @@ impl EventHandler for Handler {
         tracing::info!(bot = %ready.user.name, "connected to Discord");
     }
 
-    async fn message(&self, _ctx: Context, msg: serenity::all::Message) {
+    async fn message(&self, ctx: Context, msg: serenity::all::Message) {
         if msg.author.bot {
             return;
         }
-        let bot = self.bot.get().copied().unwrap_or_default();
+        // Handlers run concurrently: a message right after READY may be handled before
+        // `ready` is, but serenity's cache has READY's user by then.
+        let bot = match self.bot.get() {
+            Some(id) => *id,
+            None => ctx.cache.current_user().id.get(),
+        };
         let channel = msg.channel_id.get().to_string();
         let (parent, thread) = if self.core.binding(&channel).is_some() {
             (channel.clone(), None)
