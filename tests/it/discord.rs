@@ -2,18 +2,13 @@
 //! mention → thread → status message ending with the branch link.
 
 use serde_json::{Value, json};
-use threadline::bots::discord;
 use threadline::config::Secret;
 use threadline::model::RunState;
-
-use threadline::orchestrator::Orchestrator;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::fake_discord::{FakeDiscord, click, message};
 use std::time::Duration;
 
-use crate::harness::{TestEnv, appears, finished, holds_for, one_channel, wait_for};
+use crate::harness::{Daemon, TestEnv, appears, finished, holds_for, one_channel, wait_for};
 
 pub const CHANNEL: &str = "2000";
 pub const THREAD: &str = "3001";
@@ -29,22 +24,13 @@ fn status_embeds(fake: &FakeDiscord, seq: i64) -> Vec<Value> {
         .collect()
 }
 
-/// The Discord adapter against `fake`, identified on the gateway; stop it with the token.
-pub async fn start_gateway(
-    fake: &FakeDiscord,
-    env: &TestEnv,
-    orch: &Orchestrator,
-) -> (JoinHandle<Result<(), discord::DiscordError>>, CancellationToken) {
-    let stop = CancellationToken::new();
-    let config = env.config.discord.clone();
-    let adapter = tokio::spawn({
-        let (orch, stop) = (orch.clone(), stop.clone());
-        async move { discord::start(orch, &config, stop).await }
-    });
+/// The daemon with Discord against `fake`, identified on the gateway.
+pub async fn start_gateway(fake: &FakeDiscord, env: &TestEnv) -> Daemon {
+    let daemon = env.daemon().await;
     // READY is on its way; dispatches sent from now on follow it on the socket.
     fake.wait_until("an Identify", |f| f.recorded.lock().unwrap().identifies >= 1)
         .await;
-    (adapter, stop)
+    daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,8 +43,8 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     env.config.discord.api_url = fake.base.clone();
     env.config.discord.channels = one_channel(CHANNEL, "demo", &["101", "102", "501"], &["101"]);
     fake.recorded.lock().unwrap().rate_limit_edits = 1;
-    let orch = env.orchestrator().await;
-    let (adapter, stop) = start_gateway(&fake, &env, &orch).await;
+    let daemon = start_gateway(&fake, &env).await;
+    let orch = daemon.orch.clone();
 
     // A mention opens a thread on the message and answers in it.
     fake.dispatch(
@@ -184,7 +170,6 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     })
     .await;
 
-    stop.cancel();
-    let _ = adapter.await;
+    daemon.stop().await.unwrap();
     orch.shutdown().await;
 }

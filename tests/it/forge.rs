@@ -560,8 +560,8 @@ async fn open_pr_from_a_slack_status_message() {
         .unwrap()
         .usergroups
         .insert("S0REVIEW".into(), vec!["U7".into(), "U3".into()]);
-    let orch = env.orchestrator().await;
-    let (adapter, stop) = crate::slack::start_socket_mode(&slack_fake, &env, &orch).await;
+    let daemon = crate::slack::start_socket_mode(&slack_fake, &env).await;
+    let orch = daemon.orch.clone();
 
     slack_fake.push_event(
         "Ev1",
@@ -626,8 +626,7 @@ async fn open_pr_from_a_slack_status_message() {
         "{lookups:?}"
     );
 
-    stop.cancel();
-    adapter.await.unwrap().unwrap();
+    daemon.stop().await.unwrap();
     orch.shutdown().await;
 }
 
@@ -647,8 +646,8 @@ async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
     env.config.discord.token = Secret::new("bot-token-123");
     env.config.discord.api_url = discord_fake.base.clone();
     env.config.discord.channels = one_channel(CHANNEL, "app", &["101"], &["101", "202", "203"]);
-    let orch = env.orchestrator().await;
-    let (adapter, stop) = crate::discord::start_gateway(&discord_fake, &env, &orch).await;
+    let daemon = crate::discord::start_gateway(&discord_fake, &env).await;
+    let orch = daemon.orch.clone();
 
     discord_fake.dispatch(
         "MESSAGE_CREATE",
@@ -717,7 +716,6 @@ async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
         .collect();
     assert_eq!(decisions, [false, false, true]);
 
-    stop.cancel();
-    let _ = adapter.await;
+    daemon.stop().await.unwrap();
     orch.shutdown().await;
 }

@@ -2,15 +2,19 @@
 //! a busybox "sh" agent whose prompt is its script, and an orchestrator started on them.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use threadline::config::{AgentProfile, Config};
+use threadline::daemon::{DaemonError, Listeners, serve};
 use threadline::model::{Origin, Run};
 use threadline::orchestrator::{ContainerRuntime, FollowUp, NewPipeline, Orchestrator, Scope, Submitted};
 use threadline::store::Store;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub const IMAGE: &str = "threadline-test-agent:1";
 
@@ -91,6 +95,9 @@ impl TestEnv {
             ..Config::default()
         };
         config.agents.insert("sh".into(), sh_agent());
+        // The daemon's listeners on free ports.
+        config.web.listen = "127.0.0.1:0".into();
+        config.slack.events_listen = "127.0.0.1:0".into();
         TestEnv { dir, origin, config }
     }
 
@@ -123,6 +130,26 @@ impl TestEnv {
         let store = Store::open(&self.config.database_url()).await.unwrap();
         let runtime = ContainerRuntime::connect().await.unwrap();
         Orchestrator::new(Arc::new(self.config.clone()), store, runtime)
+    }
+
+    /// The real daemon on this configuration: `daemon::serve`, what `threadline serve`
+    /// runs, on listeners bound on free ports.
+    pub async fn daemon(&self) -> Daemon {
+        let orch = self.orchestrator_unstarted().await;
+        let listeners = Listeners::bind(&self.config).await.unwrap();
+        let (web, slack_events) = (listeners.web_addr(), listeners.slack_events_addr());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (orch, stop) = (orch.clone(), stop.clone());
+            async move { serve(orch, listeners, async move { stop.cancelled().await }).await }
+        });
+        Daemon {
+            orch,
+            web,
+            slack_events,
+            stop,
+            task,
+        }
     }
 
     pub async fn start(&self, orch: &Orchestrator, prompt: &str) -> Submitted {
@@ -293,6 +320,40 @@ pub fn pipeline_on(id: &str, repo: &str) -> threadline::model::Pipeline {
         title: "t".into(),
         origin: Origin::cli(),
         created_at: threadline::model::now_millis(),
+    }
+}
+
+/// A daemon started by [`TestEnv::daemon`].
+pub struct Daemon {
+    pub orch: Orchestrator,
+    pub web: Option<SocketAddr>,
+    pub slack_events: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), DaemonError>>,
+}
+
+impl Daemon {
+    /// It stopped by itself (a chat adapter gave up).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// GETs `path` from its web listener: the response's head and body, as text.
+    pub async fn get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.web.expect("web is enabled");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    /// Shuts it down as SIGTERM would; its result.
+    pub async fn stop(self) -> Result<(), DaemonError> {
+        self.stop.cancel();
+        self.task.await.unwrap()
     }
 }
 

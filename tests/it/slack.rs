@@ -2,18 +2,13 @@
 //! Socket Mode: mention → thread → status message ending with the branch link.
 
 use serde_json::{Value, json};
-use threadline::bots::slack;
 use threadline::config::Secret;
 use threadline::model::RunState;
-
-use threadline::orchestrator::Orchestrator;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::fake_slack::FakeSlack;
 use std::time::Duration;
 
-use crate::harness::{TestEnv, appears, finished, holds_for, one_channel, wait_for};
+use crate::harness::{Daemon, TestEnv, appears, finished, holds_for, one_channel, poll_until, wait_for};
 
 pub fn mention(user: &str, ts: &str, text: &str) -> Value {
     json!({"type": "app_mention", "user": user, "text": format!("<@UBOT> {text}"), "ts": ts,
@@ -46,33 +41,19 @@ pub fn status_texts(fake: &FakeSlack, run_id: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The Slack adapter over Socket Mode against `fake`, connected; stop it with the token.
-pub async fn start_socket_mode(
-    fake: &FakeSlack,
-    env: &TestEnv,
-    orch: &Orchestrator,
-) -> (JoinHandle<Result<(), slack::SlackError>>, CancellationToken) {
-    let stop = CancellationToken::new();
-    let slack_config = env.config.slack.clone();
-    let adapter = tokio::spawn({
-        let (orch, stop) = (orch.clone(), stop.clone());
-        async move { slack::start(orch, &slack_config, None, stop).await }
-    });
-    for _ in 0..100 {
-        if !fake.calls("apps.connections.open").is_empty() || adapter.is_finished() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    if adapter.is_finished() {
-        panic!("the Slack adapter stopped: {:?}", adapter.await.unwrap());
-    }
-    fake.wait_until("the Socket Mode connection", |f| {
-        !f.calls("apps.connections.open").is_empty()
-    })
+/// The daemon with Slack over Socket Mode against `fake`, connected.
+pub async fn start_socket_mode(fake: &FakeSlack, env: &TestEnv) -> Daemon {
+    let daemon = env.daemon().await;
+    poll_until(
+        "the Socket Mode connection",
+        || daemon.is_finished() || fake.listening(),
+        || format!("{:?}", fake.calls("apps.connections.open")),
+    )
     .await;
-    fake.wait_until("the Socket Mode websocket", |f| f.listening()).await;
-    (adapter, stop)
+    if daemon.is_finished() {
+        panic!("the daemon stopped: {:?}", daemon.stop().await);
+    }
+    daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,8 +65,8 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     c1.prompters = vec!["U1".into(), "U2".into()];
     c1.approvers = vec!["U1".into()];
     fake.recorded.lock().unwrap().rate_limit_updates = 1;
-    let orch = env.orchestrator().await;
-    let (adapter, stop) = start_socket_mode(&fake, &env, &orch).await;
+    let daemon = start_socket_mode(&fake, &env).await;
+    let orch = daemon.orch.clone();
 
     // A mention starts a pipeline: a reaction, a reply naming repo, branch and agent.
     let env_id = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
@@ -124,7 +105,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         0,
         "the fake did answer one update with 429"
     );
-    let metrics = orch.metrics().render(&[]);
+    let metrics = daemon.get("/metrics").await;
     assert!(
         metrics.contains("threadline_chat_api_errors_total{platform=\"slack\"} 0"),
         "Slack counted from its start, a 429 waited out is no error:\n{metrics}"
@@ -207,8 +188,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
     })
     .await;
 
-    stop.cancel();
-    adapter.await.unwrap().unwrap();
+    daemon.stop().await.unwrap();
     orch.shutdown().await;
 }
 
@@ -247,15 +227,9 @@ async fn the_events_api_checks_signatures_and_starts_runs() {
     let mut env = slack_env(&fake);
     env.config.slack.mode = threadline::config::SlackMode::Events;
     env.config.slack.signing_secret = Secret::new("signing-secret-123");
-    let orch = env.orchestrator().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/slack/events", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let slack_config = env.config.slack.clone();
-    let adapter = tokio::spawn({
-        let (orch, stop) = (orch.clone(), stop.clone());
-        async move { slack::start(orch, &slack_config, Some(listener), stop).await }
-    });
+    let daemon = env.daemon().await;
+    let orch = daemon.orch.clone();
+    let url = format!("http://{}/slack/events", daemon.slack_events.unwrap());
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -316,7 +290,6 @@ async fn the_events_api_checks_signatures_and_starts_runs() {
     })
     .await;
 
-    stop.cancel();
-    adapter.await.unwrap().unwrap();
+    daemon.stop().await.unwrap();
     orch.shutdown().await;
 }
