@@ -8,6 +8,7 @@ use std::time::Duration;
 use threadline::bots::chat::{ChannelBinding, ChatCore, Click, Message, Outcome, StatusUpdater, ThreadRef};
 use threadline::bots::render::Action;
 use threadline::model::RunState;
+use threadline::orchestrator::{Orchestrator, Submitted};
 
 use threadline::bots::chat::testing::{CallKind, RecordingSurface, SurfaceCall};
 
@@ -49,12 +50,25 @@ fn bindings() -> BTreeMap<String, ChannelBinding> {
     one_channel("C1", "demo", &["U1", "U2"], &["U1"])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mentions_replies_and_clicks_mean_what_they_should() {
+/// A chat core on Slack's channel C1 (prompters U1 and U2, approver U1) over "demo".
+async fn slack_core() -> (TestEnv, Orchestrator, ChatCore) {
     let env = env_with_repo();
     let orch = env.orchestrator().await;
     let core = ChatCore::new(orch.clone(), "slack", bindings());
+    (env, orch, core)
+}
 
+/// A pipeline started by U2's mention in C1 at `ts`.
+async fn mentioned(core: &ChatCore, ts: &str, prompt: &str) -> Submitted {
+    match core.on_message(mention("C1", ts, "U2", prompt)).await {
+        Outcome::Queued { submitted, .. } => *submitted,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_start_nothing_say_why() {
+    let (_env, orch, core) = slack_core().await;
     // Unbound channel: how to bind it.
     match core.on_message(mention("C9", "1.0", "U1", "do it")).await {
         Outcome::Reply { text, .. } => assert!(text.contains("[slack.channels.C9]") && text.contains("demo"), "{text}"),
@@ -84,9 +98,14 @@ async fn mentions_replies_and_clicks_mean_what_they_should() {
     }
     assert!(
         orch.store().pipelines(10).await.unwrap().is_empty(),
-        "nothing started so far"
+        "nothing started"
     );
+    orch.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mention_starts_a_pipeline_in_its_thread_once() {
+    let (_env, orch, core) = slack_core().await;
     // A mention starts a pipeline in that message's thread; a redelivery starts nothing.
     let first = match core.on_message(mention("C1", "2.0", "U2", "echo one > one.txt")).await {
         Outcome::Queued {
@@ -115,15 +134,18 @@ async fn mentions_replies_and_clicks_mean_what_they_should() {
         other => panic!("{other:?}"),
     }
     assert_eq!(orch.store().runs(&first.pipeline.id).await.unwrap().len(), 1);
+    orch.shutdown().await;
+}
 
-    // Thread messages: a follow-up from someone allowed, no mention needed.
-    let long = match core.on_message(reply("C1", "2.0", "2.1", "U2", "sleep 30")).await {
-        Outcome::Queued { submitted, text, .. } => {
-            assert_eq!(submitted.run.seq, 2, "{text}");
-            submitted
-        }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_replies_from_prompters_follow_up_and_others_are_not_heard() {
+    let (_env, orch, core) = slack_core().await;
+    mentioned(&core, "2.0", "echo one > one.txt").await;
+    // A follow-up from someone allowed, no mention needed.
+    match core.on_message(reply("C1", "2.0", "2.1", "U2", "echo two > two.txt")).await {
+        Outcome::Queued { submitted, text, .. } => assert_eq!(submitted.run.seq, 2, "{text}"),
         other => panic!("{other:?}"),
-    };
+    }
     assert!(matches!(
         core.on_message(reply("C1", "2.0", "2.2", "U7", "chatter")).await,
         Outcome::Ignored
@@ -141,8 +163,14 @@ async fn mentions_replies_and_clicks_mean_what_they_should() {
         Outcome::Reply { text, .. } => assert!(text.contains("no pipeline"), "{text}"),
         other => panic!("{other:?}"),
     }
+    orch.shutdown().await;
+}
 
-    // Clicks: a prompter who is not an approver is refused; an approver cancels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_obey_approvers_and_a_redelivered_retry_counts_once() {
+    let (_env, orch, core) = slack_core().await;
+    let long = mentioned(&core, "3.0", "sleep 30").await;
+    // A prompter who is not an approver is refused; an approver cancels.
     wait_for(orch.store(), &long.run.id, "running", |r| r.state == RunState::Running).await;
     let click = |who: &str| Click {
         id: format!("click-{who}"),
