@@ -96,10 +96,7 @@ async fn messages_that_start_nothing_say_why() {
         Outcome::Reply { text, .. } => assert!(text.contains("empty"), "{text}"),
         other => panic!("{other:?}"),
     }
-    assert!(
-        orch.store().pipelines(10).await.unwrap().is_empty(),
-        "nothing started"
-    );
+    assert!(orch.store().pipelines(10).await.unwrap().is_empty(), "nothing started");
     orch.shutdown().await;
 }
 
@@ -142,7 +139,10 @@ async fn thread_replies_from_prompters_follow_up_and_others_are_not_heard() {
     let (_env, orch, core) = slack_core().await;
     mentioned(&core, "2.0", "echo one > one.txt").await;
     // A follow-up from someone allowed, no mention needed.
-    match core.on_message(reply("C1", "2.0", "2.1", "U2", "echo two > two.txt")).await {
+    match core
+        .on_message(reply("C1", "2.0", "2.1", "U2", "echo two > two.txt"))
+        .await
+    {
         Outcome::Queued { submitted, text, .. } => assert_eq!(submitted.run.seq, 2, "{text}"),
         other => panic!("{other:?}"),
     }

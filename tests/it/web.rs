@@ -119,11 +119,25 @@ impl Web {
     }
 }
 
+/// A thread started from the web chat with `prompt`: (pipeline id, run id).
+async fn web_thread(web: &Web, prompt: &str) -> (String, String) {
+    let (s, started) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": prompt}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{started}");
+    let id = |v: &Value| v["id"].as_str().unwrap().to_owned();
+    (id(&started["pipeline"]), id(&started["run"]))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_route_of_the_chat_and_the_api_works() {
+async fn the_pages_and_the_api_index_are_served() {
     let mut env = TestEnv::new();
     let web = Web::new(&mut env, None).await;
-
     for (path, needle) in [
         ("/", "Start a thread"),
         ("/dashboard", "Dashboard"),
@@ -141,8 +155,13 @@ async fn every_route_of_the_chat_and_the_api_works() {
     let repos = web.get_json("/api/repos").await;
     assert_eq!(repos["repos"][0]["name"], "demo");
     assert_eq!(repos["default_agent"], "sh");
+    web.orch.shutdown().await;
+}
 
-    // Bad input: clear errors, nothing started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_starts_nothing() {
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
     let (s, e) = web
         .json("POST", "/api/pipelines", json!({"repo": "nope", "prompt": "x"}), None)
         .await;
@@ -157,7 +176,19 @@ async fn every_route_of_the_chat_and_the_api_works() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(web.get("/api/runs/nope").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        web.get_json("/api/pipelines").await["pipelines"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    web.orch.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_thread_runs_once_and_ends_with_a_branch_link() {
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
     // A new thread: a pipeline whose first run ends with a branch link.
     let (s, started) = web
         .json(
@@ -169,7 +200,6 @@ async fn every_route_of_the_chat_and_the_api_works() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{started}");
     let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    let pipeline_id = started["pipeline"]["id"].as_str().unwrap().to_owned();
     assert_eq!(started["pipeline"]["surface"], "web");
     // The same message delivered twice starts one run.
     let (s, again) = web
@@ -193,7 +223,27 @@ async fn every_route_of_the_chat_and_the_api_works() {
     assert!(card["log_lines"].to_string().contains("hi from the agent"));
     assert_eq!(done["events"].as_array().unwrap().len(), 5);
     assert_eq!(env.origin_file(branch, "web.txt").as_deref(), Some("web\n"));
+    assert_eq!(
+        web.get_json("/api/pipelines?surface=web").await["pipelines"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        web.get_json("/api/pipelines?surface=slack").await["pipelines"]
+            .as_array()
+            .map(Vec::len),
+        Some(0)
+    );
+    web.orch.shutdown().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follow_ups_queue_cancel_and_retry_and_metrics_count_them() {
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
+    let (pipeline_id, run_id) = web_thread(&web, "echo web > web.txt").await;
+    web.wait_card(&run_id, |c| c["terminal"] == true).await;
     // A follow-up in the thread, then one to cancel while queued behind a long run.
     let (s, long) = web
         .json(
@@ -240,15 +290,6 @@ async fn every_route_of_the_chat_and_the_api_works() {
 
     let thread = web.get_json(&format!("/api/pipelines/{pipeline_id}")).await;
     assert_eq!(thread["runs"].as_array().unwrap().len(), 4);
-    let list = web.get_json("/api/pipelines?surface=web").await;
-    assert_eq!(list["pipelines"].as_array().unwrap().len(), 1);
-    assert_eq!(
-        web.get_json("/api/pipelines?surface=slack").await["pipelines"]
-            .as_array()
-            .unwrap()
-            .len(),
-        0
-    );
 
     let (_, metrics) = web.get("/metrics").await;
     for line in [
@@ -262,8 +303,13 @@ async fn every_route_of_the_chat_and_the_api_works() {
     ] {
         assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
     }
+    web.orch.shutdown().await;
+}
 
-    // A pipeline from a chat platform links to its thread on the dashboard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_pipeline_links_to_its_thread_on_the_dashboard() {
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
     let core = threadline::bots::chat::ChatCore::new(web.orch.clone(), "slack", one_channel("C1", "demo", &[], &[]));
     let outcome = core
         .on_message(threadline::bots::chat::Message {
