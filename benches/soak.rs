@@ -76,6 +76,7 @@ async fn main() {
                 requested_by: "soak".into(),
                 origin: Origin::cli(),
                 idempotency_key: Some(format!("soak-{p}")),
+                mode: Default::default(),
             })
             .await
             .unwrap();

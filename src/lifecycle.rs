@@ -125,6 +125,8 @@ pub enum EndReason {
     Lost,
     /// The run never reached a container (preparation failed).
     NotStarted,
+    /// Stopped when its cost passed its budget.
+    OverBudget,
 }
 
 impl EndReason {
@@ -135,6 +137,7 @@ impl EndReason {
             EndReason::Cancelled => "cancelled",
             EndReason::Lost => "lost",
             EndReason::NotStarted => "not_started",
+            EndReason::OverBudget => "over_budget",
         }
     }
 
@@ -145,6 +148,7 @@ impl EndReason {
             EndReason::Cancelled,
             EndReason::Lost,
             EndReason::NotStarted,
+            EndReason::OverBudget,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -188,15 +192,19 @@ pub struct Ending {
     pub error: Option<String>,
 }
 
+/// The limits a run was held to, for the words of its ending.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// The agent's time limit.
+    pub time: Millis,
+    /// Its budget in US dollars, if it had one.
+    pub budget_usd: Option<f64>,
+}
+
 /// What a run ends as, from how its agent ended (`reason`, `exit_code`), how saving
-/// went, the agent's time limit, and the run's id (named in the hint to its log).
-pub fn ending(
-    reason: EndReason,
-    exit_code: Option<i64>,
-    save: &SaveOutcome,
-    agent_limit: Millis,
-    run_id: &str,
-) -> Ending {
+/// went, the limits it was held to, and the run's id (named in the hint to its log).
+pub fn ending(reason: EndReason, exit_code: Option<i64>, save: &SaveOutcome, limits: &Limits, run_id: &str) -> Ending {
+    let agent_limit = limits.time;
     let end = |state, error: Option<String>| Ending { state, error };
     match (save, reason, exit_code) {
         (SaveOutcome::Failed(e), _, _) => end(
@@ -222,6 +230,14 @@ pub fn ending(
             Some(format!(
                 "the agent ran past its limit of {} and was stopped; its work so far is saved",
                 format_duration(agent_limit)
+            )),
+        ),
+        (_, EndReason::OverBudget, _) => end(
+            RunState::Failed,
+            Some(format!(
+                "the run cost more than its budget of ${:.2} and was stopped; its work so far is saved. Raise \
+                 `max_cost_usd` or narrow the request, then retry",
+                limits.budget_usd.unwrap_or(0.0)
             )),
         ),
         (SaveOutcome::Saved { push_error: Some(e) }, EndReason::Exited, Some(0)) => end(
@@ -343,9 +359,14 @@ mod tests {
                 RunState::Cancelled,
                 "while its work was being saved",
             ),
+            (OverBudget, None, saved.clone(), RunState::Failed, "budget of $0.50"),
         ];
+        let limits = Limits {
+            time: 60_000,
+            budget_usd: Some(0.5),
+        };
         for (reason, code, save, state, says) in cases {
-            let e = ending(reason, code, &save, 60_000, "r-1");
+            let e = ending(reason, code, &save, &limits, "r-1");
             assert_eq!(e.state, state, "{reason:?} {code:?} {save:?}");
             assert!(e.state.is_terminal());
             match (says.is_empty(), &e.error) {

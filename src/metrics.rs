@@ -15,6 +15,8 @@ const RUN_DURATION: &str = "threadline_run_duration_seconds";
 const CONTAINER_STARTS: &str = "threadline_container_starts_total";
 const CONTAINER_FAILURES: &str = "threadline_container_failures_total";
 const CHAT_API_ERRORS: &str = "threadline_chat_api_errors_total";
+const AGENT_TOKENS: &str = "threadline_agent_tokens_total";
+const AGENT_COST: &str = "threadline_agent_cost_usd";
 
 const BUCKETS_SECONDS: [f64; 10] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
@@ -24,6 +26,10 @@ pub struct Metrics {
     container_starts: Counter,
     container_failures: Counter,
     run_duration: Histogram,
+    tokens_in: Counter,
+    tokens_out: Counter,
+    /// In millionths of a dollar (counters count whole numbers); shown in dollars.
+    cost: Gauge,
     queue_depth: Gauge,
     runs: Vec<(RunState, Gauge)>,
 }
@@ -68,6 +74,16 @@ impl Metrics {
             "Agent containers that failed to start in this process.",
         );
         describe(CHAT_API_ERRORS, None, "Failed calls to a chat platform's API.");
+        describe(
+            AGENT_TOKENS,
+            None,
+            "Tokens agents reported, for runs this process saw end.",
+        );
+        describe(
+            AGENT_COST,
+            None,
+            "US dollars agents reported (or priced), for runs this process saw end.",
+        );
         let md = metadata();
         let runs = RunState::ALL
             .into_iter()
@@ -80,6 +96,15 @@ impl Metrics {
             container_starts: recorder.register_counter(&Key::from_static_name(CONTAINER_STARTS), &md),
             container_failures: recorder.register_counter(&Key::from_static_name(CONTAINER_FAILURES), &md),
             run_duration: recorder.register_histogram(&Key::from_static_name(RUN_DURATION), &md),
+            tokens_in: recorder.register_counter(
+                &Key::from_parts(AGENT_TOKENS, vec![Label::from_static_parts("direction", "in")]),
+                &md,
+            ),
+            tokens_out: recorder.register_counter(
+                &Key::from_parts(AGENT_TOKENS, vec![Label::from_static_parts("direction", "out")]),
+                &md,
+            ),
+            cost: recorder.register_gauge(&Key::from_static_name(AGENT_COST), &md),
             queue_depth: recorder.register_gauge(&Key::from_static_name(QUEUE_DEPTH), &md),
             runs,
             recorder,
@@ -99,6 +124,12 @@ impl Metrics {
     pub fn run_ended(&self, run: &Run) {
         if let Some(end) = run.finished_at {
             self.run_duration.record(seconds(end - run.created_at));
+        }
+        self.tokens_in.increment(run.usage.tokens_in.unwrap_or(0).max(0) as u64);
+        self.tokens_out
+            .increment(run.usage.tokens_out.unwrap_or(0).max(0) as u64);
+        if let Some(cost) = run.usage.cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
+            self.cost.increment(cost);
         }
     }
 

@@ -13,6 +13,7 @@ pub fn now_millis() -> Millis {
         .unwrap_or(0)
 }
 
+pub use crate::config::RunMode;
 pub use crate::lifecycle::{EndReason, RunState, UnknownState};
 
 /// Where a pipeline was started from, so front ends can find their own threads again.
@@ -118,10 +119,111 @@ pub struct Run {
     pub push_error: Option<String>,
     pub container_id: Option<String>,
     pub cancel_requested: bool,
-    /// The summary the agent left in `$THREADLINE_SUMMARY_FILE`, if any.
+    /// The agent's own answer: its final message where it reports one (structured
+    /// events), else what it left in `$THREADLINE_SUMMARY_FILE`, else its last lines.
     pub summary: Option<String>,
     /// The last lines of the log, redacted.
     pub log_tail: String,
+    /// A change, or a question answered on a read-only workspace.
+    pub mode: RunMode,
+    /// Tokens and cost as the agent reported them (or tokens times the profile's prices).
+    pub usage: Usage,
+    /// What the agent is doing, from its structured events.
+    pub progress: Option<Progress>,
+}
+
+/// Tokens and cost of a run, where the agent reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Usage {
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    pub cost_usd: Option<f64>,
+}
+
+impl Usage {
+    /// `12.3k in · 450 out · $0.04`, or nothing known.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(n) = self.tokens_in {
+            parts.push(format!("{} in", compact(n)));
+        }
+        if let Some(n) = self.tokens_out {
+            parts.push(format!("{} out", compact(n)));
+        }
+        if let Some(c) = self.cost_usd {
+            parts.push(format!("${c:.2}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(" · "))
+    }
+}
+
+/// `950`, `12.3k`, `1.2M`.
+fn compact(n: i64) -> String {
+    match n {
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}k", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// What an agent is doing, as its structured events say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// The current step.
+    pub step: Option<StepKind>,
+    /// What the step is on: a file, a command (already cleaned and redacted). Shown only
+    /// where the channel's detail allows more than metadata.
+    pub detail: Option<String>,
+    pub tool_calls: u32,
+    pub files_touched: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Reading,
+    Editing,
+    Running,
+    Searching,
+    Planning,
+    Thinking,
+}
+
+impl StepKind {
+    pub fn words(self) -> &'static str {
+        match self {
+            StepKind::Reading => "reading",
+            StepKind::Editing => "editing",
+            StepKind::Running => "running a command",
+            StepKind::Searching => "searching the web",
+            StepKind::Planning => "planning",
+            StepKind::Thinking => "thinking",
+        }
+    }
+}
+
+impl Progress {
+    /// `editing src/x.rs · 12 tool calls · 3 files`; the step's object only `with_detail`.
+    pub fn describe(&self, with_detail: bool) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(step) = self.step {
+            match (&self.detail, with_detail) {
+                (Some(d), true) => parts.push(format!("{} {d}", step.words())),
+                _ => parts.push(step.words().to_owned()),
+            }
+        }
+        if self.tool_calls > 0 {
+            parts.push(format!("{} tool call{}", self.tool_calls, plural(self.tool_calls)));
+        }
+        if self.files_touched > 0 {
+            parts.push(format!("{} file{}", self.files_touched, plural(self.files_touched)));
+        }
+        (!parts.is_empty()).then(|| parts.join(" · "))
+    }
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 impl Run {
@@ -253,5 +355,36 @@ mod tests {
             deletions: 0,
         };
         assert_eq!(d.to_string(), "1 file changed, 2 insertions(+), 0 deletions(-)");
+    }
+}
+
+/// `2026-11-25 23:59 UTC` from milliseconds since the epoch.
+pub fn format_utc(millis: Millis) -> String {
+    let secs = millis.div_euclid(1000);
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60
+    )
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn utc_dates_are_civil_dates() {
+        assert_eq!(super::format_utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(super::format_utc(1_795_651_200_000), "2026-11-26 00:00 UTC");
+        assert_eq!(super::format_utc(951_782_400_000 + 61_000), "2000-02-29 00:01 UTC");
     }
 }

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::ForgeKind;
-use crate::model::{Pipeline, Run, RunState, format_duration, now_millis};
+use crate::model::{Pipeline, Run, RunMode, RunState, format_duration, now_millis};
 use crate::model::{capitalize, sentence};
 use crate::orchestrator::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
 use crate::redact::Redactor;
@@ -95,6 +95,13 @@ pub struct StatusCard {
     pub pull_request: Option<PrLink>,
     /// A line about pull requests: none is possible here and why, or this run updated one.
     pub note: Option<String>,
+    /// A change, or a question (answered; nothing committed).
+    pub mode: RunMode,
+    /// What the agent is doing now (while it runs): `editing src/x.rs · 4 tool calls`;
+    /// the step's object only where the detail level allows more than metadata.
+    pub progress: Option<String>,
+    /// Tokens and cost, where the agent reported them.
+    pub usage: Option<String>,
 }
 
 /// Log lines a card shows at `Detail::Logs`.
@@ -116,8 +123,11 @@ pub fn status_card(
         RunState::Queued if ahead > 0 => format!("queued ({ahead} ahead)"),
         RunState::Queued => "queued".to_owned(),
         RunState::Preparing => "preparing the workspace".to_owned(),
+        RunState::Running if run.mode == RunMode::Ask => "answering (read-only)".to_owned(),
         RunState::Running => "running".to_owned(),
+        RunState::Saving if run.mode == RunMode::Ask => "finishing".to_owned(),
         RunState::Saving => "saving: commit and push".to_owned(),
+        RunState::Succeeded if run.mode == RunMode::Ask => "answered".to_owned(),
         RunState::Succeeded if !run.changed => "succeeded, no changes".to_owned(),
         RunState::Succeeded => "succeeded".to_owned(),
         RunState::Failed => "failed".to_owned(),
@@ -178,7 +188,25 @@ pub fn status_card(
         log_lines,
         buttons,
         pull_request: None,
-        note: None,
+        note: (run.mode == RunMode::Ask
+            && run.state.is_terminal()
+            && detail == Detail::Metadata
+            && run.summary.is_some())
+        .then(|| {
+            format!(
+                "The answer stays on this machine at this channel's detail level: `threadline runs {}` or the web \
+                     chat shows it.",
+                pipeline.id
+            )
+        }),
+        mode: run.mode,
+        progress: run
+            .progress
+            .as_ref()
+            .filter(|_| run.state == RunState::Running)
+            .and_then(|p| p.describe(detail != Detail::Metadata))
+            .map(|p| redactor.redact(&p)),
+        usage: run.usage.describe(),
     }
 }
 
@@ -210,15 +238,24 @@ pub fn card_text(card: &StatusCard, m: &impl Markup) -> CardText {
         format!("agent {}", card.agent),
         format!("branch {branch}"),
     ];
+    if card.mode == RunMode::Ask {
+        facts.push("read-only".into());
+    }
     if let Some(c) = &card.commit {
         facts.push(format!("commit `{c}`"));
     }
     if let Some(d) = &card.diffstat {
         facts.push(d.clone());
-    } else if card.terminal && !card.changed {
+    } else if card.terminal && !card.changed && card.mode == RunMode::Change {
         facts.push("no changes".into());
     }
+    if let Some(u) = &card.usage {
+        facts.push(u.clone());
+    }
     let mut lines = vec![facts.join(" · ")];
+    if let Some(p) = &card.progress {
+        lines.push(m.emphasis(&m.escape(p)));
+    }
     if let Some(e) = &card.error {
         lines.push(format!("{} {}", m.warning(), m.escape(e)));
     }
@@ -424,6 +461,9 @@ pub(crate) mod tests {
             cancel_requested: false,
             summary: Some("did it with key sk-secret-1".into()),
             log_tail: (1..=20).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n"),
+            mode: crate::model::RunMode::Change,
+            usage: Default::default(),
+            progress: None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
-use crate::model::Origin;
+use crate::model::{Origin, RunMode};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, SubmitError};
 
 mod doctor;
@@ -136,11 +136,21 @@ pub struct PromptArgs {
     /// Makes the command safe to repeat: a second call with the same key starts nothing.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// Ask a question instead: the agent answers on a read-only workspace and nothing
+    /// is committed.
+    #[arg(long)]
+    pub ask: bool,
     #[command(flatten)]
     pub watch: WatchArgs,
     /// What the agent should do ("-" reads it from standard input).
     #[arg(required = true, num_args = 1..)]
     pub prompt: Vec<String>,
+}
+
+impl PromptArgs {
+    fn mode(&self) -> RunMode {
+        if self.ask { RunMode::Ask } else { RunMode::Change }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +222,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Shell { pipeline, agent } => shell::shell(config, &pipeline, agent.as_deref()).await,
         Command::Run(args) => {
             let orch = open(config).await?;
+            let mode = args.prompt.mode();
             let submitted = orch
                 .submit_pipeline(NewPipeline {
                     repo: args.repo,
@@ -221,12 +232,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     requested_by: execute::whoami(),
                     origin: Origin::cli(),
                     idempotency_key: args.prompt.idempotency_key,
+                    mode,
                 })
                 .await?;
             execute::execute_and_watch(orch, submitted, args.prompt.watch.detach).await
         }
         Command::FollowUp(args) => {
             let orch = open(config).await?;
+            let mode = args.prompt.mode();
             let submitted = orch
                 .submit_follow_up(FollowUp {
                     pipeline_id: args.pipeline,
@@ -234,6 +247,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     agent: args.prompt.agent,
                     requested_by: execute::whoami(),
                     idempotency_key: args.prompt.idempotency_key,
+                    mode,
                 })
                 .await?;
             execute::execute_and_watch(orch, submitted, args.prompt.watch.detach).await

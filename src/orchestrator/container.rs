@@ -56,7 +56,11 @@ pub struct AgentSpec {
     /// `uid:gid`, never root.
     pub user: String,
     pub workspace: PathBuf,
+    /// An ask: the agent reads the workspace and cannot change it.
+    pub workspace_read_only: bool,
     pub context: PathBuf,
+    /// The pipeline's agent state (a host folder) and where it is mounted, as `HOME`.
+    pub state: Option<(PathBuf, String)>,
     /// The pipeline's object store, mounted read-only at [`OBJECTS_MOUNT`].
     pub objects: Option<PathBuf>,
     pub labels: HashMap<String, String>,
@@ -79,12 +83,14 @@ impl AgentSpec {
             ..Default::default()
         };
         HostConfig {
-            // The only host paths: the workspace, and the context and objects read-only.
+            // The only host paths: the workspace, the context and objects read-only, and
+            // the pipeline's agent state.
             mounts: Some(
                 [
-                    Some(bind(&self.workspace, WORKSPACE_MOUNT, false)),
+                    Some(bind(&self.workspace, WORKSPACE_MOUNT, self.workspace_read_only)),
                     Some(bind(&self.context, CONTEXT_MOUNT, true)),
                     self.objects.as_ref().map(|o| bind(o, OBJECTS_MOUNT, true)),
+                    self.state.as_ref().map(|(dir, target)| bind(dir, target, false)),
                 ]
                 .into_iter()
                 .flatten()
@@ -426,7 +432,9 @@ mod tests {
             env: Vec::new(),
             user: "1000:1000".into(),
             workspace: "/data/workspaces/p".into(),
+            workspace_read_only: false,
             context: "/data/workspaces/p.shell-context".into(),
+            state: None,
             objects: Some("/data/gitdirs/p.git/objects".into()),
             labels: HashMap::from([(LABEL_PIPELINE.to_owned(), "p".to_owned())]),
             memory_bytes: 256 << 20,

@@ -2,6 +2,7 @@
 //! in a container and saves its work to git. **It never names Slack, Discord or HTTP**;
 //! front ends call it with domain words and render what it reports.
 
+pub mod agent_events;
 pub mod container;
 mod executor;
 pub mod forge;
@@ -24,11 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::model::{Origin, Pipeline, Run, RunState, now_millis};
+use crate::model::{Origin, Pipeline, Run, RunMode, RunState, now_millis};
 use crate::redact::Redactor;
 use crate::store::{NewRun, Store};
+use crate::untrusted;
 
-pub use crate::store::{PipelineSummary, StoreError};
+pub use crate::store::{PipelineSummary, StoreError, ThreadMessage};
+
+/// The most of one thread message kept as context.
+pub const MAX_THREAD_MESSAGE_BYTES: usize = 4096;
 pub use container::{ContainerError, ContainerRuntime};
 pub use ports::{Containers, Workspaces};
 pub use pulls::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
@@ -56,6 +61,8 @@ pub struct NewPipeline {
     pub origin: Origin,
     /// Makes the request safe to deliver twice (a chat event id, a CLI flag).
     pub idempotency_key: Option<String>,
+    /// A change (the default), or a question answered on a read-only workspace.
+    pub mode: RunMode,
 }
 
 /// A prompt that continues a pipeline.
@@ -66,6 +73,7 @@ pub struct FollowUp {
     pub agent: Option<String>,
     pub requested_by: String,
     pub idempotency_key: Option<String>,
+    pub mode: RunMode,
 }
 
 #[derive(Debug, Clone)]
@@ -292,6 +300,7 @@ impl Orchestrator {
             agent,
             requested_by: req.requested_by,
             idempotency_key: req.idempotency_key,
+            mode: req.mode,
         };
         let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
         self.after_insert(inserted.run, inserted.created).await
@@ -312,6 +321,7 @@ impl Orchestrator {
             agent,
             requested_by: req.requested_by,
             idempotency_key: req.idempotency_key,
+            mode: req.mode,
         };
         let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
         self.after_insert(inserted.run, inserted.created).await
@@ -342,8 +352,24 @@ impl Orchestrator {
             agent: Some(run.agent),
             requested_by: requested_by.to_owned(),
             idempotency_key,
+            mode: run.mode,
         })
         .await
+    }
+
+    /// Keeps a message said in a pipeline's thread that started no run, as context for
+    /// the pipeline's next run: cleaned of control characters and capped. A failure to
+    /// keep it is logged; the conversation goes on.
+    pub async fn note_thread_message(&self, pipeline_id: &str, message_id: &str, author: &str, text: &str) {
+        let message = ThreadMessage {
+            message_id: untrusted::prefix(message_id, 200).to_owned(),
+            author: untrusted::prefix(&untrusted::clean(author), 200).to_owned(),
+            text: untrusted::truncate(&untrusted::clean(text), MAX_THREAD_MESSAGE_BYTES),
+            at: now_millis(),
+        };
+        if let Err(e) = self.inner.store.add_thread_message(pipeline_id, &message).await {
+            tracing::warn!(pipeline_id, error = %e, "cannot keep a thread message as context");
+        }
     }
 
     /// Cancels a run, or every unfinished run of a pipeline.

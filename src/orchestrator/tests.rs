@@ -257,6 +257,7 @@ fn prompt() -> NewPipeline {
         requested_by: "tester".into(),
         origin: Origin::cli(),
         idempotency_key: None,
+        mode: Default::default(),
     }
 }
 

@@ -21,6 +21,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "pull requests",
         include_str!("migrations/sqlite/0004_pull_requests.sql"),
     ),
+    (
+        5,
+        "conversation",
+        include_str!("migrations/sqlite/0005_conversation.sql"),
+    ),
 ];
 
 #[derive(Debug)]

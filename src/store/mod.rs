@@ -12,7 +12,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::model::{
-    Approval, Diffstat, EndReason, Millis, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState, now_millis,
+    Approval, Diffstat, EndReason, Millis, Origin, Pipeline, Progress, PullRequestRecord, Run, RunEvent, RunMode,
+    RunState, Usage, now_millis,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,17 @@ pub struct NewRun {
     pub agent: String,
     pub requested_by: String,
     pub idempotency_key: Option<String>,
+    pub mode: RunMode,
+}
+
+/// A message in a pipeline's thread that started no run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ThreadMessage {
+    pub message_id: String,
+    /// Who said it, as the platform names them.
+    pub author: String,
+    pub text: String,
+    pub at: Millis,
 }
 
 /// One line of `threadline pipelines`.
@@ -117,6 +129,8 @@ pub struct RunPatch {
     pub push_error: Option<Option<String>>,
     pub container_id: Option<String>,
     pub summary: Option<String>,
+    pub usage: Option<Usage>,
+    pub progress: Option<Progress>,
 }
 
 /// A Threadline process's lease, as recorded in the store (its host and pid are kept in
@@ -127,6 +141,9 @@ pub struct Instance {
     pub heartbeat_at: Millis,
 }
 
+/// The most thread messages kept per pipeline.
+pub const MAX_THREAD_MESSAGES: i64 = 200;
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -135,7 +152,7 @@ pub struct Store {
 const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, \
      started_at, finished_at, exit_code, end_reason, error, start_commit, head_commit, changed, \
      files_changed, insertions, deletions, pushed, push_error, container_id, cancel_requested, \
-     summary, log_tail";
+     summary, log_tail, mode, tokens_in, tokens_out, cost_micro_usd, progress";
 const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
      title, origin_surface, origin_thread, origin_url, created_at";
 /// The state lists of SQL, made from the lifecycle's own.
@@ -515,6 +532,15 @@ impl Store {
         if let Some(v) = &patch.summary {
             sets.push(("summary", Bind::Text(Some(v.clone()))));
         }
+        if let Some(u) = &patch.usage {
+            sets.push(("tokens_in", Bind::Int(u.tokens_in)));
+            sets.push(("tokens_out", Bind::Int(u.tokens_out)));
+            let micro = u.cost_usd.map(|c| (c * 1e6).round() as i64);
+            sets.push(("cost_micro_usd", Bind::Int(micro)));
+        }
+        if let Some(p) = &patch.progress {
+            sets.push(("progress", Bind::Text(serde_json::to_string(p).ok())));
+        }
         if sets.is_empty() {
             return Ok(());
         }
@@ -534,6 +560,53 @@ impl Store {
         }
         q.bind(run_id).execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Keeps a thread message that started no run (once per message id); a thread keeps
+    /// its latest `MAX_THREAD_MESSAGES`.
+    pub async fn add_thread_message(&self, pipeline_id: &str, m: &ThreadMessage) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO thread_messages (pipeline_id, message_id, author, text, at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(pipeline_id)
+        .bind(&m.message_id)
+        .bind(&m.author)
+        .bind(&m.text)
+        .bind(m.at)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "DELETE FROM thread_messages WHERE pipeline_id = $1 AND message_id NOT IN \
+             (SELECT message_id FROM thread_messages WHERE pipeline_id = $1 ORDER BY at DESC LIMIT $2)",
+        )
+        .bind(pipeline_id)
+        .bind(MAX_THREAD_MESSAGES)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A thread's messages after `since` (ms), oldest first.
+    pub async fn thread_messages(&self, pipeline_id: &str, since: Millis) -> Result<Vec<ThreadMessage>> {
+        let rows = sqlx::query(
+            "SELECT message_id, author, text, at FROM thread_messages WHERE pipeline_id = $1 AND at > $2 \
+             ORDER BY at, message_id",
+        )
+        .bind(pipeline_id)
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ThreadMessage {
+                    message_id: r.try_get("message_id")?,
+                    author: r.try_get("author")?,
+                    text: r.try_get("text")?,
+                    at: r.try_get("at")?,
+                })
+            })
+            .collect()
     }
 
     /// Marks a run for cancellation. A queued run is cancelled at once (returns true);
@@ -780,8 +853,8 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     // The write comes first: a SQLite transaction that reads before writing cannot wait
     // for another writer and fails with "database is locked".
     let id: String = sqlx::query_scalar(
-        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at) \
-         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5 \
+        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, mode) \
+         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5, $6 \
          FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM runs WHERE pipeline_id = $1) AS next \
          RETURNING id",
     )
@@ -790,6 +863,7 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     .bind(&run.agent)
     .bind(&run.requested_by)
     .bind(now)
+    .bind(run.mode.as_str())
     .fetch_one(&mut **tx)
     .await?;
     if let Some(key) = &run.idempotency_key {
@@ -913,6 +987,22 @@ fn run_from_row(r: &AnyRow) -> Result<Run> {
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
         summary: r.try_get("summary")?,
         log_tail: r.try_get("log_tail")?,
+        mode: {
+            let mode: String = r.try_get("mode")?;
+            RunMode::parse(&mode).ok_or(StoreError::Corrupt {
+                column: "mode",
+                value: mode,
+            })?
+        },
+        usage: Usage {
+            tokens_in: r.try_get("tokens_in")?,
+            tokens_out: r.try_get("tokens_out")?,
+            cost_usd: r.try_get::<Option<i64>, _>("cost_micro_usd")?.map(|m| m as f64 / 1e6),
+        },
+        // Written by this process only; an unreadable one is just not shown.
+        progress: r
+            .try_get::<Option<String>, _>("progress")?
+            .and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 

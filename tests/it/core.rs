@@ -445,6 +445,7 @@ async fn a_local_checkout_is_never_modified() {
                 requested_by: "tester".into(),
                 origin: Origin::cli(),
                 idempotency_key: None,
+                mode: Default::default(),
             })
             .await
             .unwrap();
@@ -484,6 +485,7 @@ async fn bad_requests_get_clear_errors_and_redeliveries_start_nothing() {
         requested_by: "tester".into(),
         origin: Origin::cli(),
         idempotency_key: key.map(str::to_owned),
+        mode: Default::default(),
     };
     assert!(matches!(
         orch.submit_pipeline(req("  ", None, None)).await,

@@ -141,6 +141,7 @@ async fn web_run(orch: &Orchestrator, repo: String, prompt: &str) -> (Submitted,
                 url: String::new(),
             },
             idempotency_key: None,
+            mode: Default::default(),
         })
         .await
         .unwrap();

@@ -161,6 +161,7 @@ impl TestEnv {
             requested_by: "tester".into(),
             origin: Origin::cli(),
             idempotency_key: None,
+            mode: Default::default(),
         })
         .await
         .unwrap()
@@ -198,6 +199,7 @@ pub fn follow_up(pipeline: &str, prompt: &str) -> FollowUp {
         agent: None,
         requested_by: "tester".into(),
         idempotency_key: None,
+        mode: Default::default(),
     }
 }
 

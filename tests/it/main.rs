@@ -5,6 +5,7 @@
 mod architecture;
 mod browser;
 mod chat;
+mod conversation;
 mod core;
 mod crash;
 mod discord;

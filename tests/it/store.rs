@@ -13,6 +13,7 @@ fn new_run(key: Option<String>) -> NewRun {
         agent: "sh".into(),
         requested_by: "t".into(),
         idempotency_key: key,
+        mode: Default::default(),
     }
 }
 

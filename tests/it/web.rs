@@ -604,6 +604,7 @@ async fn ambiguous_ids_list_their_candidates_and_match_literally() {
             agent: "sh".into(),
             requested_by: "t".into(),
             idempotency_key: None,
+            mode: Default::default(),
         };
         store
             .insert_pipeline(&crate::harness::pipeline_on(id, &env.origin_url()), &run)

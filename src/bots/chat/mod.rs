@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use super::render::{Action, StatusCard, card_in_context, pull_request_refused, pull_request_said};
 pub use crate::config::ChannelBinding;
+use crate::config::{FollowUps, RunMode};
 use crate::model::{Origin, Run};
 use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
 
@@ -37,6 +38,8 @@ pub struct Sender {
     /// sender is in; they count like user ids in prompters and approvers.
     pub roles: Vec<String>,
     pub is_bot: bool,
+    /// A name to show (Discord's user name); empty where the platform gives only ids.
+    pub name: String,
 }
 
 /// A message as an adapter saw it.
@@ -235,10 +238,15 @@ impl ChatCore {
                 url: msg.link.clone().unwrap_or_default(),
             },
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
+            mode: parsed.mode.unwrap_or(binding.mode),
         };
         queued(here, self.orch.submit_pipeline(request).await, |submitted| {
+            let what = match submitted.run.mode {
+                RunMode::Ask => "a question (read-only; nothing is committed)",
+                RunMode::Change => "a change",
+            };
             format!(
-                "On it: pipeline `{}` on {repo_name}, branch `{}` from `{}`, agent {}.",
+                "On it, {what}: pipeline `{}` on {repo_name}, branch `{}` from `{}`, agent {}.",
                 submitted.pipeline.id, submitted.pipeline.branch, submitted.pipeline.base_branch, submitted.run.agent
             )
         })
@@ -273,14 +281,24 @@ impl ChatCore {
             }
         };
         let binding = self.binding(&msg.channel).cloned().unwrap_or_default();
-        if !binding.may_prompt(&msg.sender) {
-            return if msg.mentions_bot {
-                Outcome::Private {
-                    text: "You are not allowed to prompt the agent in this thread.".into(),
-                }
-            } else {
-                Outcome::Ignored
+        let allowed = binding.may_prompt(&msg.sender);
+        if allowed && (msg.mentions_bot || binding.follow_ups == FollowUps::All) {
+            // A follow-up, below.
+        } else if msg.mentions_bot {
+            return Outcome::Private {
+                text: "You are not allowed to prompt the agent in this thread.".into(),
             };
+        } else {
+            // Discussion: context for the thread's next run.
+            let author = if msg.sender.name.is_empty() {
+                msg.sender.id.clone()
+            } else {
+                format!("{} ({})", msg.sender.name, msg.sender.id)
+            };
+            self.orch
+                .note_thread_message(&pipeline.id, &msg.id, &author, &msg.text)
+                .await;
+            return Outcome::Ignored;
         }
         let parsed = parse_prompt(&msg.text);
         if parsed.repo.is_some() {
@@ -295,6 +313,7 @@ impl ChatCore {
             agent: parsed.agent,
             requested_by: format!("{}:{}", self.surface, msg.sender.id),
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
+            mode: parsed.mode.unwrap_or(binding.mode),
         };
         queued(
             here,
@@ -485,7 +504,7 @@ mod tests {
         let dev = Sender {
             id: "U3".into(),
             roles: vec!["role-dev".into()],
-            is_bot: false,
+            ..Sender::default()
         };
         assert!(b.may_prompt(&dev));
         let strict = ChannelBinding {
@@ -524,6 +543,9 @@ mod tests {
             buttons: Vec::new(),
             pull_request: None,
             note: None,
+            mode: crate::config::RunMode::Change,
+            progress: None,
+            usage: None,
         }
     }
 

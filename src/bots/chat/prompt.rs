@@ -1,4 +1,7 @@
-//! Reading a prompt out of a chat message: mentions stripped, `repo=` and `agent=` read.
+//! Reading a prompt out of a chat message: mentions stripped, `repo=` and `agent=` read,
+//! `?` / `ask:` / `change:` at the start telling whether it asks or changes.
+
+use crate::config::RunMode;
 
 /// A prompt read out of a message: `repo=<name>` and `agent=<name>` words removed, bot
 /// mentions (`<@U123>`) stripped.
@@ -7,6 +10,8 @@ pub struct ParsedPrompt {
     pub repo: Option<String>,
     pub agent: Option<String>,
     pub prompt: String,
+    /// Said by the message itself; else the channel's default.
+    pub mode: Option<RunMode>,
 }
 
 pub fn parse_prompt(text: &str) -> ParsedPrompt {
@@ -27,6 +32,44 @@ pub fn parse_prompt(text: &str) -> ParsedPrompt {
         }
         lines.push(words.join(" "));
     }
-    parsed.prompt = lines.join("\n").trim().to_owned();
+    let prompt = lines.join("\n").trim().to_owned();
+    let lower = prompt.to_ascii_lowercase();
+    let (mode, rest) = if let Some(rest) = prompt.strip_prefix('?') {
+        (Some(RunMode::Ask), rest)
+    } else if lower.starts_with("ask:") {
+        (Some(RunMode::Ask), &prompt[4..])
+    } else if lower.starts_with("change:") {
+        (Some(RunMode::Change), &prompt[7..])
+    } else {
+        (None, prompt.as_str())
+    };
+    parsed.mode = mode;
+    parsed.prompt = rest.trim().to_owned();
     parsed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_question_mark_or_ask_asks_and_change_changes() {
+        let ask = parse_prompt("<@U0BOT> ? where is the retry logic?");
+        assert_eq!(
+            (ask.mode, ask.prompt.as_str()),
+            (Some(RunMode::Ask), "where is the retry logic?")
+        );
+        let ask = parse_prompt("<@U0BOT> ASK: why does it fail");
+        assert_eq!(
+            (ask.mode, ask.prompt.as_str()),
+            (Some(RunMode::Ask), "why does it fail")
+        );
+        let change = parse_prompt("change: add a test");
+        assert_eq!(
+            (change.mode, change.prompt.as_str()),
+            (Some(RunMode::Change), "add a test")
+        );
+        let plain = parse_prompt("fix it? please");
+        assert_eq!((plain.mode, plain.prompt.as_str()), (None, "fix it? please"));
+    }
 }

@@ -380,6 +380,7 @@ fn sender(user: &serenity::all::User, roles: Option<&[serenity::all::RoleId]>) -
         id: user.id.get().to_string(),
         roles: roles.unwrap_or_default().iter().map(|r| r.get().to_string()).collect(),
         is_bot: false,
+        name: user.name.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::WebState;
 use crate::bots::render::{Detail, StatusCard, card_in_context, pull_request_refused, pull_request_said};
-use crate::model::{Origin, Pipeline, Run};
+use crate::model::{Origin, Pipeline, Run, RunMode};
 use crate::orchestrator::StoreError;
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
 
@@ -306,6 +306,9 @@ pub struct StartBody {
     repo: String,
     agent: Option<String>,
     prompt: String,
+    /// `change` (the default) or `ask`.
+    #[serde(default)]
+    mode: RunMode,
 }
 
 pub async fn start_pipeline(
@@ -343,6 +346,7 @@ pub async fn start_pipeline(
                 url: String::new(),
             },
             idempotency_key: idempotency_key(&headers),
+            mode: body.mode,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)
@@ -352,6 +356,8 @@ pub async fn start_pipeline(
 pub struct FollowUpBody {
     prompt: String,
     agent: Option<String>,
+    #[serde(default)]
+    mode: RunMode,
 }
 
 pub async fn follow_up(
@@ -368,6 +374,7 @@ pub async fn follow_up(
             agent: body.agent,
             requested_by: "web".into(),
             idempotency_key: idempotency_key(&headers),
+            mode: body.mode,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)

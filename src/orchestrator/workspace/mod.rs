@@ -241,6 +241,22 @@ pub struct CommitInfo<'a> {
     pub prompt: &'a str,
     pub agent: &'a str,
     pub outcome: &'a str,
+    /// Paths the agent's own bookkeeping writes (gitignore patterns): never committed.
+    pub exclude: &'a [String],
+}
+
+/// The daemon's `info/exclude` of a pipeline: Threadline's control files and the agent
+/// profile's bookkeeping (one pattern a line; the repository's `.gitignore` is untouched).
+fn exclude_file(patterns: &[String]) -> String {
+    let mut text = format!("# Threadline's control files\n/{CONTROL_DIR}/\n");
+    for p in patterns {
+        let p = p.trim();
+        if !p.is_empty() && !p.contains(['\n', '\r']) {
+            text.push_str(p);
+            text.push('\n');
+        }
+    }
+    text
 }
 
 impl Git {
@@ -513,8 +529,7 @@ impl Git {
         config.set_bool("core.trustctime", false)?;
         let exclude = tmp.join("info/exclude");
         fs::create_dir_all(tmp.join("info")).map_err(io_err("cannot create", &tmp))?;
-        fs::write(&exclude, format!("# Threadline's control files\n/{CONTROL_DIR}/\n"))
-            .map_err(io_err("cannot write", &exclude))?;
+        fs::write(&exclude, exclude_file(&[])).map_err(io_err("cannot write", &exclude))?;
         drop(repo);
         fs::rename(&tmp, &gitdir).map_err(io_err("cannot move into place", &gitdir))?;
         Ok(())
@@ -567,7 +582,10 @@ impl Git {
                 dotgit.join("objects/info/alternates"),
                 format!("{}\n", crate::orchestrator::container::OBJECTS_MOUNT).into_bytes(),
             ),
-            (dotgit.join("info/exclude"), format!("/{CONTROL_DIR}/\n").into_bytes()),
+            (
+                dotgit.join("info/exclude"),
+                fs::read(repo.path().join("info/exclude")).unwrap_or_else(|_| exclude_file(&[]).into_bytes()),
+            ),
         ];
         for (path, bytes) in files {
             write_new(&path, &bytes)?;
@@ -638,6 +656,8 @@ impl Git {
         }
 
         let parent = repo.find_commit(repo.refname_to_id(&branch_ref)?)?;
+        let exclude = repo.path().join("info/exclude");
+        fs::write(&exclude, exclude_file(info.exclude)).map_err(io_err("cannot write", &exclude))?;
         let mut index = repo.index()?;
         index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
         index.update_all(["*"], None)?;
@@ -956,6 +976,7 @@ mod tests {
         let msg = commit_message(
             "p1",
             &CommitInfo {
+                exclude: &[],
                 run_id: "p1-2",
                 prompt: "fix the bug\nin detail",
                 agent: "script",
