@@ -104,6 +104,10 @@ pub struct StatusCard {
     pub usage: Option<String>,
 }
 
+/// The most of an agent's answer a chat card shows (Slack's sections hold 3,000
+/// characters, Discord's embeds 4,096, and escaping grows the text).
+pub const CARD_ANSWER_BYTES: usize = 1500;
+
 /// Log lines a card shows at `Detail::Logs`.
 pub const CARD_LOG_LINES: usize = 8;
 
@@ -266,8 +270,13 @@ pub fn card_text(card: &StatusCard, m: &impl Markup) -> CardText {
         lines.push(m.emphasis(&m.escape(n)));
     }
     if let Some(s) = &card.summary {
-        // Every line quoted, so none of the agent's lines can pass for the card's own.
-        lines.extend(s.lines().map(|l| format!("> {}", m.escape(l))));
+        // Every line quoted, so none of the agent's lines can pass for the card's own;
+        // cut to what a chat message holds (the rest is in the web chat and the CLI).
+        let shown = crate::untrusted::prefix(s, CARD_ANSWER_BYTES);
+        lines.extend(shown.lines().map(|l| format!("> {}", m.escape(l))));
+        if shown.len() < s.len() {
+            lines.push(m.emphasis("(the rest of the answer is in the web chat and `threadline runs`)"));
+        }
     }
     CardText {
         title: format!("Run {}: {}", card.seq, card.headline),

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use super::execute::{exit_for, watch};
 use crate::config::Config;
-use crate::model::{Run, format_duration, now_millis};
+use crate::model::{Run, RunMode, format_duration, now_millis};
 use crate::orchestrator::Queries;
 
 /// `threadline pipelines`
@@ -66,13 +66,34 @@ pub(super) async fn runs(config: &Config, pipeline: &str, json: bool) -> anyhow:
             (Some(_), false) => "no changes".into(),
             _ => "-".into(),
         };
-        let prompt: String = r.prompt.lines().next().unwrap_or_default().chars().take(50).collect();
+        let mut prompt: String = r.prompt.lines().next().unwrap_or_default().chars().take(50).collect();
+        if r.mode == RunMode::Ask {
+            prompt.insert_str(0, "(ask) ");
+        }
         println!(
             "{:<12} {:<10} {:>4} {:>8}  {:<10} {:<20} {}",
             r.id, r.state, exit, time, commit, changes, prompt
         );
         if let Some(e) = &r.error {
             println!("{:<12} └ {}", "", e);
+        }
+        if let Some(usage) = r.usage.describe() {
+            println!("{:<12} └ {usage}", "");
+        }
+        if let Some(answer) = &r.summary {
+            // The agent's own words: cleaned again, in case they were stored before.
+            let answer = crate::untrusted::clean(&redactor.redact(answer));
+            let lines: Vec<&str> = answer.lines().collect();
+            for line in lines.iter().take(ANSWER_LINES_SHOWN) {
+                println!("{:<12} │ {line}", "");
+            }
+            if lines.len() > ANSWER_LINES_SHOWN {
+                println!(
+                    "{:<12} │ … {} more lines (--json has them all)",
+                    "",
+                    lines.len() - ANSWER_LINES_SHOWN
+                );
+            }
         }
     }
     if let Some(pr) = pull_request {
@@ -92,6 +113,9 @@ pub(super) async fn runs(config: &Config, pipeline: &str, json: bool) -> anyhow:
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How much of a run's answer `threadline runs` prints.
+const ANSWER_LINES_SHOWN: usize = 12;
 
 /// `threadline logs`
 pub(super) async fn logs(config: &Config, run: &str, follow: bool) -> anyhow::Result<ExitCode> {

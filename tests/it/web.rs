@@ -880,3 +880,35 @@ async fn host_names_and_the_auth_scheme_are_case_insensitive() {
     }
     web.orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_from_the_web_chat_is_answered_read_only() {
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
+    let (_, run_id) = web_thread(&web, "? echo 'the answer is 42'").await;
+    let done = web.wait_card(&run_id, |c| c["terminal"] == true).await;
+    assert_eq!(done["run"]["mode"], "ask", "{done}");
+    assert_eq!(done["card"]["headline"], "answered", "{done}");
+    assert_eq!(
+        done["card"]["summary"], "the answer is 42",
+        "the web chat shows the answer: {done}"
+    );
+    assert_eq!(
+        done["run"]["prompt"], "echo 'the answer is 42'",
+        "the prefix is not part of the prompt"
+    );
+    let (s, explicit) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "?literal question mark", "mode": "change"}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{explicit}");
+    assert_eq!(
+        explicit["run"]["mode"], "change",
+        "an explicit mode wins over the prefix"
+    );
+    web.orch.shutdown().await;
+}

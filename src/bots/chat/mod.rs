@@ -10,6 +10,7 @@
 mod policy;
 use policy::allowed;
 mod prompt;
+pub use prompt::split_mode;
 mod status;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -32,20 +32,28 @@ pub fn parse_prompt(text: &str) -> ParsedPrompt {
         }
         lines.push(words.join(" "));
     }
-    let prompt = lines.join("\n").trim().to_owned();
-    let lower = prompt.to_ascii_lowercase();
+    let joined = lines.join("\n");
+    let (mode, prompt) = split_mode(&joined);
+    parsed.mode = mode;
+    parsed.prompt = prompt.to_owned();
+    parsed
+}
+
+/// The mode a prompt asks for at its start (`?` or `ask:` asks, `change:` changes;
+/// case-insensitive), and the prompt without it.
+pub fn split_mode(prompt: &str) -> (Option<RunMode>, &str) {
+    let prompt = prompt.trim();
+    let starts = |p: &str| prompt.get(..p.len()).is_some_and(|s| s.eq_ignore_ascii_case(p));
     let (mode, rest) = if let Some(rest) = prompt.strip_prefix('?') {
         (Some(RunMode::Ask), rest)
-    } else if lower.starts_with("ask:") {
+    } else if starts("ask:") {
         (Some(RunMode::Ask), &prompt[4..])
-    } else if lower.starts_with("change:") {
+    } else if starts("change:") {
         (Some(RunMode::Change), &prompt[7..])
     } else {
-        (None, prompt.as_str())
+        (None, prompt)
     };
-    parsed.mode = mode;
-    parsed.prompt = rest.trim().to_owned();
-    parsed
+    (mode, rest.trim())
 }
 
 #[cfg(test)]

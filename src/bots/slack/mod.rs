@@ -574,4 +574,21 @@ mod tests {
                 .contains("<https://gh/o/r/pull/4|PR #4>")
         );
     }
+
+    #[test]
+    fn a_long_answer_fits_a_section_and_says_where_the_rest_is() {
+        let mut card = crate::bots::render::tests::card_with_pull_request();
+        card.summary = Some("<&> an answer line that goes on\n".repeat(400));
+        card.usage = Some("12.3k in · 450 out · $0.04".into());
+        card.progress = Some("editing src/x.rs · 3 tool calls".into());
+        let blocks = card_blocks(&card);
+        let text = blocks[0]["text"]["text"].as_str().unwrap();
+        assert!(text.chars().count() <= 3000, "Slack's limit: {}", text.chars().count());
+        assert!(text.contains("the rest of the answer is in the web chat"), "{text}");
+        assert!(text.contains("&lt;&amp;&gt; an answer line"), "escaped");
+        assert!(
+            text.contains("12.3k in · 450 out · $0.04") && text.contains("_editing src/x.rs"),
+            "{text}"
+        );
+    }
 }

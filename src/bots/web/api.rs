@@ -18,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::WebState;
+use crate::bots::chat::split_mode;
 use crate::bots::render::{Detail, StatusCard, card_in_context, pull_request_refused, pull_request_said};
 use crate::model::{Origin, Pipeline, Run, RunMode};
 use crate::orchestrator::StoreError;
@@ -306,9 +307,8 @@ pub struct StartBody {
     repo: String,
     agent: Option<String>,
     prompt: String,
-    /// `change` (the default) or `ask`.
-    #[serde(default)]
-    mode: RunMode,
+    /// `change` or `ask`; else the prompt's own `?` / `ask:` / `change:`, else a change.
+    mode: Option<RunMode>,
 }
 
 pub async fn start_pipeline(
@@ -316,6 +316,8 @@ pub async fn start_pipeline(
     headers: HeaderMap,
     JsonBody(body): JsonBody<StartBody>,
 ) -> ApiResult<Response> {
+    let (prefixed, prompt) = split_mode(&body.prompt);
+    let mode = body.mode.or(prefixed).unwrap_or_default();
     let config = state.orch.config();
     let Some(repo) = config.repos.get(&body.repo) else {
         let known: Vec<&str> = config.repos.keys().map(String::as_str).collect();
@@ -338,7 +340,7 @@ pub async fn start_pipeline(
             repo: repo.url.clone(),
             base_branch: repo.base_branch.clone(),
             agent: body.agent.or_else(|| repo.agent.clone()),
-            prompt: body.prompt,
+            prompt: prompt.to_owned(),
             requested_by: "web".into(),
             origin: Origin {
                 surface: "web".into(),
@@ -346,7 +348,7 @@ pub async fn start_pipeline(
                 url: String::new(),
             },
             idempotency_key: idempotency_key(&headers),
-            mode: body.mode,
+            mode,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)
@@ -356,8 +358,7 @@ pub async fn start_pipeline(
 pub struct FollowUpBody {
     prompt: String,
     agent: Option<String>,
-    #[serde(default)]
-    mode: RunMode,
+    mode: Option<RunMode>,
 }
 
 pub async fn follow_up(
@@ -366,15 +367,17 @@ pub async fn follow_up(
     headers: HeaderMap,
     JsonBody(body): JsonBody<FollowUpBody>,
 ) -> ApiResult<Response> {
+    let (prefixed, prompt) = split_mode(&body.prompt);
+    let mode = body.mode.or(prefixed).unwrap_or_default();
     let submitted = state
         .orch
         .submit_follow_up(FollowUp {
             pipeline_id: id,
-            prompt: body.prompt,
+            prompt: prompt.to_owned(),
             agent: body.agent,
             requested_by: "web".into(),
             idempotency_key: idempotency_key(&headers),
-            mode: body.mode,
+            mode,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)
@@ -531,7 +534,8 @@ fn shown_run(state: &WebState, run: &Run) -> Value {
         "exit_code": run.exit_code, "end_reason": run.end_reason, "error": run.error,
         "start_commit": run.start_commit, "head_commit": run.head_commit, "changed": run.changed,
         "diffstat": run.diffstat, "pushed": run.pushed, "push_error": run.push_error,
-        "cancel_requested": run.cancel_requested, "summary": run.summary,
+        "cancel_requested": run.cancel_requested, "summary": run.summary, "answer": run.summary,
+        "mode": run.mode, "usage": run.usage, "progress": run.progress,
     })
 }
 

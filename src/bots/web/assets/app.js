@@ -39,7 +39,9 @@ function renderCard(card, logs) {
     card.branch_url ? el("span", {}, "branch ", el("a", { href: card.branch_url, target: "_blank", class: "branch-link" }, card.branch))
                     : el("span", { class: "branch" }, `branch ${card.branch}`),
     card.commit ? el("span", { class: "mono" }, `commit ${card.commit}`) : null,
-    card.exit_code !== null && card.exit_code !== undefined ? el("span", {}, `exit ${card.exit_code}`) : null);
+    card.exit_code !== null && card.exit_code !== undefined ? el("span", {}, `exit ${card.exit_code}`) : null,
+    card.mode === "ask" ? el("span", { class: "ask" }, "read-only") : null,
+    card.usage ? el("span", { class: "usage" }, card.usage) : null);
   const lines = logs && logs.length ? logs : card.log_lines;
   const buttons = el("div", { class: "buttons" }, card.buttons.map((b) => b.url
     ? el("a", { class: "button pr-link", href: b.url, target: "_blank" }, b.label)
@@ -47,10 +49,11 @@ function renderCard(card, logs) {
   return el("div", { class: `card ${card.state}`, "data-run": card.run_id, "data-state": card.state },
     el("div", { class: "head" }, el("span", { class: "state" }, card.headline), elapsed),
     meta,
-    card.diffstat ? el("div", { class: "diffstat" }, card.diffstat) : (card.terminal && !card.changed ? el("div", { class: "diffstat" }, "no changes") : null),
+    card.diffstat ? el("div", { class: "diffstat" }, card.diffstat) : (card.terminal && !card.changed && card.mode !== "ask" ? el("div", { class: "diffstat" }, "no changes") : null),
     card.error ? el("div", { class: "err" }, card.error) : null,
     card.note ? el("div", { class: "note" }, card.note) : null,
-    card.summary ? el("div", { class: "summary" }, card.summary) : null,
+    card.progress ? el("div", { class: "progress" }, card.progress) : null,
+    card.summary ? el("div", { class: "summary" }, el("div", { class: "summary-label" }, "The agent's answer"), card.summary) : null,
     lines && lines.length ? el("pre", { class: "log" }, lines.join("\n")) : null,
     card.buttons.length ? buttons : null);
 }
