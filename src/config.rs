@@ -234,6 +234,8 @@ pub struct AgentProfile {
     /// if exposed over TCP, the cloud metadata address): refused unless
     /// `allow_host_network` is true.
     pub network: String,
+    /// DNS servers the container uses instead of Docker's defaults (addresses).
+    pub dns: Vec<String>,
     /// Lets `network = "host"` through validation: an explicit, per-agent opt-in to an
     /// agent that is no longer cut off from the host's network.
     pub allow_host_network: bool,
@@ -338,47 +340,89 @@ impl AgentProfile {
 impl Default for Config {
     fn default() -> Self {
         let mut agents = BTreeMap::new();
+        let strings = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let vars = |list: &[(&str, &str)]| {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        // Claude Code (the native CLI): stream-json events, its session kept in HOME and
+        // continued by follow-ups; only the model API is called (checked by a test with
+        // the container's network limited to a fake of it).
+        let claude = ["claude", "--print", "--output-format", "stream-json", "--verbose"];
         agents.insert(
             "claude".into(),
             AgentProfile {
                 image: "threadline/agent-claude:latest".into(),
-                argv: vec![
-                    "claude".into(),
-                    "--print".into(),
-                    "--dangerously-skip-permissions".into(),
-                    "{prompt}".into(),
-                ],
-                env: vec!["ANTHROPIC_API_KEY".into()],
+                argv: strings(&[&claude[..], &["--dangerously-skip-permissions", "{prompt}"]].concat()),
+                resume_argv: strings(
+                    &[
+                        &claude[..],
+                        &["--dangerously-skip-permissions", "--continue", "{prompt}"],
+                    ]
+                    .concat(),
+                ),
+                state_dir: "/home/agent".into(),
+                events: EventFormat::Claude,
+                env: strings(&["ANTHROPIC_API_KEY"]),
+                env_set: vars(&[
+                    ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                    ("DISABLE_AUTOUPDATER", "1"),
+                    ("DISABLE_TELEMETRY", "1"),
+                    ("DISABLE_ERROR_REPORTING", "1"),
+                ]),
                 ..AgentProfile::default()
             },
         );
+        // Codex CLI: `exec --json` events; its sessions kept in HOME (~/.codex).
+        let codex = ["codex", "exec", "--json", "--full-auto", "--skip-git-repo-check"];
         agents.insert(
             "codex".into(),
             AgentProfile {
                 image: "threadline/agent-codex:latest".into(),
-                argv: vec![
-                    "codex".into(),
-                    "exec".into(),
-                    "--full-auto".into(),
-                    "--skip-git-repo-check".into(),
-                    "{prompt}".into(),
-                ],
-                env: vec!["OPENAI_API_KEY".into()],
+                argv: strings(&[&codex[..], &["{prompt}"]].concat()),
+                resume_argv: strings(&[&codex[..], &["resume", "--last", "{prompt}"]].concat()),
+                state_dir: "/home/agent".into(),
+                events: EventFormat::Codex,
+                env: strings(&["OPENAI_API_KEY"]),
                 ..AgentProfile::default()
             },
         );
+        // aider: no update check, no analytics, no price list download (the image's
+        // model metadata), `.gitignore` untouched, its files kept out of commits, its
+        // chat history in HOME and restored by follow-ups. Pick the model with
+        // `env_set.AIDER_MODEL`.
+        let aider = [
+            "aider",
+            "--model-metadata-file",
+            "/opt/aider/model-metadata.json",
+            "--yes-always",
+            "--no-auto-commits",
+            "--no-check-update",
+            "--analytics-disable",
+            "--no-gitignore",
+            "--no-show-release-notes",
+            "--no-pretty",
+            "--no-stream",
+            "--chat-history-file",
+            "/home/agent/aider.chat.history.md",
+            "--input-history-file",
+            "/home/agent/aider.input.history",
+            "--read",
+            "/threadline/history.md",
+        ];
+        let message = ["--message-file", "/threadline/request.md"];
         agents.insert(
             "aider".into(),
             AgentProfile {
                 image: "threadline/agent-aider:latest".into(),
-                argv: vec![
-                    "aider".into(),
-                    "--yes-always".into(),
-                    "--no-auto-commits".into(),
-                    "--message-file".into(),
-                    "/threadline/prompt.md".into(),
-                ],
-                env: vec!["OPENAI_API_KEY".into()],
+                argv: strings(&[&aider[..], &message[..]].concat()),
+                resume_argv: strings(&[&aider[..], &["--restore-chat-history"], &message[..]].concat()),
+                state_dir: "/home/agent".into(),
+                events: EventFormat::Aider,
+                exclude: strings(&[".aider*"]),
+                env: strings(&["OPENAI_API_KEY"]),
+                env_set: vars(&[("LITELLM_LOCAL_MODEL_COST_MAP", "True")]),
                 ..AgentProfile::default()
             },
         );
@@ -432,6 +476,7 @@ impl Default for AgentProfile {
             env: Vec::new(),
             env_set: BTreeMap::new(),
             network: "bridge".into(),
+            dns: Vec::new(),
             allow_host_network: false,
             memory_mb: 4096,
             cpus: 2.0,
@@ -660,6 +705,9 @@ impl Config {
                         agent.state_dir
                     ),
                 ));
+            }
+            if let Some(bad) = agent.dns.iter().find(|a| a.parse::<std::net::IpAddr>().is_err()) {
+                return Err(invalid(&key("dns"), format!("{bad:?} is not an IP address")));
             }
             for (field, v) in [
                 ("max_cost_usd", agent.max_cost_usd),

@@ -130,6 +130,11 @@ pub struct Run {
     pub usage: Usage,
     /// What the agent is doing, from its structured events.
     pub progress: Option<Progress>,
+    /// It resumed its agent's session from an earlier run's state.
+    pub resumed: bool,
+    /// The session's total cost as the agent reported it (for a resumed session, since
+    /// its first run); `usage.cost_usd` is this run's own.
+    pub session_cost_usd: Option<f64>,
 }
 
 /// Tokens and cost of a run, where the agent reports them.

@@ -473,6 +473,8 @@ pub(crate) mod tests {
             mode: crate::model::RunMode::Change,
             usage: Default::default(),
             progress: None,
+            resumed: false,
+            session_cost_usd: None,
         }
     }
 

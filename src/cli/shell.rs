@@ -61,6 +61,7 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
         nano_cpus: (profile.cpus * 1e9) as i64,
         pids_limit: profile.pids_limit,
         network: profile.network.clone(),
+        dns: profile.dns.clone(),
         read_only_rootfs: profile.read_only_rootfs,
         log_file_bytes: 0,
     };

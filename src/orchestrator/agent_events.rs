@@ -85,6 +85,12 @@ impl AgentState {
         }
     }
 
+    /// The cost as the agent itself reported it (a resumed Claude Code session reports
+    /// its total since its first run).
+    pub fn reported_cost(&self) -> Option<f64> {
+        self.cost
+    }
+
     /// Whether anything shown changed since the last call.
     pub fn take_changed(&mut self) -> bool {
         std::mem::take(&mut self.changed)
@@ -408,6 +414,37 @@ not json at all
         assert_eq!((usage.tokens_in, usage.tokens_out), (Some(3300), Some(200)));
         assert_eq!(usage.cost_usd, Some(0.014), "the session's cost, not a sum of sessions");
         assert_eq!(state.progress().files_touched, 1);
+    }
+
+    #[test]
+    fn a_recorded_claude_code_transcript_is_read() {
+        // Printed by the real Claude Code 2.1.332 (tests/agent-images/NOTES.md).
+        let (state, shown) = read_all(
+            EventFormat::Claude,
+            include_str!("../../tests/it/data/claude-stream.jsonl"),
+        );
+        assert_eq!(state.answer(), Some("Done: I created hello.txt."));
+        let usage = state.usage((0.0, 0.0));
+        assert_eq!(
+            (usage.tokens_in, usage.tokens_out, usage.cost_usd),
+            (Some(2400), Some(68), Some(0.01096))
+        );
+        assert_eq!(state.progress().files_touched, 1);
+        assert!(
+            shown.iter().any(|l| l.contains("[Write] /workspace/hello.txt")),
+            "{shown:?}"
+        );
+    }
+
+    #[test]
+    fn a_codex_exec_stream_in_its_documented_shape_is_read() {
+        // Written from codex's docs/exec.md and codex-rs/exec/src/exec_events.rs
+        // (tests/agent-images/NOTES.md): the CLI itself cannot be fetched here.
+        let (state, shown) = read_all(EventFormat::Codex, include_str!("../../tests/it/data/codex-exec.jsonl"));
+        assert_eq!(state.answer(), Some("Done: I created hello.txt."));
+        assert!(state.usage((0.0, 0.0)).tokens_in.is_some_and(|n| n > 0));
+        assert!(state.progress().tool_calls >= 2, "{:?}", state.progress());
+        assert!(shown.iter().any(|l| l.starts_with("$ bash -lc")), "{shown:?}");
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub struct AgentSpec {
     pub nano_cpus: i64,
     pub pids_limit: i64,
     pub network: String,
+    /// DNS servers instead of Docker's defaults.
+    pub dns: Vec<String>,
     pub read_only_rootfs: bool,
     /// The most of its output Docker keeps on disk (two files of this size at most).
     pub log_file_bytes: u64,
@@ -104,6 +106,7 @@ impl AgentSpec {
             memory_swap: Some(self.memory_bytes),
             nano_cpus: Some(self.nano_cpus),
             network_mode: Some(self.network.clone()),
+            dns: (!self.dns.is_empty()).then(|| self.dns.clone()),
             readonly_rootfs: Some(self.read_only_rootfs),
             // Docker's own copy of the output is bounded too: an agent printing at full
             // speed until its timeout must not fill the host's disk.
@@ -161,6 +164,9 @@ impl AgentSpec {
         }
         if let Some(network) = hc.network_mode {
             args.push(format!("--network={network}"));
+        }
+        for server in hc.dns.unwrap_or_default() {
+            args.push(format!("--dns={server}"));
         }
         for (path, options) in hc.tmpfs.unwrap_or_default() {
             args.extend(["--tmpfs".into(), format!("{path}:{options}")]);
@@ -441,6 +447,7 @@ mod tests {
             nano_cpus: 1_000_000_000,
             pids_limit: 64,
             network: "none".into(),
+            dns: Vec::new(),
             read_only_rootfs: true,
             log_file_bytes: 0,
         };

@@ -202,6 +202,13 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         .map_err(|e| failed(format!("cannot prepare the agent's state folder: {e}")))?;
     // A follow-up resumes the agent's own session where its state was kept.
     let resume = state.as_ref().is_some_and(|s| s.kept) && !profile.resume_argv.is_empty();
+    if resume {
+        let patch = RunPatch {
+            resumed: Some(true),
+            ..Default::default()
+        };
+        inner.store.update_run(&run.id, &patch).await?;
+    }
     // An ask reads the workspace as it is: it stays the daemon's.
     if (uid, gid) != inner.me && !ask {
         hand_over(prepared.workspace.clone(), uid, gid).await.map_err(|e| {
@@ -241,6 +248,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         nano_cpus: (profile.cpus * 1e9) as i64,
         pids_limit: profile.pids_limit,
         network: profile.network.clone(),
+        dns: profile.dns.clone(),
         read_only_rootfs: profile.read_only_rootfs,
         // Docker's copy in JSON, several times the size of the text Threadline keeps.
         log_file_bytes: inner.config.max_log_bytes.saturating_mul(4),
@@ -285,12 +293,17 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
 
     let budget = run_budget(inner, &run.pipeline_id, &profile).await;
     let (usage_tx, mut usage_rx) = tokio::sync::watch::channel(Usage::default());
+    let reporting = Reporting {
+        prices: (profile.price_input_per_mtok, profile.price_output_per_mtok),
+        session_before: session_cost_before(inner, run, &profile).await?,
+        usage_tx,
+    };
     let logs = tokio::spawn(stream_logs(
         inner.clone(),
         run.id.clone(),
         id.clone(),
-        profile.clone(),
-        usage_tx,
+        profile.events,
+        reporting,
     ));
     let wait = inner.runtime.wait(&id);
     tokio::pin!(wait);
@@ -392,15 +405,7 @@ async fn stop(inner: &Inner, id: &str, grace: Duration) {
 /// the container's first line, so a restart rewrites the file whole instead of
 /// duplicating it. Lines are split at [`untrusted::MAX_LINE_BYTES`], so no output, however
 /// long or newline-free, costs more than a line's worth of memory.
-async fn stream_logs(
-    inner: Arc<Inner>,
-    run_id: String,
-    container: String,
-    profile: AgentProfile,
-    usage_tx: tokio::sync::watch::Sender<Usage>,
-) {
-    let format = profile.events;
-    let prices = (profile.price_input_per_mtok, profile.price_output_per_mtok);
+async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String, format: EventFormat, reporting: Reporting) {
     let mut agent = AgentState::default();
     let path = log_path(&inner.config.data_dir, &run_id);
     // Made (or emptied) at the first line: a container that is gone by now leaves the
@@ -429,7 +434,7 @@ async fn stream_logs(
             Some(stream.next().await)
         };
         let Some(chunk) = next else {
-            report(&inner, &run_id, &agent, prices, &usage_tx).await;
+            report(&inner, &run_id, &agent, &reporting).await;
             reported = false;
             last_report = tokio::time::Instant::now();
             continue;
@@ -516,7 +521,7 @@ async fn stream_logs(
             last_flush = tokio::time::Instant::now();
         }
         if reported && (done || last_report.elapsed() >= REPORT_EVERY) {
-            report(&inner, &run_id, &agent, prices, &usage_tx).await;
+            report(&inner, &run_id, &agent, &reporting).await;
             reported = false;
             last_report = tokio::time::Instant::now();
         }
@@ -529,20 +534,44 @@ async fn stream_logs(
 /// How often what an agent reports (progress, tokens, cost) is stored and shown.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// What a run's reports need besides the agent's output.
+struct Reporting {
+    /// US dollars per million input and output tokens (0: unknown).
+    prices: (f64, f64),
+    /// The cost its resumed session had reached before this run, as reported then.
+    session_before: f64,
+    /// To the budget check.
+    usage_tx: tokio::sync::watch::Sender<Usage>,
+}
+
+/// What a resumed session had cost before `run`: the session total the pipeline's
+/// previous run of the same agent reported. Zero for a fresh session, and for agents
+/// that report each process's cost on its own.
+async fn session_cost_before(inner: &Inner, run: &Run, profile: &AgentProfile) -> Result<f64, StoreError> {
+    if !run.resumed || profile.events != EventFormat::Claude {
+        return Ok(0.0);
+    }
+    let runs = inner.store.runs(&run.pipeline_id).await?;
+    Ok(runs
+        .iter()
+        .rfind(|r| r.seq < run.seq && r.agent == run.agent)
+        .and_then(|r| r.session_cost_usd)
+        .unwrap_or(0.0))
+}
+
 /// Stores what the agent reported so far and shows it; the usage also goes to the
 /// budget check.
-async fn report(
-    inner: &Inner,
-    run_id: &str,
-    agent: &AgentState,
-    prices: (f64, f64),
-    usage_tx: &tokio::sync::watch::Sender<Usage>,
-) {
-    let usage = agent.usage(prices);
+async fn report(inner: &Inner, run_id: &str, agent: &AgentState, reporting: &Reporting) {
+    let mut usage = agent.usage(reporting.prices);
+    // This run's own share of what a resumed session reports in total.
+    if let Some(total) = agent.reported_cost() {
+        usage.cost_usd = Some((total - reporting.session_before).max(0.0));
+    }
     let patch = RunPatch {
         usage: Some(usage),
         progress: Some(agent.progress().clone()),
         summary: agent.answer().map(|a| inner.redactor.redact(a)),
+        session_cost_usd: agent.reported_cost(),
         ..Default::default()
     };
     match inner.store.update_run(run_id, &patch).await {
@@ -551,7 +580,7 @@ async fn report(
         }
         Err(e) => tracing::warn!(run_id, error = %e, "cannot store the agent's progress"),
     }
-    let _ = usage_tx.send(usage);
+    let _ = reporting.usage_tx.send(usage);
 }
 
 async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {

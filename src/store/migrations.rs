@@ -26,6 +26,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "conversation",
         include_str!("migrations/sqlite/0005_conversation.sql"),
     ),
+    (
+        6,
+        "agent sessions",
+        include_str!("migrations/sqlite/0006_agent_sessions.sql"),
+    ),
 ];
 
 #[derive(Debug)]

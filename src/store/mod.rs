@@ -131,6 +131,9 @@ pub struct RunPatch {
     pub summary: Option<String>,
     pub usage: Option<Usage>,
     pub progress: Option<Progress>,
+    pub resumed: Option<bool>,
+    /// The session's total cost as the agent reported it.
+    pub session_cost_usd: Option<f64>,
 }
 
 /// A Threadline process's lease, as recorded in the store (its host and pid are kept in
@@ -152,7 +155,7 @@ pub struct Store {
 const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, \
      started_at, finished_at, exit_code, end_reason, error, start_commit, head_commit, changed, \
      files_changed, insertions, deletions, pushed, push_error, container_id, cancel_requested, \
-     summary, log_tail, mode, tokens_in, tokens_out, cost_micro_usd, progress";
+     summary, log_tail, mode, tokens_in, tokens_out, cost_micro_usd, progress, resumed, session_cost_micro_usd";
 const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
      title, origin_surface, origin_thread, origin_url, created_at";
 /// The state lists of SQL, made from the lifecycle's own.
@@ -537,6 +540,12 @@ impl Store {
             sets.push(("tokens_out", Bind::Int(u.tokens_out)));
             let micro = u.cost_usd.map(|c| (c * 1e6).round() as i64);
             sets.push(("cost_micro_usd", Bind::Int(micro)));
+        }
+        if let Some(v) = patch.resumed {
+            sets.push(("resumed", Bind::Int(Some(v as i64))));
+        }
+        if let Some(c) = patch.session_cost_usd {
+            sets.push(("session_cost_micro_usd", Bind::Int(Some((c * 1e6).round() as i64))));
         }
         if let Some(p) = &patch.progress {
             sets.push(("progress", Bind::Text(serde_json::to_string(p).ok())));
@@ -1003,6 +1012,10 @@ fn run_from_row(r: &AnyRow) -> Result<Run> {
         progress: r
             .try_get::<Option<String>, _>("progress")?
             .and_then(|p| serde_json::from_str(&p).ok()),
+        resumed: r.try_get::<i64, _>("resumed")? != 0,
+        session_cost_usd: r
+            .try_get::<Option<i64>, _>("session_cost_micro_usd")?
+            .map(|m| m as f64 / 1e6),
     })
 }
 

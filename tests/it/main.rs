@@ -2,6 +2,7 @@
 //! Real Docker with an image the tests build, real git with a local bare origin, a real
 //! SQLite file.
 
+mod agents;
 mod architecture;
 mod browser;
 mod chat;
@@ -11,6 +12,7 @@ mod crash;
 mod discord;
 mod fake_discord;
 mod fake_forge;
+mod fake_models;
 mod fake_slack;
 mod forge;
 mod harness;
