@@ -3,7 +3,7 @@
 //! narrow view of the store, so no front end names it (the CLI's read-only commands
 //! open one without starting an orchestrator).
 
-use crate::model::{Approval, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState};
+use crate::model::{Approval, Millis, Origin, Pipeline, PullRequestRecord, Run, RunEvent, RunState};
 use crate::store::{PipelineSummary, Store, StoreError};
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -75,6 +75,11 @@ impl Queries {
     /// Every Open PR decision on a pipeline.
     pub async fn approvals(&self, pipeline_id: &str) -> Result<Vec<Approval>> {
         self.store.approvals(pipeline_id).await
+    }
+
+    /// Runs that ended at or after `since` (ms): final state, end, cost.
+    pub async fn ended_since(&self, since: Millis) -> Result<Vec<(RunState, Millis, Option<f64>)>> {
+        self.store.ended_since(since).await
     }
 
     /// How many runs are in each state.

@@ -431,6 +431,26 @@ impl Store {
             .collect()
     }
 
+    /// Runs that ended at or after `since` (ms): their final state, when, and their cost.
+    pub async fn ended_since(&self, since: Millis) -> Result<Vec<(RunState, Millis, Option<f64>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT state, finished_at, cost_micro_usd FROM runs WHERE state IN {terminal} AND finished_at >= $1",
+            terminal = *TERMINAL_STATES
+        ))
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    parse_state(&r.try_get::<String, _>("state")?)?,
+                    r.try_get("finished_at")?,
+                    r.try_get::<Option<i64>, _>("cost_micro_usd")?.map(|m| m as f64 / 1e6),
+                ))
+            })
+            .collect()
+    }
+
     // ---- the lifecycle ------------------------------------------------------------
 
     /// Takes the oldest queued run that may start now: its pipeline has no active run and

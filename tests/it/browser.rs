@@ -74,6 +74,26 @@ async fn click(browser: &fantoccini::Client, css: &str) {
     panic!("cannot click {css}: {last}");
 }
 
+/// Reads what `css` names with `f`, finding it again when the page redrew it in between.
+async fn read<T, F, Fut>(browser: &fantoccini::Client, css: &str, f: F) -> T
+where
+    F: Fn(fantoccini::elements::Element) -> Fut,
+    Fut: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+{
+    let mut last = String::new();
+    for _ in 0..50 {
+        match browser.find(Locator::Css(css)).await {
+            Ok(element) => match f(element).await {
+                Ok(value) => return value,
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("cannot read {css}: {last}");
+}
+
 fn artifacts() -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
@@ -156,22 +176,22 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
 
     // Open PR from the card: the button becomes a link to the pull request.
     click(&browser, "#messages li:nth-child(1) .card button[data-action=open_pr]").await;
-    let pr_link = wait(30)
-        .for_element(Locator::Css("#messages li:nth-child(1) .card a.pr-link"))
-        .await
-        .unwrap();
+    let pr_css = "#messages li:nth-child(1) .card a.pr-link";
+    wait(30).for_element(Locator::Css(pr_css)).await.unwrap();
     let pr_url = format!("http://{}/{project}/pull/1", forge.addr);
-    assert_eq!(pr_link.attr("href").await.unwrap().as_deref(), Some(pr_url.as_str()));
-    assert_eq!(pr_link.text().await.unwrap(), "View PR #1");
+    let (href, label) = read(&browser, pr_css, |e| async move {
+        Ok((e.attr("href").await?, e.text().await?))
+    })
+    .await;
+    assert_eq!(href.as_deref(), Some(pr_url.as_str()));
+    assert_eq!(label, "View PR #1");
     assert_eq!(forge.prs().len(), 1);
 
     // A follow-up in the same thread; its card says the pull request has it.
     send(&browser, "reply", "echo more >> b.txt").await;
-    let second = wait(90)
-        .for_element(Locator::Css("#messages li:nth-child(2) .card[data-state=succeeded]"))
-        .await
-        .unwrap();
-    let note = second.find(Locator::Css(".note")).await.unwrap().text().await.unwrap();
+    let second = "#messages li:nth-child(2) .card[data-state=succeeded]";
+    wait(90).for_element(Locator::Css(second)).await.unwrap();
+    let note = read(&browser, &format!("{second} .note"), |e| async move { e.text().await }).await;
     assert_eq!(note, "Pushed to pull request #1: it now shows this run's changes.");
 
     // A long run, cancelled from its card.
@@ -196,6 +216,14 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
         .await
         .unwrap();
     assert!(row.text().await.unwrap().contains("web chat"));
+    // The chart of runs per day by outcome draws a bar for today's runs.
+    let chart = browser.find(Locator::Css("#stats")).await.unwrap();
+    assert!(!chart.find_all(Locator::Css("svg rect")).await.unwrap().is_empty());
+    assert!(
+        chart.text().await.unwrap().contains("runs ended"),
+        "{}",
+        chart.text().await.unwrap()
+    );
     std::fs::write(artifacts().join("dashboard.png"), browser.screenshot().await.unwrap()).unwrap();
     // The pipeline's page: its pull request and who opened it.
     browser

@@ -290,6 +290,15 @@ async fn follow_ups_queue_cancel_and_retry_and_metrics_count_them() {
 
     let thread = web.get_json(&format!("/api/pipelines/{pipeline_id}")).await;
     assert_eq!(thread["runs"].as_array().unwrap().len(), 4);
+    let stats = web.get_json("/api/stats?days=3").await;
+    let days = stats["days"].as_array().unwrap();
+    assert_eq!(days.len(), 3);
+    let today = days.last().unwrap();
+    assert_eq!(
+        (today["succeeded"].as_i64(), today["cancelled"].as_i64()),
+        (Some(2), Some(2)),
+        "{stats}"
+    );
 
     let (_, metrics) = web.get("/metrics").await;
     for line in [

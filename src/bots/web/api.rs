@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::WebState;
 use crate::bots::chat::split_mode;
 use crate::bots::render::{Detail, StatusCard, card_in_context, pull_request_refused, pull_request_said};
-use crate::model::{Origin, Pipeline, Run, RunMode};
+use crate::model::{Origin, Pipeline, Run, RunMode, now_millis};
 use crate::orchestrator::StoreError;
 use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
 
@@ -232,6 +232,7 @@ pub async fn index() -> Json<Value> {
             {"method": "POST", "path": "/api/runs/{id}/retry", "does": "run a failed, timed out or cancelled run's prompt again"},
             {"method": "POST", "path": "/api/runs/{id}/open-pr", "does": "open the pipeline's pull request (or find the one it has): 201 opened or found now, 200 already had one, 422 with `error` saying what to do"},
             {"method": "GET", "path": "/api/events", "does": "Server-Sent Events: `card` (a run changed), `log` (a log line), `resync` (missed events: fetch again)"},
+            {"method": "GET", "path": "/api/stats?days=14", "does": "runs ended per UTC day by final state, and their cost"},
             {"method": "GET", "path": "/healthz", "does": "liveness, no token needed"},
             {"method": "GET", "path": "/metrics", "does": "Prometheus metrics"}
         ],
@@ -240,6 +241,41 @@ pub async fn index() -> Json<Value> {
         "ids": "an id may be a prefix, taken literally; one that fits several ids gives 409 with them in `candidates`",
         "errors": "every error is JSON: {\"error\": \"what went wrong and what to do\"}"
     }))
+}
+
+#[derive(Deserialize)]
+pub struct StatsQuery {
+    days: Option<u32>,
+}
+
+/// Runs that ended per UTC day, by final state, and what they cost: the dashboard's chart.
+pub async fn stats(State(state): State<WebState>, ApiQuery(q): ApiQuery<StatsQuery>) -> ApiResult<Json<Value>> {
+    const DAY: i64 = 86_400_000;
+    let days = i64::from(q.days.unwrap_or(14).clamp(1, 90));
+    let today = now_millis().div_euclid(DAY);
+    let first = today - days + 1;
+    let ended = state
+        .orch
+        .queries()
+        .ended_since(first * DAY)
+        .await
+        .map_err(|e| ApiError::from_store(&e))?;
+    let mut out: Vec<Value> = (first..=today)
+        .map(|d| {
+            json!({
+                "day": crate::model::format_utc(d * DAY)[..10].to_owned(),
+                "succeeded": 0, "failed": 0, "timed_out": 0, "cancelled": 0, "cost_usd": 0.0,
+            })
+        })
+        .collect();
+    for (st, at, cost) in ended {
+        let Some(day) = out.get_mut((at.div_euclid(DAY) - first) as usize) else {
+            continue;
+        };
+        day[st.as_str()] = json!(day[st.as_str()].as_i64().unwrap_or(0) + 1);
+        day["cost_usd"] = json!(day["cost_usd"].as_f64().unwrap_or(0.0) + cost.unwrap_or(0.0));
+    }
+    Ok(Json(json!({ "days": out })))
 }
 
 pub async fn healthz(State(state): State<WebState>) -> Response {

@@ -99,6 +99,7 @@ pub fn router(state: WebState) -> Router {
         .route("/api/runs/{id}/retry", post(api::retry))
         .route("/api/runs/{id}/open-pr", post(api::open_pr))
         .route("/api/events", get(api::events))
+        .route("/api/stats", get(api::stats))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         // Health checks need no token.
         .route("/healthz", get(api::healthz))

@@ -216,9 +216,9 @@ async function dashboard() {
     };
   } else {
     refresh = async () => {
-      const { pipelines } = await api("GET", "/api/pipelines");
+      const [{ pipelines }, { days }] = await Promise.all([api("GET", "/api/pipelines"), api("GET", "/api/stats?days=14")]);
       if (!pipelines.length) { view.replaceChildren(el("p", { class: "empty" }, "No pipelines yet.")); return; }
-      view.replaceChildren(el("h1", {}, "Pipelines"), el("table", { id: "pipelines" },
+      view.replaceChildren(el("h1", {}, "Pipelines"), statsChart(days), el("table", { id: "pipelines" },
         el("tr", {}, ["pipeline", "repo", "branch", "from", "runs", "latest", "prompted by", "created"].map((h) => el("th", {}, h))),
         pipelines.map((p) => el("tr", { "data-pipeline": p.pipeline.id },
           el("td", { class: "mono" }, el("a", { href: `/pipelines/${p.pipeline.id}` }, p.pipeline.id)),
@@ -235,6 +235,41 @@ async function dashboard() {
   }
   listen();
   await refresh();
+}
+
+// Runs per day by outcome (stacked bars) and their cost (a line), as inline SVG.
+const OUTCOMES = [["succeeded", "#1f8a4c"], ["failed", "#c0362c"], ["timed_out", "#8a4b1f"], ["cancelled", "#b7791f"]];
+function statsChart(days) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs, ...kids) => {
+    const n = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    for (const k of kids) n.append(k);
+    return n;
+  };
+  const W = 560, H = 140, pad = 24, bw = (W - 2 * pad) / days.length;
+  const total = (d) => OUTCOMES.reduce((n, [k]) => n + d[k], 0);
+  const maxRuns = Math.max(1, ...days.map(total));
+  const maxCost = Math.max(0.01, ...days.map((d) => d.cost_usd));
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H + 20}`, class: "stats", role: "img", "aria-label": "runs per day and cost" });
+  days.forEach((d, i) => {
+    let y = H;
+    for (const [k, color] of OUTCOMES) {
+      const h = (d[k] / maxRuns) * (H - pad);
+      if (h > 0) {
+        y -= h;
+        chart.append(svg("rect", { x: pad + i * bw + 2, y, width: bw - 4, height: h, fill: color },
+          svg("title", {}, `${d.day}: ${d[k]} ${k.replace("_", " ")}`)));
+      }
+    }
+    if (i % 2 === 0) chart.append(svg("text", { x: pad + i * bw + bw / 2, y: H + 14, "text-anchor": "middle", "font-size": 9 }, d.day.slice(5)));
+  });
+  const points = days.map((d, i) => `${pad + i * bw + bw / 2},${H - (d.cost_usd / maxCost) * (H - pad)}`).join(" ");
+  chart.append(svg("polyline", { points, fill: "none", stroke: "#3057d5", "stroke-width": 2 }, svg("title", {}, "cost (USD)")));
+  const runs = days.reduce((n, d) => n + total(d), 0), cost = days.reduce((c, d) => c + d.cost_usd, 0);
+  return el("figure", { id: "stats" }, chart,
+    el("figcaption", {}, `Last ${days.length} days: ${runs} runs ended, $${cost.toFixed(2)} reported by agents. Bars: `,
+      ...OUTCOMES.map(([k, c]) => el("span", { style: `color:${c}` }, ` ${k.replace("_", " ")} `)), "; line: cost (max $" + maxCost.toFixed(2) + ")."));
 }
 
 function runsTable(runs) {
