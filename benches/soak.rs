@@ -77,6 +77,7 @@ async fn main() {
                 origin: Origin::cli(),
                 idempotency_key: Some(format!("soak-{p}")),
                 mode: Default::default(),
+                attachments: Vec::new(),
             })
             .await
             .unwrap();

@@ -49,6 +49,30 @@ impl JsonClient {
         })
     }
 
+    /// GETs `url` with `headers`: its body, if the answer is a 200 of at most `cap` bytes.
+    pub async fn get_bytes(&self, url: &str, headers: &[(&str, &str)], cap: usize) -> Result<Vec<u8>, String> {
+        let mut req = axum::http::Request::builder().method("GET").uri(url);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req.body(Full::new(bytes::Bytes::new())).map_err(|e| e.to_string())?;
+        let exchange = async {
+            let res = self.client.request(req).await.map_err(|e| e.to_string())?;
+            if res.status() != 200 {
+                return Err(format!("the server answered {}", res.status()));
+            }
+            let body = http_body_util::Limited::new(res.into_body(), cap)
+                .collect()
+                .await
+                .map_err(|_| format!("it is larger than {cap} bytes"))?
+                .to_bytes();
+            Ok::<_, String>(body.to_vec())
+        };
+        tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))?
+    }
+
     /// Sends `method url` with `headers` and an optional JSON body. An error is a
     /// transport failure (no answer); any HTTP status is a [`Response`].
     pub async fn call(

@@ -393,3 +393,57 @@ mod time_tests {
         assert_eq!(super::format_utc(951_782_400_000 + 61_000), "2000-02-29 00:01 UTC");
     }
 }
+
+/// A file attached to the message that started a run, given to its agent under
+/// `/threadline/attachments/`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Attachment {
+    /// A safe file name, unique in its run.
+    pub name: String,
+    pub source: AttachmentSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AttachmentSource {
+    /// A file Threadline keeps (a web upload), by path.
+    File { path: String },
+    /// A chat platform's URL, fetched when the run is prepared; `auth` names whose
+    /// credentials go with it (`slack`: the bot token) or `none`.
+    Url { url: String, auth: String },
+}
+
+/// A file name an agent can be given: the name's last component, its characters limited
+/// to letters, digits, `.`, `-` and `_`, no leading dot, at most 100 bytes.
+pub fn safe_file_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut out: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    while out.starts_with('.') {
+        out.remove(0);
+    }
+    out.truncate(100);
+    if out.is_empty() { "file".to_owned() } else { out }
+}
+
+#[cfg(test)]
+mod name_tests {
+    #[test]
+    fn attachment_names_are_made_safe() {
+        use super::safe_file_name as safe;
+        assert_eq!(safe("../../etc/passwd"), "passwd");
+        assert_eq!(safe(".git"), "git");
+        assert_eq!(safe("a b\\c.log"), "c.log");
+        assert_eq!(safe("résumé.pdf"), "r_sum_.pdf");
+        assert_eq!(safe(".."), "file");
+        assert_eq!(safe(&"x".repeat(300)).len(), 100);
+    }
+}

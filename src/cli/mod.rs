@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::model::{Origin, RunMode};
-use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, SubmitError};
+use crate::orchestrator::{FollowUp, NewAttachment, NewPipeline, Orchestrator, SubmitError};
 
 mod doctor;
 mod execute;
@@ -140,6 +140,9 @@ pub struct PromptArgs {
     /// is committed.
     #[arg(long)]
     pub ask: bool,
+    /// A file for the agent, under /threadline/attachments/ (repeatable).
+    #[arg(long = "attach", value_name = "FILE")]
+    pub attach: Vec<PathBuf>,
     #[command(flatten)]
     pub watch: WatchArgs,
     /// What the agent should do ("-" reads it from standard input).
@@ -150,6 +153,20 @@ pub struct PromptArgs {
 impl PromptArgs {
     fn mode(&self) -> RunMode {
         if self.ask { RunMode::Ask } else { RunMode::Change }
+    }
+
+    fn attachments(&self) -> anyhow::Result<Vec<NewAttachment>> {
+        self.attach
+            .iter()
+            .map(|path| {
+                let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Ok(NewAttachment::Upload { name, bytes })
+            })
+            .collect()
     }
 }
 
@@ -223,6 +240,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let orch = open(config).await?;
             let mode = args.prompt.mode();
+            let attachments = args.prompt.attachments()?;
             let submitted = orch
                 .submit_pipeline(NewPipeline {
                     repo: args.repo,
@@ -233,6 +251,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     origin: Origin::cli(),
                     idempotency_key: args.prompt.idempotency_key,
                     mode,
+                    attachments,
                 })
                 .await?;
             execute::execute_and_watch(orch, submitted, args.prompt.watch.detach).await
@@ -240,6 +259,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::FollowUp(args) => {
             let orch = open(config).await?;
             let mode = args.prompt.mode();
+            let attachments = args.prompt.attachments()?;
             let submitted = orch
                 .submit_follow_up(FollowUp {
                     pipeline_id: args.pipeline,
@@ -248,6 +268,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     requested_by: execute::whoami(),
                     idempotency_key: args.prompt.idempotency_key,
                     mode,
+                    attachments,
                 })
                 .await?;
             execute::execute_and_watch(orch, submitted, args.prompt.watch.detach).await

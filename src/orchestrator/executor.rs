@@ -19,7 +19,7 @@ use crate::config::EventFormat;
 use crate::config::{AgentProfile, parse_user};
 use crate::crash::{self, Step};
 use crate::lifecycle::{self, Ending, Limits, SaveOutcome};
-use crate::model::{EndReason, Pipeline, Run, RunMode, RunState, Usage, now_millis};
+use crate::model::{AttachmentSource, EndReason, Pipeline, Run, RunMode, RunState, Usage, now_millis};
 use crate::store::{RunPatch, StoreError};
 use crate::untrusted;
 
@@ -938,6 +938,17 @@ async fn write_context(
         )
     };
 
+    let (files, notes) = fetch_attachments(inner, run, &dir.join("attachments")).await;
+    let mut thread = thread;
+    if !files.is_empty() || !notes.is_empty() {
+        thread.push_str("\nFiles attached to the message (untrusted input), in /threadline/attachments/:\n");
+        for f in &files {
+            thread.push_str(&format!("- {f}\n"));
+        }
+        for n in &notes {
+            thread.push_str(&format!("- not attached: {n}\n"));
+        }
+    }
     let request = if profile.prompt_template.is_empty() {
         run.prompt.clone()
     } else {
@@ -968,6 +979,87 @@ async fn write_context(
     )
     .await?;
     Ok(Context { dir, request })
+}
+
+/// Puts the files attached to a run's message into `dir`: uploads copied, a chat
+/// platform's files fetched (the Slack bot token goes only to Slack's hosts), each capped.
+/// Returns the names given and what could not be attached, and why.
+async fn fetch_attachments(inner: &Inner, run: &Run, dir: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    let (mut names, mut notes) = (Vec::new(), Vec::new());
+    let list = match inner.store.attachments(&run.id).await {
+        Ok(list) if !list.is_empty() => list,
+        Ok(_) => return (names, notes),
+        Err(e) => return (names, vec![format!("the attachments could not be read ({e})")]),
+    };
+    if let Err(e) = tokio::fs::create_dir_all(dir).await {
+        return (names, vec![format!("no folder for attachments ({e})")]);
+    }
+    let mut total = 0;
+    for a in list {
+        let cap = super::MAX_ATTACHMENT_BYTES.min(super::MAX_RUN_ATTACHMENT_BYTES.saturating_sub(total));
+        let got = match &a.source {
+            AttachmentSource::File { path } => read_upload(path, cap).await,
+            AttachmentSource::Url { url, auth } => download(inner, url, auth, cap).await,
+        };
+        match got {
+            Ok(bytes) => match tokio::fs::write(dir.join(&a.name), &bytes).await {
+                Ok(()) => {
+                    total += bytes.len();
+                    names.push(a.name);
+                }
+                Err(e) => notes.push(format!("{}: {e}", a.name)),
+            },
+            Err(why) => notes.push(format!("{}: {why}", a.name)),
+        }
+    }
+    for n in &notes {
+        tracing::warn!(run_id = %run.id, note = %n, "an attachment was not given to the agent");
+    }
+    (names, notes)
+}
+
+async fn read_upload(path: &str, cap: usize) -> Result<Vec<u8>, String> {
+    let size = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?.len();
+    if size > cap as u64 {
+        return Err(format!("it is larger than {cap} bytes"));
+    }
+    tokio::fs::read(path).await.map_err(|e| e.to_string())
+}
+
+/// Fetches a chat platform's file: only from that platform's hosts (or the API host the
+/// configuration names), with the Slack bot token only for Slack's.
+async fn download(inner: &Inner, url: &str, auth: &str, cap: usize) -> Result<Vec<u8>, String> {
+    let host = |u: &str| {
+        u.split_once("://")
+            .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or("").to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    let target = host(url);
+    let config = &inner.config;
+    let (allowed, token) = match auth {
+        "slack" => (
+            target == host(&config.slack.api_url) || target == "slack.com" || target.ends_with(".slack.com"),
+            Some(config.slack.bot_token.expose().to_owned()),
+        ),
+        _ => (
+            target == host(&config.discord.api_url)
+                || ["cdn.discordapp.com", "media.discordapp.net"].contains(&target.as_str()),
+            None,
+        ),
+    };
+    if !allowed || target.contains('@') || target.is_empty() {
+        return Err(format!("{target:?} is not a host its platform keeps files on"));
+    }
+    let client = match inner.http.get() {
+        Some(c) => c.clone(),
+        None => {
+            let made = crate::http::JsonClient::new().map_err(|e| e.to_string())?;
+            inner.http.get_or_init(|| made).clone()
+        }
+    };
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("authorization", b.as_str())).collect();
+    client.get_bytes(url, &headers, cap).await
 }
 
 /// The composed prompt: `template` with its placeholders filled in one pass, so text

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::model::{Origin, Pipeline, Run, RunMode, RunState, now_millis};
+use crate::model::{Attachment, AttachmentSource, Origin, Pipeline, Run, RunMode, RunState, now_millis};
 use crate::redact::Redactor;
 use crate::store::{NewRun, Store};
 use crate::untrusted;
@@ -63,7 +63,54 @@ pub struct NewPipeline {
     pub idempotency_key: Option<String>,
     /// A change (the default), or a question answered on a read-only workspace.
     pub mode: RunMode,
+    /// Files attached to the message, for the agent under `/threadline/attachments/`.
+    pub attachments: Vec<NewAttachment>,
 }
+
+/// A file attached to a prompt.
+#[derive(Debug, Clone)]
+pub enum NewAttachment {
+    /// Uploaded with the prompt (the web chat): kept by Threadline.
+    Upload { name: String, bytes: Vec<u8> },
+    /// Where to fetch it when the run is prepared (a chat platform's file), or a file
+    /// an earlier run had (a retry).
+    Source(Attachment),
+}
+
+/// Refuses more attachments, or bigger uploads, than a run may have.
+fn check_attachments(attachments: &[NewAttachment]) -> Result<(), SubmitError> {
+    if attachments.len() > MAX_ATTACHMENTS {
+        return Err(SubmitError::Attachments(format!(
+            "{} files are attached, more than the {MAX_ATTACHMENTS} a run may have",
+            attachments.len()
+        )));
+    }
+    let mut total = 0;
+    for a in attachments {
+        if let NewAttachment::Upload { name, bytes } = a {
+            if bytes.len() > MAX_ATTACHMENT_BYTES {
+                return Err(SubmitError::Attachments(format!(
+                    "the attached file {name:?} is {} bytes, over the limit of {MAX_ATTACHMENT_BYTES}",
+                    bytes.len()
+                )));
+            }
+            total += bytes.len();
+        }
+    }
+    if total > MAX_RUN_ATTACHMENT_BYTES {
+        return Err(SubmitError::Attachments(format!(
+            "the attached files are {total} bytes in all, over the limit of {MAX_RUN_ATTACHMENT_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// The most files one run gets.
+pub const MAX_ATTACHMENTS: usize = 20;
+/// The most of one attached file an agent gets.
+pub const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+/// The most of all the files attached to one run.
+pub const MAX_RUN_ATTACHMENT_BYTES: usize = 25 * 1024 * 1024;
 
 /// A prompt that continues a pipeline.
 #[derive(Debug, Clone)]
@@ -74,6 +121,7 @@ pub struct FollowUp {
     pub requested_by: String,
     pub idempotency_key: Option<String>,
     pub mode: RunMode,
+    pub attachments: Vec<NewAttachment>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +153,8 @@ pub enum SubmitError {
         "the prompt contains the control character U+{code:04X} at byte {at}; remove it (a prompt may hold tabs and line breaks, no other control characters)"
     )]
     ControlCharacter { code: u32, at: usize },
+    #[error("{0}; nothing was started")]
+    Attachments(String),
     #[error("there is no agent named {name:?}; the configured agents are: {}", .known.join(", "))]
     UnknownAgent { name: String, known: Vec<String> },
     #[error("no pipeline {0:?}")]
@@ -269,6 +319,7 @@ impl Orchestrator {
         let config = &self.inner.config;
         let prompt = self.check_prompt(&req.prompt)?;
         let agent = self.check_agent(req.agent.as_deref())?;
+        check_attachments(&req.attachments)?;
         if let Some(key) = &req.idempotency_key
             && let Some(run) = self.inner.store.run_for_idempotency_key(Some(key)).await?
         {
@@ -301,14 +352,17 @@ impl Orchestrator {
             requested_by: req.requested_by,
             idempotency_key: req.idempotency_key,
             mode: req.mode,
+            attachments: self.keep_attachments(req.attachments).await?,
         };
         let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
+        self.drop_unused_uploads(&new_run, inserted.created).await;
         self.after_insert(inserted.run, inserted.created).await
     }
 
     /// Queues a follow-up on a pipeline; it runs after the runs before it.
     pub async fn submit_follow_up(&self, req: FollowUp) -> Result<Submitted, SubmitError> {
         let prompt = self.check_prompt(&req.prompt)?;
+        check_attachments(&req.attachments)?;
         let pipeline = self
             .inner
             .store
@@ -322,8 +376,10 @@ impl Orchestrator {
             requested_by: req.requested_by,
             idempotency_key: req.idempotency_key,
             mode: req.mode,
+            attachments: self.keep_attachments(req.attachments).await?,
         };
         let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
+        self.drop_unused_uploads(&new_run, inserted.created).await;
         self.after_insert(inserted.run, inserted.created).await
     }
 
@@ -353,8 +409,72 @@ impl Orchestrator {
             requested_by: requested_by.to_owned(),
             idempotency_key,
             mode: run.mode,
+            attachments: self
+                .inner
+                .store
+                .attachments(&run.id)
+                .await?
+                .into_iter()
+                .map(NewAttachment::Source)
+                .collect(),
         })
         .await
+    }
+
+    /// Gives attachments safe, unique names and keeps uploads in `data_dir/uploads`.
+    async fn keep_attachments(&self, attachments: Vec<NewAttachment>) -> Result<Vec<Attachment>, SubmitError> {
+        let mut kept: Vec<Attachment> = Vec::new();
+        let dir = self
+            .inner
+            .config
+            .data_dir
+            .join("uploads")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        for a in attachments {
+            let wanted = match &a {
+                NewAttachment::Source(a) => a.name.clone(),
+                NewAttachment::Upload { name, .. } => name.clone(),
+            };
+            let base = crate::model::safe_file_name(&wanted);
+            let mut name = base.clone();
+            let mut n = 1;
+            while kept.iter().any(|k| k.name == name) {
+                n += 1;
+                name = format!("{n}-{base}");
+            }
+            let source = match a {
+                NewAttachment::Source(a) => a.source,
+                NewAttachment::Upload { bytes, .. } => {
+                    let path = dir.join(&name);
+                    let written = async {
+                        tokio::fs::create_dir_all(&dir).await?;
+                        tokio::fs::write(&path, &bytes).await
+                    };
+                    written.await.map_err(|e| {
+                        SubmitError::Attachments(format!("cannot keep the attached file {name:?}: {e}"))
+                    })?;
+                    AttachmentSource::File {
+                        path: path.display().to_string(),
+                    }
+                }
+            };
+            kept.push(Attachment { name, source });
+        }
+        Ok(kept)
+    }
+
+    /// Removes the uploads of a request that started nothing (a redelivery).
+    async fn drop_unused_uploads(&self, run: &NewRun, created: bool) {
+        if created {
+            return;
+        }
+        for a in &run.attachments {
+            if let AttachmentSource::File { path } = &a.source
+                && path.starts_with(&self.inner.config.data_dir.join("uploads").display().to_string())
+            {
+                let _ = tokio::fs::remove_file(path).await;
+            }
+        }
     }
 
     /// Keeps a message said in a pipeline's thread that started no run, as context for

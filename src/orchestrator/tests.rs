@@ -258,6 +258,7 @@ fn prompt() -> NewPipeline {
         origin: Origin::cli(),
         idempotency_key: None,
         mode: Default::default(),
+        attachments: Vec::new(),
     }
 }
 

@@ -31,6 +31,7 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "agent sessions",
         include_str!("migrations/sqlite/0006_agent_sessions.sql"),
     ),
+    (7, "attachments", include_str!("migrations/sqlite/0007_attachments.sql")),
 ];
 
 #[derive(Debug)]

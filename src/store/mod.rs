@@ -12,8 +12,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use crate::model::{
-    Approval, Diffstat, EndReason, Millis, Origin, Pipeline, Progress, PullRequestRecord, Run, RunEvent, RunMode,
-    RunState, Usage, now_millis,
+    Approval, Attachment, AttachmentSource, Diffstat, EndReason, Millis, Origin, Pipeline, Progress, PullRequestRecord,
+    Run, RunEvent, RunMode, RunState, Usage, now_millis,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,8 @@ pub struct NewRun {
     pub requested_by: String,
     pub idempotency_key: Option<String>,
     pub mode: RunMode,
+    /// Recorded with the run, in the same transaction.
+    pub attachments: Vec<Attachment>,
 }
 
 /// A message in a pipeline's thread that started no run.
@@ -591,6 +593,35 @@ impl Store {
         Ok(())
     }
 
+    pub async fn attachments(&self, run_id: &str) -> Result<Vec<Attachment>> {
+        let rows = sqlx::query("SELECT name, source, location, auth FROM attachments WHERE run_id = $1 ORDER BY name")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let location: String = r.try_get("location")?;
+                let source = match r.try_get::<String, _>("source")?.as_str() {
+                    "file" => AttachmentSource::File { path: location },
+                    "url" => AttachmentSource::Url {
+                        url: location,
+                        auth: r.try_get("auth")?,
+                    },
+                    other => {
+                        return Err(StoreError::Corrupt {
+                            column: "source",
+                            value: other.to_owned(),
+                        });
+                    }
+                };
+                Ok(Attachment {
+                    name: r.try_get("name")?,
+                    source,
+                })
+            })
+            .collect()
+    }
+
     /// Keeps a thread message that started no run (once per message id); a thread keeps
     /// its latest `MAX_THREAD_MESSAGES`.
     pub async fn add_thread_message(&self, pipeline_id: &str, m: &ThreadMessage) -> Result<()> {
@@ -922,6 +953,23 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
         }
     }
     insert_event(tx, &id, RunState::Queued, now, "").await?;
+    for a in &run.attachments {
+        let (source, location, auth) = match &a.source {
+            AttachmentSource::File { path } => ("file", path.as_str(), "none"),
+            AttachmentSource::Url { url, auth } => ("url", url.as_str(), auth.as_str()),
+        };
+        sqlx::query(
+            "INSERT INTO attachments (run_id, name, source, location, auth) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&a.name)
+        .bind(source)
+        .bind(location)
+        .bind(auth)
+        .execute(&mut **tx)
+        .await?;
+    }
     let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
         .bind(&id)
         .fetch_one(&mut **tx)

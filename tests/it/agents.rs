@@ -87,6 +87,7 @@ async fn start(env: &TestEnv, orch: &Orchestrator, agent: &str, prompt: &str) ->
         origin: threadline::model::Origin::cli(),
         idempotency_key: None,
         mode: RunMode::Change,
+        attachments: Vec::new(),
     })
     .await
     .unwrap()

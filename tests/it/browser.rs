@@ -187,8 +187,19 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     assert_eq!(label, "View PR #1");
     assert_eq!(forge.prs().len(), 1);
 
-    // A follow-up in the same thread; its card says the pull request has it.
-    send(&browser, "reply", "echo more >> b.txt").await;
+    // A follow-up in the same thread, with a file attached from the form; its card says
+    // the pull request has it.
+    let attached = tempfile::tempdir().unwrap();
+    let file = attached.path().join("notes.txt");
+    std::fs::write(&file, "picked in the browser\n").unwrap();
+    let picker = browser.find(Locator::Id("reply-files")).await.unwrap();
+    picker.send_keys(&file.display().to_string()).await.unwrap();
+    send(
+        &browser,
+        "reply",
+        "echo more >> b.txt && cp /threadline/attachments/notes.txt notes.txt",
+    )
+    .await;
     let second = "#messages li:nth-child(2) .card[data-state=succeeded]";
     wait(90).for_element(Locator::Css(second)).await.unwrap();
     let note = read(&browser, &format!("{second} .note"), |e| async move { e.text().await }).await;
@@ -256,6 +267,11 @@ async fn a_browser_drives_a_thread_from_prompt_to_branch_and_cancels_a_run() {
     assert_eq!(
         env.origin_file(&pipeline.branch, "b.txt").as_deref(),
         Some("from-browser\nmore\n")
+    );
+    assert_eq!(
+        env.origin_file(&pipeline.branch, "notes.txt").as_deref(),
+        Some("picked in the browser\n"),
+        "the file attached in the form reached the agent"
     );
     stop.cancel();
     server.await.unwrap().unwrap();

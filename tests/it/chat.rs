@@ -24,6 +24,7 @@ fn mention(channel: &str, id: &str, who: &str, text: &str) -> Message {
         sender: user(who),
         text: format!("<@UBOT> {text}"),
         mentions_bot: true,
+        attachments: Vec::new(),
         link: Some(format!("https://chat.example/{channel}/{id}")),
     }
 }
@@ -36,6 +37,7 @@ fn reply(channel: &str, thread: &str, id: &str, who: &str, text: &str) -> Messag
         sender: user(who),
         text: text.into(),
         mentions_bot: false,
+        attachments: Vec::new(),
         link: None,
     }
 }

@@ -290,5 +290,6 @@ fn message(id: &str, thread: Option<&str>, who: &str, text: &str, mentions_bot: 
         },
         mentions_bot,
         link: None,
+        attachments: Vec::new(),
     }
 }

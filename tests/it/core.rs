@@ -446,6 +446,7 @@ async fn a_local_checkout_is_never_modified() {
                 origin: Origin::cli(),
                 idempotency_key: None,
                 mode: Default::default(),
+                attachments: Vec::new(),
             })
             .await
             .unwrap();
@@ -486,6 +487,7 @@ async fn bad_requests_get_clear_errors_and_redeliveries_start_nothing() {
         origin: Origin::cli(),
         idempotency_key: key.map(str::to_owned),
         mode: Default::default(),
+        attachments: Vec::new(),
     };
     assert!(matches!(
         orch.submit_pipeline(req("  ", None, None)).await,

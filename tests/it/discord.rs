@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use threadline::config::Secret;
 use threadline::model::RunState;
 
-use crate::fake_discord::{FakeDiscord, click, message};
+use crate::fake_discord::{FakeDiscord, click, message, message_with_files};
 use std::time::Duration;
 
 use crate::harness::{Daemon, TestEnv, appears, finished, holds_for, one_channel, wait_for};
@@ -172,4 +172,44 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
 
     daemon.stop().await.unwrap();
     orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_attached_to_a_mention_reach_the_agent_without_the_bot_token() {
+    let fake = FakeDiscord::start().await;
+    let mut env = TestEnv::new();
+    env.add_demo_repo();
+    env.config.discord.enabled = true;
+    env.config.discord.token = Secret::new("bot-token-123");
+    env.config.discord.api_url = fake.base.clone();
+    env.config.discord.channels = one_channel(CHANNEL, "demo", &[], &[]);
+    let daemon = start_gateway(&fake, &env).await;
+    let orch = daemon.orch.clone();
+    fake.dispatch(
+        "MESSAGE_CREATE",
+        message_with_files(
+            "3100",
+            CHANNEL,
+            "102",
+            "<@900> cp /threadline/attachments/trace.log got.log",
+            &fake.base,
+            &["trace.log"],
+        ),
+    );
+    let run_id = loop {
+        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
+            break format!("{}-1", p.pipeline.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let run = finished(orch.store(), &run_id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?} {}", run.error, run.log_tail);
+    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    assert_eq!(
+        env.origin_file(&branch, "got.log").as_deref(),
+        Some("attachment trace.log from discord\n")
+    );
+    let (_, fetched) = fake.calls("GET", "/attachments/trace.log").remove(0);
+    assert_eq!(fetched["authorization"], Value::Null, "no credentials to a CDN");
+    daemon.stop().await.unwrap();
 }

@@ -65,6 +65,7 @@ impl FakeDiscord {
                 "/api/v10/interactions/{id}/{token}/callback",
                 post(interaction_callback),
             )
+            .route("/attachments/{name}", get(attachment))
             .fallback(|method: Method, uri: axum::http::Uri| async move {
                 eprintln!("fake Discord: no route for {method} {uri}");
                 StatusCode::NOT_FOUND
@@ -114,6 +115,35 @@ impl FakeDiscord {
         r.next_id += 1;
         5_000 + r.next_id
     }
+}
+
+/// An attachment as Discord's CDN serves it (no credentials); records the Authorization
+/// header it was sent, which must be none.
+async fn attachment(
+    State(fake): State<FakeDiscord>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> String {
+    let auth = headers
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("?").to_owned());
+    fake.record("GET", format!("/attachments/{name}"), &json!({ "authorization": auth }));
+    format!("attachment {name} from discord\n")
+}
+
+/// A message like [`message`] with files attached, as the gateway delivers them.
+pub fn message_with_files(id: &str, channel: &str, author: &str, content: &str, base: &str, files: &[&str]) -> Value {
+    let mut m = message(id, channel, author, &[], content, true);
+    m["attachments"] = files
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let url = format!("{base}/attachments/{name}");
+            json!({"id": format!("77{i}"), "filename": name, "size": 64, "url": url, "proxy_url": url,
+                   "content_type": "text/plain"})
+        })
+        .collect();
+    m
 }
 
 pub fn user(id: &str, bot: bool) -> Value {

@@ -25,6 +25,8 @@ pub struct Recorded {
     pub rate_limit_updates: u32,
     /// User groups (subteams) and their members, for usergroups.users.list.
     pub usergroups: std::collections::BTreeMap<String, Vec<String>>,
+    /// Files fetched from `/files/{name}`, with the Authorization header sent.
+    pub file_requests: Vec<(String, Option<String>)>,
 }
 
 #[derive(Clone)]
@@ -56,6 +58,7 @@ impl FakeSlack {
         let app = Router::new()
             .route("/api/{method}", post(api).get(api))
             .route("/ws", get(ws))
+            .route("/files/{name}", get(file))
             .fallback(|uri: axum::http::Uri| async move {
                 eprintln!("fake Slack: no route for {uri}");
                 StatusCode::NOT_FOUND
@@ -144,6 +147,39 @@ impl FakeSlack {
             format!("{calls:#?}")
         };
         crate::harness::poll_until(what, || check(self), seen).await;
+    }
+}
+
+/// A file as Slack serves `url_private_download`: only with the bot token.
+async fn file(
+    State(state): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let ok = auth.as_deref() == Some("Bearer xoxb-test-token");
+    state
+        .fake
+        .recorded
+        .lock()
+        .unwrap()
+        .file_requests
+        .push((name.clone(), auth));
+    if ok {
+        format!("file {name} from slack\n").into_response()
+    } else {
+        StatusCode::FORBIDDEN.into_response()
+    }
+}
+
+impl FakeSlack {
+    /// The URL Slack would give a file of this name.
+    pub fn file_url(&self, name: &str) -> String {
+        format!("{}files/{name}", self.api_url.trim_end_matches("api/"))
     }
 }
 

@@ -115,6 +115,7 @@ async fn prompt(core: &ChatCore, store: &Store, ts: &str, who: &str, script: &st
         sender: user(who),
         text: format!("<@UBOT> {script}"),
         mentions_bot: true,
+        attachments: Vec::new(),
         link: Some(format!("https://chat.example/C1/{ts}")),
     };
     let Outcome::Queued { submitted, .. } = core.on_message(msg).await else {
@@ -142,6 +143,7 @@ async fn web_run(orch: &Orchestrator, repo: String, prompt: &str) -> (Submitted,
             },
             idempotency_key: None,
             mode: Default::default(),
+            attachments: Vec::new(),
         })
         .await
         .unwrap();
@@ -283,6 +285,7 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
         sender: user("U2"),
         text: "echo two > two.txt".into(),
         mentions_bot: false,
+        attachments: Vec::new(),
         link: None,
     };
     let Outcome::Queued { submitted, .. } = core.on_message(msg.clone()).await else {

@@ -162,6 +162,7 @@ impl TestEnv {
             origin: Origin::cli(),
             idempotency_key: None,
             mode: Default::default(),
+            attachments: Vec::new(),
         })
         .await
         .unwrap()
@@ -200,6 +201,7 @@ pub fn follow_up(pipeline: &str, prompt: &str) -> FollowUp {
         requested_by: "tester".into(),
         idempotency_key: None,
         mode: Default::default(),
+        attachments: Vec::new(),
     }
 }
 

@@ -293,3 +293,48 @@ async fn the_events_api_checks_signatures_and_starts_runs() {
     daemon.stop().await.unwrap();
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_attached_to_a_mention_reach_the_agent_and_the_token_only_slack() {
+    let fake = FakeSlack::start().await;
+    let mut env = slack_env(&fake);
+    env.config.slack.app_token = Secret::new("xapp-test-token");
+    let daemon = start_socket_mode(&fake, &env).await;
+    let orch = daemon.orch.clone();
+    let mut event = mention(
+        "U1",
+        "1700000020.000100",
+        "cp /threadline/attachments/report.log got.log && cp /threadline/request.md request.md",
+    );
+    // One file where Slack keeps files, one elsewhere: that one must not get the token.
+    event["files"] = json!([
+        {"id": "F1", "name": "report.log", "url_private_download": fake.file_url("report.log")},
+        {"id": "F2", "name": "evil.txt", "url_private_download": "http://127.0.0.9:9/steal"},
+    ]);
+    fake.push_event("EvFiles", event);
+    let run_id = loop {
+        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
+            break format!("{}-1", p.pipeline.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let run = finished(orch.store(), &run_id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?} {}", run.error, run.log_tail);
+    let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;
+    assert_eq!(
+        env.origin_file(&branch, "got.log").as_deref(),
+        Some("file report.log from slack\n")
+    );
+    let request = env.origin_file(&branch, "request.md").unwrap();
+    assert!(request.contains("- report.log"), "{request}");
+    assert!(
+        request.contains("not attached: evil.txt: \"127.0.0.9:9\" is not a host"),
+        "{request}"
+    );
+    let fetched = fake.recorded.lock().unwrap().file_requests.clone();
+    assert_eq!(
+        fetched,
+        vec![("report.log".to_owned(), Some("Bearer xoxb-test-token".to_owned()))]
+    );
+    daemon.stop().await.unwrap();
+}

@@ -14,6 +14,7 @@ fn new_run(key: Option<String>) -> NewRun {
         requested_by: "t".into(),
         idempotency_key: key,
         mode: Default::default(),
+        attachments: Vec::new(),
     }
 }
 

@@ -331,6 +331,7 @@ async fn a_chat_pipeline_links_to_its_thread_on_the_dashboard() {
             },
             text: "<@UBOT> true".into(),
             mentions_bot: true,
+            attachments: Vec::new(),
             link: Some("https://team.slack.com/archives/C1/p91".into()),
         })
         .await;
@@ -614,6 +615,7 @@ async fn ambiguous_ids_list_their_candidates_and_match_literally() {
             requested_by: "t".into(),
             idempotency_key: None,
             mode: Default::default(),
+            attachments: Vec::new(),
         };
         store
             .insert_pipeline(&crate::harness::pipeline_on(id, &env.origin_url()), &run)
@@ -773,7 +775,7 @@ async fn every_api_error_is_a_json_sentence() {
             "too large",
             post(
                 json,
-                format!("{{\"repo\": \"demo\", \"prompt\": \"{}\"}}", "x".repeat(3 << 20)).into_bytes(),
+                format!("{{\"repo\": \"demo\", \"prompt\": \"{}\"}}", "x".repeat(48 << 20)).into_bytes(),
             ),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
@@ -918,6 +920,69 @@ async fn a_question_from_the_web_chat_is_answered_read_only() {
     assert_eq!(
         explicit["run"]["mode"], "change",
         "an explicit mode wins over the prefix"
+    );
+    web.orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_sent_with_a_prompt_reach_the_agent_and_bad_ones_are_refused() {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut env = TestEnv::new();
+    let web = Web::new(&mut env, None).await;
+    let (s, started) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "cp /threadline/attachments/notes.txt got.txt && ls /threadline/attachments > names.txt",
+                   "attachments": [{"name": "../notes.txt", "content_base64": b64("hello attachment\n")},
+                                   {"name": "notes.txt", "content_base64": b64("second\n")}]}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{started}");
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let done = web.wait_card(&run_id, |c| c["terminal"] == true).await;
+    assert_eq!(done["card"]["state"], "succeeded", "{done}");
+    let branch = done["pipeline"]["branch"].as_str().unwrap();
+    assert_eq!(
+        env.origin_file(branch, "got.txt").as_deref(),
+        Some("hello attachment\n")
+    );
+    assert_eq!(
+        env.origin_file(branch, "names.txt").as_deref(),
+        Some("2-notes.txt\nnotes.txt\n"),
+        "names made safe and unique"
+    );
+    let (s, e) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "x", "attachments": [{"name": "a", "content_base64": "%%%"}]}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["error"].as_str().unwrap().contains("not valid base64"), "{e}");
+    let many: Vec<Value> = (0..21)
+        .map(|i| json!({"name": format!("f{i}"), "content_base64": ""}))
+        .collect();
+    let (s, e) = web
+        .json(
+            "POST",
+            "/api/pipelines",
+            json!({"repo": "demo", "prompt": "x", "attachments": many}),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(e["error"].as_str().unwrap().contains("more than the 20"), "{e}");
+    assert_eq!(
+        web.get_json("/api/pipelines").await["pipelines"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "bad attachments started nothing"
     );
     web.orch.shutdown().await;
 }

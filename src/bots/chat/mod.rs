@@ -29,7 +29,7 @@ use super::render::{Action, StatusCard, card_in_context, pull_request_refused, p
 pub use crate::config::ChannelBinding;
 use crate::config::{FollowUps, RunMode};
 use crate::model::{Origin, Run};
-use crate::orchestrator::{FollowUp, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
+use crate::orchestrator::{FollowUp, NewAttachment, NewPipeline, Orchestrator, RunUpdate, SubmitError, Submitted};
 
 /// Who sent a message or clicked.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +56,8 @@ pub struct Message {
     pub mentions_bot: bool,
     /// A link to the thread this message starts or belongs to, for the dashboard.
     pub link: Option<String>,
+    /// Files attached to it, where the platform keeps them.
+    pub attachments: Vec<crate::model::Attachment>,
 }
 
 /// A button click as an adapter saw it.
@@ -240,6 +242,7 @@ impl ChatCore {
             },
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
             mode: parsed.mode.unwrap_or(binding.mode),
+            attachments: msg.attachments.iter().cloned().map(NewAttachment::Source).collect(),
         };
         queued(here, self.orch.submit_pipeline(request).await, |submitted| {
             let what = match submitted.run.mode {
@@ -315,6 +318,7 @@ impl ChatCore {
             requested_by: format!("{}:{}", self.surface, msg.sender.id),
             idempotency_key: Some(format!("{}:{}:{}", self.surface, msg.channel, msg.id)),
             mode: parsed.mode.unwrap_or(binding.mode),
+            attachments: msg.attachments.iter().cloned().map(NewAttachment::Source).collect(),
         };
         queued(
             here,

@@ -223,6 +223,17 @@ impl EventHandler for Handler {
             sender: sender(&msg.author, msg.member.as_ref().map(|m| &m.roles[..])),
             text: msg.content.clone(),
             mentions_bot: msg.mentions.iter().any(|u| u.id.get() == bot),
+            attachments: msg
+                .attachments
+                .iter()
+                .map(|a| crate::model::Attachment {
+                    name: a.filename.clone(),
+                    source: crate::model::AttachmentSource::Url {
+                        url: a.url.clone(),
+                        auth: "none".into(),
+                    },
+                })
+                .collect(),
         };
         let say = MessageSay {
             handler: self,

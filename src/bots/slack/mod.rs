@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::chat::{ChatCore, ChatError, ChatSurface, Click, Message, Outcome, Say, Sender, StatusUpdater, ThreadRef};
 use super::render::{Action, Markup, StatusCard, card_text};
 use crate::config::SlackConfig;
+use crate::model::{Attachment, AttachmentSource};
 use crate::orchestrator::{Orchestrator, Submitted};
 
 type Connector =
@@ -400,6 +401,24 @@ async fn http_event(
     }
 }
 
+/// The files of a message, fetched with the bot token when a run is prepared.
+fn slack_files(files: Option<&[SlackFile]>) -> Vec<Attachment> {
+    files
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| {
+            let url = f.url_private_download.as_ref().or(f.url_private.as_ref())?;
+            Some(Attachment {
+                name: f.name.clone().unwrap_or_else(|| f.id.0.clone()),
+                source: AttachmentSource::Url {
+                    url: url.to_string(),
+                    auth: "slack".into(),
+                },
+            })
+        })
+        .collect()
+}
+
 /// Turns an event into a [`Message`] for the core, off the caller's task.
 fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
     let message = match event.event {
@@ -413,10 +432,12 @@ fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
                 id: ev.user.0,
                 ..Default::default()
             },
+            attachments: slack_files(ev.content.files.as_deref()),
             text: ev.content.text.unwrap_or_default(),
             mentions_bot: true,
         }),
         SlackEventCallbackBody::Message(ev) if ev.origin.thread_ts.is_some() && ev.subtype.is_none() => {
+            let attachments = slack_files(ev.content.as_ref().and_then(|c| c.files.as_deref()));
             let text = ev.content.and_then(|c| c.text).unwrap_or_default();
             if text.contains(&format!("<@{}>", state.bot_user)) {
                 None // handled as app_mention
@@ -434,6 +455,7 @@ fn handle_push(state: Arc<State>, event: SlackPushEventCallback) {
                     },
                     text,
                     mentions_bot: false,
+                    attachments,
                 })
             }
         }

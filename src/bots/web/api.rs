@@ -22,7 +22,7 @@ use crate::bots::chat::split_mode;
 use crate::bots::render::{Detail, StatusCard, card_in_context, pull_request_refused, pull_request_said};
 use crate::model::{Origin, Pipeline, Run, RunMode, now_millis};
 use crate::orchestrator::StoreError;
-use crate::orchestrator::{FollowUp, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
+use crate::orchestrator::{FollowUp, NewAttachment, NewPipeline, PullRequestView, RunUpdate, SubmitError, Submitted};
 
 /// An API error: a status and a sentence saying what to do (`error`), with the ids an
 /// ambiguous prefix matched (`candidates`) when that is what went wrong.
@@ -59,6 +59,7 @@ impl From<SubmitError> for ApiError {
             | SubmitError::PromptTooLong { .. }
             | SubmitError::ControlCharacter { .. }
             | SubmitError::UnknownAgent { .. }
+            | SubmitError::Attachments(_)
             | SubmitError::Repo(_) => StatusCode::UNPROCESSABLE_ENTITY,
             SubmitError::UnknownPipeline(_) | SubmitError::UnknownRun(_) => StatusCode::NOT_FOUND,
             SubmitError::NotRetryable { .. } => StatusCode::CONFLICT,
@@ -112,7 +113,9 @@ impl ApiError {
             JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
-                    "the request body is too large; a prompt may be at most {max_prompt_bytes} bytes: shorten it or put the details in a file in the repo"
+                    "the request body is too large; a prompt may be at most {max_prompt_bytes} bytes and its attached \
+                     files {} bytes in all: shorten it, attach less, or put the details in a file in the repo",
+                    crate::orchestrator::MAX_RUN_ATTACHMENT_BYTES
                 ),
             ),
             _ => (
@@ -345,6 +348,33 @@ pub struct StartBody {
     prompt: String,
     /// `change` or `ask`; else the prompt's own `?` / `ask:` / `change:`, else a change.
     mode: Option<RunMode>,
+    #[serde(default)]
+    attachments: Vec<UploadBody>,
+}
+
+/// A file sent with a prompt.
+#[derive(Deserialize)]
+pub struct UploadBody {
+    name: String,
+    content_base64: String,
+}
+
+fn uploads(bodies: Vec<UploadBody>) -> Result<Vec<NewAttachment>, ApiError> {
+    use base64::Engine as _;
+    bodies
+        .into_iter()
+        .map(|u| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(u.content_base64.as_bytes())
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("the attached file {:?} is not valid base64 ({e})", u.name),
+                    )
+                })?;
+            Ok(NewAttachment::Upload { name: u.name, bytes })
+        })
+        .collect()
 }
 
 pub async fn start_pipeline(
@@ -354,6 +384,7 @@ pub async fn start_pipeline(
 ) -> ApiResult<Response> {
     let (prefixed, prompt) = split_mode(&body.prompt);
     let mode = body.mode.or(prefixed).unwrap_or_default();
+    let attachments = uploads(body.attachments)?;
     let config = state.orch.config();
     let Some(repo) = config.repos.get(&body.repo) else {
         let known: Vec<&str> = config.repos.keys().map(String::as_str).collect();
@@ -385,6 +416,7 @@ pub async fn start_pipeline(
             },
             idempotency_key: idempotency_key(&headers),
             mode,
+            attachments,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)
@@ -395,6 +427,8 @@ pub struct FollowUpBody {
     prompt: String,
     agent: Option<String>,
     mode: Option<RunMode>,
+    #[serde(default)]
+    attachments: Vec<UploadBody>,
 }
 
 pub async fn follow_up(
@@ -405,6 +439,7 @@ pub async fn follow_up(
 ) -> ApiResult<Response> {
     let (prefixed, prompt) = split_mode(&body.prompt);
     let mode = body.mode.or(prefixed).unwrap_or_default();
+    let attachments = uploads(body.attachments)?;
     let submitted = state
         .orch
         .submit_follow_up(FollowUp {
@@ -414,6 +449,7 @@ pub async fn follow_up(
             requested_by: "web".into(),
             idempotency_key: idempotency_key(&headers),
             mode,
+            attachments,
         })
         .await?;
     Ok(submitted_response(&state, submitted).await)

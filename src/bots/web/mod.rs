@@ -77,6 +77,9 @@ pub async fn bind(config: &Config) -> Result<tokio::net::TcpListener, WebError> 
         .map_err(|source| WebError::Bind { addr, source })
 }
 
+/// The largest request body: a prompt and its attachments, base64-encoded.
+pub const BODY_LIMIT: usize = crate::orchestrator::MAX_RUN_ATTACHMENT_BYTES / 3 * 4 + 4 * 1024 * 1024;
+
 pub fn router(state: WebState) -> Router {
     Router::new()
         .route("/", get(|| page(CHAT_HTML)))
@@ -100,6 +103,8 @@ pub fn router(state: WebState) -> Router {
         .route("/api/runs/{id}/open-pr", post(api::open_pr))
         .route("/api/events", get(api::events))
         .route("/api/stats", get(api::stats))
+        // Prompts may carry attachments (base64 in JSON: a third larger than the files).
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         // Health checks need no token.
         .route("/healthz", get(api::healthz))

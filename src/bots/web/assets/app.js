@@ -30,6 +30,16 @@ async function api(method, path, body) {
   return data;
 }
 
+// Files picked in a form, as the API takes them: names and base64 contents.
+async function readFiles(input) {
+  return Promise.all([...input.files].map((file) => new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({ name: file.name, content_base64: String(reader.result).split(",", 2)[1] || "" });
+    reader.onerror = () => reject(new Error(`cannot read ${file.name}`));
+    reader.readAsDataURL(file);
+  })));
+}
+
 // ---- the status card, shared by the chat and the run page ----------------------------
 
 function renderCard(card, logs) {
@@ -133,8 +143,10 @@ async function chat() {
     button.disabled = true;
     $("#start-error").textContent = "";
     try {
-      const res = await api("POST", "/api/pipelines", { repo: repoSel.value, agent: agentSel.value, prompt: $("#start-prompt").value });
+      const attachments = await readFiles($("#start-files"));
+      const res = await api("POST", "/api/pipelines", { repo: repoSel.value, agent: agentSel.value, prompt: $("#start-prompt").value, attachments });
       $("#start-prompt").value = "";
+      $("#start-files").value = "";
       show(res.pipeline.id);
     } catch (e) {
       $("#start-error").textContent = e.message;
@@ -148,8 +160,10 @@ async function chat() {
     button.disabled = true;
     $("#reply-error").textContent = "";
     try {
-      await api("POST", `/api/pipelines/${current}/runs`, { prompt: $("#reply-prompt").value });
+      const attachments = await readFiles($("#reply-files"));
+      await api("POST", `/api/pipelines/${current}/runs`, { prompt: $("#reply-prompt").value, attachments });
       $("#reply-prompt").value = "";
+      $("#reply-files").value = "";
       await refresh();
     } catch (e) {
       $("#reply-error").textContent = e.message;
