@@ -396,14 +396,14 @@ mod time_tests {
 
 /// A file attached to the message that started a run, given to its agent under
 /// `/threadline/attachments/`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
     /// A safe file name, unique in its run.
     pub name: String,
     pub source: AttachmentSource,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AttachmentSource {
     /// A file Threadline keeps (a web upload), by path.

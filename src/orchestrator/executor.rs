@@ -938,7 +938,16 @@ async fn write_context(
         )
     };
 
-    let (files, notes) = fetch_attachments(inner, run, &dir.join("attachments")).await;
+    // Files people attached in the thread since the last run come along, named apart.
+    let from_thread: Vec<crate::model::Attachment> = said
+        .iter()
+        .flat_map(|m| m.files.iter())
+        .map(|f| crate::model::Attachment {
+            name: format!("thread-{}", f.name),
+            source: f.source.clone(),
+        })
+        .collect();
+    let (files, notes) = fetch_attachments(inner, run, from_thread, &dir.join("attachments")).await;
     let mut thread = thread;
     if !files.is_empty() || !notes.is_empty() {
         thread.push_str("\nFiles attached to the message (untrusted input), in /threadline/attachments/:\n");
@@ -981,16 +990,28 @@ async fn write_context(
     Ok(Context { dir, request })
 }
 
-/// Puts the files attached to a run's message into `dir`: uploads copied, a chat
+/// Puts the files attached to a run's message, and to the thread's messages since the
+/// last run, into `dir`: uploads copied, a chat
 /// platform's files fetched (the Slack bot token goes only to Slack's hosts), each capped.
 /// Returns the names given and what could not be attached, and why.
-async fn fetch_attachments(inner: &Inner, run: &Run, dir: &std::path::Path) -> (Vec<String>, Vec<String>) {
+async fn fetch_attachments(
+    inner: &Inner,
+    run: &Run,
+    from_thread: Vec<crate::model::Attachment>,
+    dir: &std::path::Path,
+) -> (Vec<String>, Vec<String>) {
     let (mut names, mut notes) = (Vec::new(), Vec::new());
-    let list = match inner.store.attachments(&run.id).await {
-        Ok(list) if !list.is_empty() => list,
-        Ok(_) => return (names, notes),
+    let mut list = match inner.store.attachments(&run.id).await {
+        Ok(list) => list,
         Err(e) => return (names, vec![format!("the attachments could not be read ({e})")]),
     };
+    list.extend(from_thread);
+    if list.is_empty() {
+        return (names, notes);
+    }
+    let mut seen = std::collections::HashSet::new();
+    list.retain(|a| seen.insert(a.name.clone()));
+    list.truncate(super::MAX_ATTACHMENTS);
     if let Err(e) = tokio::fs::create_dir_all(dir).await {
         return (names, vec![format!("no folder for attachments ({e})")]);
     }

@@ -480,12 +480,27 @@ impl Orchestrator {
     /// Keeps a message said in a pipeline's thread that started no run, as context for
     /// the pipeline's next run: cleaned of control characters and capped. A failure to
     /// keep it is logged; the conversation goes on.
-    pub async fn note_thread_message(&self, pipeline_id: &str, message_id: &str, author: &str, text: &str) {
+    pub async fn note_thread_message(
+        &self,
+        pipeline_id: &str,
+        message_id: &str,
+        author: &str,
+        text: &str,
+        files: &[Attachment],
+    ) {
         let message = ThreadMessage {
             message_id: untrusted::prefix(message_id, 200).to_owned(),
             author: untrusted::prefix(&untrusted::clean(author), 200).to_owned(),
             text: untrusted::truncate(&untrusted::clean(text), MAX_THREAD_MESSAGE_BYTES),
             at: now_millis(),
+            files: files
+                .iter()
+                .take(MAX_ATTACHMENTS)
+                .map(|f| Attachment {
+                    name: crate::model::safe_file_name(&f.name),
+                    source: f.source.clone(),
+                })
+                .collect(),
         };
         if let Err(e) = self.inner.store.add_thread_message(pipeline_id, &message).await {
             tracing::warn!(pipeline_id, error = %e, "cannot keep a thread message as context");

@@ -32,6 +32,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         include_str!("migrations/sqlite/0006_agent_sessions.sql"),
     ),
     (7, "attachments", include_str!("migrations/sqlite/0007_attachments.sql")),
+    (
+        8,
+        "thread files",
+        include_str!("migrations/sqlite/0008_thread_files.sql"),
+    ),
 ];
 
 #[derive(Debug)]

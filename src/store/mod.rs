@@ -106,6 +106,8 @@ pub struct ThreadMessage {
     pub author: String,
     pub text: String,
     pub at: Millis,
+    /// Files attached to it, where the platform keeps them.
+    pub files: Vec<Attachment>,
 }
 
 /// One line of `threadline pipelines`.
@@ -626,14 +628,15 @@ impl Store {
     /// its latest `MAX_THREAD_MESSAGES`.
     pub async fn add_thread_message(&self, pipeline_id: &str, m: &ThreadMessage) -> Result<()> {
         sqlx::query(
-            "INSERT INTO thread_messages (pipeline_id, message_id, author, text, at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO thread_messages (pipeline_id, message_id, author, text, at, files) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(pipeline_id)
         .bind(&m.message_id)
         .bind(&m.author)
         .bind(&m.text)
         .bind(m.at)
+        .bind(serde_json::to_string(&m.files).unwrap_or_else(|_| "[]".into()))
         .execute(&self.pool)
         .await?;
         sqlx::query(
@@ -650,7 +653,7 @@ impl Store {
     /// A thread's messages after `since` (ms), oldest first.
     pub async fn thread_messages(&self, pipeline_id: &str, since: Millis) -> Result<Vec<ThreadMessage>> {
         let rows = sqlx::query(
-            "SELECT message_id, author, text, at FROM thread_messages WHERE pipeline_id = $1 AND at > $2 \
+            "SELECT message_id, author, text, at, files FROM thread_messages WHERE pipeline_id = $1 AND at > $2 \
              ORDER BY at, message_id",
         )
         .bind(pipeline_id)
@@ -664,6 +667,8 @@ impl Store {
                     author: r.try_get("author")?,
                     text: r.try_get("text")?,
                     at: r.try_get("at")?,
+                    // Written here only; an unreadable list is no files.
+                    files: serde_json::from_str(&r.try_get::<String, _>("files")?).unwrap_or_default(),
                 })
             })
             .collect()

@@ -152,6 +152,10 @@ async fn a_follow_up_is_told_what_came_before_and_what_the_thread_said() {
     env.add_demo_repo();
     env.config.slack.channels = one_channel("C1", "demo", &["U1"], &["U1"]);
     env.config.slack.channels.get_mut("C1").unwrap().follow_ups = FollowUps::Mentions;
+    // Where Slack keeps the file someone attaches in the discussion.
+    let slack = crate::fake_slack::FakeSlack::start().await;
+    env.config.slack.api_url = slack.api_url.clone();
+    env.config.slack.bot_token = threadline::config::Secret::new("xoxb-test-token");
     let orch = env.orchestrator().await;
     let core = ChatCore::new(orch.clone(), "slack", env.config.slack.channels.clone());
 
@@ -174,17 +178,25 @@ async fn a_follow_up_is_told_what_came_before_and_what_the_thread_said() {
         ("1.1", "U2", "please also handle the empty case"),
         ("1.2", "U1", "agreed, and keep it small {prompt}"),
     ] {
-        assert!(matches!(
-            core.on_message(message(id, Some("1.0"), who, text, false)).await,
-            Outcome::Ignored
-        ));
+        let mut said = message(id, Some("1.0"), who, text, false);
+        if id == "1.1" {
+            said.attachments = vec![threadline::model::Attachment {
+                name: "design.md".into(),
+                source: threadline::model::AttachmentSource::Url {
+                    url: slack.file_url("design.md"),
+                    auth: "slack".into(),
+                },
+            }];
+        }
+        assert!(matches!(core.on_message(said).await, Outcome::Ignored));
     }
     let second = match core
         .on_message(message(
             "1.3",
             Some("1.0"),
             "U1",
-            "cp /threadline/request.md request.md && cp /threadline/thread.md thread.md",
+            "cp /threadline/request.md request.md && cp /threadline/thread.md thread.md \
+             && cp /threadline/attachments/thread-design.md design.md",
             true,
         ))
         .await
@@ -219,6 +231,12 @@ async fn a_follow_up_is_told_what_came_before_and_what_the_thread_said() {
         thread.contains("## U2 at ") && thread.contains("not instructions"),
         "{thread}"
     );
+    assert_eq!(
+        env.origin_file(branch, "design.md").as_deref(),
+        Some("file design.md from slack\n"),
+        "a file attached in the discussion comes along"
+    );
+    assert!(request.contains("- thread-design.md"), "{request}");
 
     // The next run is told only what was said since the last one.
     let third = orch

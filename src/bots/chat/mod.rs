@@ -300,7 +300,7 @@ impl ChatCore {
                 format!("{} ({})", msg.sender.name, msg.sender.id)
             };
             self.orch
-                .note_thread_message(&pipeline.id, &msg.id, &author, &msg.text)
+                .note_thread_message(&pipeline.id, &msg.id, &author, &msg.text, &msg.attachments)
                 .await;
             return Outcome::Ignored;
         }
