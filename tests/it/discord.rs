@@ -33,8 +33,10 @@ pub async fn start_gateway(fake: &FakeDiscord, env: &TestEnv) -> Daemon {
     daemon
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons() {
+/// The daemon with Discord against a fake: channel CHANNEL (prompters 101, 102 and role
+/// 501; approver 101), and 102's mention `echo hi > hi.txt` (message THREAD) run to its
+/// end. The first status edit is answered 429 when `rate_limited`.
+async fn discord_thread(rate_limited: bool) -> (FakeDiscord, TestEnv, Daemon, threadline::model::Pipeline) {
     let fake = FakeDiscord::start().await;
     let mut env = TestEnv::new();
     env.add_demo_repo();
@@ -42,15 +44,30 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     env.config.discord.token = Secret::new("bot-token-123");
     env.config.discord.api_url = fake.base.clone();
     env.config.discord.channels = one_channel(CHANNEL, "demo", &["101", "102", "501"], &["101"]);
-    fake.recorded.lock().unwrap().rate_limit_edits = 1;
+    fake.recorded.lock().unwrap().rate_limit_edits = u32::from(rate_limited);
     let daemon = start_gateway(&fake, &env).await;
-    let orch = daemon.orch.clone();
-
-    // A mention opens a thread on the message and answers in it.
     fake.dispatch(
         "MESSAGE_CREATE",
         message(THREAD, CHANNEL, "102", &[], "<@900> echo hi > hi.txt", true),
     );
+    let pipeline = loop {
+        if let Some(p) = daemon.orch.store().pipelines(1).await.unwrap().pop() {
+            break p.pipeline;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        finished(daemon.orch.store(), &format!("{}-1", pipeline.id)).await.state,
+        RunState::Succeeded
+    );
+    (fake, env, daemon, pipeline)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mention_opens_a_thread_whose_status_ends_on_its_branch() {
+    let (fake, env, daemon, _) = discord_thread(true).await;
+    let orch = daemon.orch.clone();
+    // A mention opens a thread on the message and answers in it.
     fake.wait_until("the thread", |f| {
         !f.calls("POST", &format!("/messages/{THREAD}/threads")).is_empty()
     })
@@ -85,7 +102,13 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
         "one edit was answered 429 and retried"
     );
     assert_eq!(env.origin_file(&pipeline.branch, "hi.txt").as_deref(), Some("hi\n"));
+    daemon.stop().await.unwrap();
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_roles_follow_up_in_the_thread_and_bots_and_strangers_do_not() {
+    let (fake, env, daemon, pipeline) = discord_thread(false).await;
+    let orch = daemon.orch.clone();
     // Follow-ups in the thread: by a listed user, and by a listed role; bots never count.
     fake.dispatch(
         "MESSAGE_CREATE",
@@ -118,10 +141,21 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
             .any(|(_, b)| b["message_reference"]["message_id"] == "3010")
     })
     .await;
+    assert_eq!(
+        orch.store().pipelines(10).await.unwrap().len(),
+        1,
+        "the stranger started nothing"
+    );
+    daemon.stop().await.unwrap();
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_loses_and_doubles_nothing_and_buttons_obey_approvers() {
+    let (fake, _env, daemon, pipeline) = discord_thread(false).await;
+    let orch = daemon.orch.clone();
     // A long run; the gateway drops and the client comes back; the replayed message starts nothing.
     fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
-    let long = format!("{}-4", pipeline.id);
+    let long = format!("{}-2", pipeline.id);
     appears(orch.store(), &long).await;
     wait_for(orch.store(), &long, "running", |r| r.state == RunState::Running).await;
     fake.drop_connections();
@@ -132,13 +166,13 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     .await;
     fake.dispatch("MESSAGE_CREATE", message("3005", THREAD, "102", &[], "sleep 60", false));
     holds_for("no lost or doubled run", Duration::from_millis(500), || async {
-        orch.store().runs(&pipeline.id).await.unwrap().len() == 4
+        orch.store().runs(&pipeline.id).await.unwrap().len() == 2
     })
     .await;
     assert_eq!(orch.store().run(&long).await.unwrap().unwrap().state, RunState::Running);
 
     // Cancel: refused (ephemerally) for a prompter, obeyed for an approver.
-    fake.wait_until("the Cancel button", |f| status_embeds(f, 4).len() >= 2)
+    fake.wait_until("the Cancel button", |f| status_embeds(f, 2).len() >= 2)
         .await;
     let custom_id = format!("threadline:cancel:{long}");
     fake.dispatch(
@@ -164,14 +198,12 @@ async fn a_discord_thread_runs_agents_survives_a_reconnect_and_obeys_its_buttons
     let (_, ack) = fake.calls("POST", "/interactions/7002/").remove(0);
     assert_eq!(ack["type"], 6);
     fake.wait_until("the cancelled status", |f| {
-        status_embeds(f, 4)
+        status_embeds(f, 2)
             .last()
-            .is_some_and(|e| e["title"] == "Run 4: cancelled")
+            .is_some_and(|e| e["title"] == "Run 2: cancelled")
     })
     .await;
-
     daemon.stop().await.unwrap();
-    orch.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

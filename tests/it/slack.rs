@@ -56,20 +56,61 @@ pub async fn start_socket_mode(fake: &FakeSlack, env: &TestEnv) -> Daemon {
     daemon
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
+/// A Slack thread over Socket Mode: channel C1 (prompters U1 and U2, approver U1), and
+/// U2's mention `echo hi > hi.txt` at ts 1700000001.000100 run to its end. The first
+/// status edit is answered 429 when `rate_limited`.
+struct SlackThread {
+    fake: FakeSlack,
+    env: TestEnv,
+    daemon: Daemon,
+    orch: threadline::orchestrator::Orchestrator,
+    pipeline: threadline::model::Pipeline,
+    /// The mention's Socket Mode envelope.
+    envelope: String,
+}
+
+async fn slack_thread(rate_limited: bool) -> SlackThread {
     let fake = FakeSlack::start().await;
     let mut env = slack_env(&fake);
     env.config.slack.app_token = Secret::new("xapp-test-token");
     let c1 = env.config.slack.channels.get_mut("C1").unwrap();
     c1.prompters = vec!["U1".into(), "U2".into()];
     c1.approvers = vec!["U1".into()];
-    fake.recorded.lock().unwrap().rate_limit_updates = 1;
+    fake.recorded.lock().unwrap().rate_limit_updates = u32::from(rate_limited);
     let daemon = start_socket_mode(&fake, &env).await;
     let orch = daemon.orch.clone();
+    let envelope = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
+    let pipeline = loop {
+        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
+            break p.pipeline;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        finished(orch.store(), &format!("{}-1", pipeline.id)).await.state,
+        RunState::Succeeded
+    );
+    SlackThread {
+        fake,
+        env,
+        daemon,
+        orch,
+        pipeline,
+        envelope,
+    }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mention_starts_a_pipeline_with_one_status_message_that_ends_on_its_branch() {
+    let SlackThread {
+        fake,
+        env,
+        daemon,
+        orch,
+        envelope: env_id,
+        ..
+    } = slack_thread(true).await;
     // A mention starts a pipeline: a reaction, a reply naming repo, branch and agent.
-    let env_id = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
     fake.wait_until("the acknowledgment", |f| !f.calls("reactions.add").is_empty())
         .await;
     assert!(fake.acked(&env_id), "the envelope was acknowledged");
@@ -122,7 +163,19 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         "metadata only: no log lines"
     );
     assert_eq!(env.origin_file(&pipeline.branch, "hi.txt").as_deref(), Some("hi\n"));
+    daemon.stop().await.unwrap();
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_replies_follow_up_and_redeliveries_bots_and_strangers_start_nothing() {
+    let SlackThread {
+        fake,
+        env,
+        daemon,
+        orch,
+        pipeline,
+        ..
+    } = slack_thread(false).await;
     // The same event redelivered starts nothing.
     fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
     // A bot's message in the thread is ignored; someone not allowed is ignored too.
@@ -148,7 +201,20 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         2,
         "no run from the redelivery, the bot or U9"
     );
+    daemon.stop().await.unwrap();
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_privately_and_buttons_obey_approvers() {
+    let SlackThread {
+        fake,
+        env: _env,
+        daemon,
+        orch,
+        pipeline,
+        ..
+    } = slack_thread(false).await;
+    let store = orch.store().clone();
     // Someone not allowed at the top level gets an ephemeral refusal.
     fake.push_event("Ev5", mention("U9", "1700000003.000300", "echo x > x.txt"));
     fake.wait_until("a refusal", |f| !f.calls("chat.postEphemeral").is_empty())
@@ -160,7 +226,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
         "Ev6",
         thread_message("U2", "1700000004.000400", "1700000001.000100", "sleep 60"),
     );
-    let third = format!("{}-3", pipeline.id);
+    let third = format!("{}-2", pipeline.id);
     appears(&store, &third).await;
     wait_for(orch.store(), &third, "running", |r| r.state == RunState::Running).await;
     fake.wait_until("the Cancel button", |f| {
@@ -187,9 +253,7 @@ async fn a_slack_thread_runs_agents_follows_up_and_obeys_its_buttons() {
             .is_some_and(|c| c["text"].as_str().unwrap_or("").contains("cancelled"))
     })
     .await;
-
     daemon.stop().await.unwrap();
-    orch.shutdown().await;
 }
 
 /// Signs like Slack: `v0=` + hex(HMAC-SHA256(secret, "v0:{ts}:{body}")).
