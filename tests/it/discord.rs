@@ -33,29 +33,30 @@ pub async fn start_gateway(fake: &FakeDiscord, env: &TestEnv) -> Daemon {
     daemon
 }
 
-/// The daemon with Discord against a fake: channel CHANNEL (prompters 101, 102 and role
-/// 501; approver 101), and 102's mention `echo hi > hi.txt` (message THREAD) run to its
-/// end. The first status edit is answered 429 when `rate_limited`.
-async fn discord_thread(rate_limited: bool) -> (FakeDiscord, TestEnv, Daemon, threadline::model::Pipeline) {
-    let fake = FakeDiscord::start().await;
+/// A test environment with Discord on `fake`, CHANNEL bound to "demo".
+fn discord_env(fake: &FakeDiscord, prompters: &[&str], approvers: &[&str]) -> TestEnv {
     let mut env = TestEnv::new();
     env.add_demo_repo();
     env.config.discord.enabled = true;
     env.config.discord.token = Secret::new("bot-token-123");
     env.config.discord.api_url = fake.base.clone();
-    env.config.discord.channels = one_channel(CHANNEL, "demo", &["101", "102", "501"], &["101"]);
+    env.config.discord.channels = one_channel(CHANNEL, "demo", prompters, approvers);
+    env
+}
+
+/// The daemon with Discord against a fake: channel CHANNEL (prompters 101, 102 and role
+/// 501; approver 101), and 102's mention `echo hi > hi.txt` (message THREAD) run to its
+/// end. The first status edit is answered 429 when `rate_limited`.
+async fn discord_thread(rate_limited: bool) -> (FakeDiscord, TestEnv, Daemon, threadline::model::Pipeline) {
+    let fake = FakeDiscord::start().await;
+    let env = discord_env(&fake, &["101", "102", "501"], &["101"]);
     fake.recorded.lock().unwrap().rate_limit_edits = u32::from(rate_limited);
     let daemon = start_gateway(&fake, &env).await;
     fake.dispatch(
         "MESSAGE_CREATE",
         message(THREAD, CHANNEL, "102", &[], "<@900> echo hi > hi.txt", true),
     );
-    let pipeline = loop {
-        if let Some(p) = daemon.orch.store().pipelines(1).await.unwrap().pop() {
-            break p.pipeline;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let pipeline = crate::harness::first_pipeline(daemon.orch.store()).await;
     assert_eq!(
         finished(daemon.orch.store(), &format!("{}-1", pipeline.id)).await.state,
         RunState::Succeeded
@@ -209,12 +210,7 @@ async fn a_reconnect_loses_and_doubles_nothing_and_buttons_obey_approvers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_attached_to_a_mention_reach_the_agent_without_the_bot_token() {
     let fake = FakeDiscord::start().await;
-    let mut env = TestEnv::new();
-    env.add_demo_repo();
-    env.config.discord.enabled = true;
-    env.config.discord.token = Secret::new("bot-token-123");
-    env.config.discord.api_url = fake.base.clone();
-    env.config.discord.channels = one_channel(CHANNEL, "demo", &[], &[]);
+    let env = discord_env(&fake, &[], &[]);
     let daemon = start_gateway(&fake, &env).await;
     let orch = daemon.orch.clone();
     fake.dispatch(
@@ -228,12 +224,7 @@ async fn files_attached_to_a_mention_reach_the_agent_without_the_bot_token() {
             &["trace.log"],
         ),
     );
-    let run_id = loop {
-        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
-            break format!("{}-1", p.pipeline.id);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let run_id = format!("{}-1", crate::harness::first_pipeline(orch.store()).await.id);
     let run = finished(orch.store(), &run_id).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?} {}", run.error, run.log_tail);
     let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;

@@ -169,12 +169,7 @@ async fn api(app: &axum::Router, method: &str, uri: &str) -> (StatusCode, Value)
 
 /// Waits for the first pipeline a chat adapter starts, and for its first run to succeed.
 async fn first_run_succeeds(store: &Store) -> String {
-    let run_id = loop {
-        if let Some(p) = store.pipelines(1).await.unwrap().pop() {
-            break format!("{}-1", p.pipeline.id);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let run_id = format!("{}-1", crate::harness::first_pipeline(store).await.id);
     crate::harness::appears(store, &run_id).await;
     assert_eq!(finished(store, &run_id).await.state, RunState::Succeeded);
     run_id

@@ -220,6 +220,18 @@ pub fn sh_agent() -> AgentProfile {
     }
 }
 
+/// Waits for the first pipeline a chat message starts (the store's newest).
+pub async fn first_pipeline(store: &Store) -> threadline::model::Pipeline {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(p) = store.pipelines(1).await.unwrap().pop() {
+            return p.pipeline;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no pipeline was started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until a run with this id exists (a chat message became a run).
 pub async fn appears(store: &Store, run_id: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -80,12 +80,7 @@ async fn slack_thread(rate_limited: bool) -> SlackThread {
     let daemon = start_socket_mode(&fake, &env).await;
     let orch = daemon.orch.clone();
     let envelope = fake.push_event("Ev1", mention("U2", "1700000001.000100", "echo hi > hi.txt"));
-    let pipeline = loop {
-        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
-            break p.pipeline;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let pipeline = crate::harness::first_pipeline(orch.store()).await;
     assert_eq!(
         finished(orch.store(), &format!("{}-1", pipeline.id)).await.state,
         RunState::Succeeded
@@ -376,12 +371,7 @@ async fn files_attached_to_a_mention_reach_the_agent_and_the_token_only_slack() 
         {"id": "F2", "name": "evil.txt", "url_private_download": "http://127.0.0.9:9/steal"},
     ]);
     fake.push_event("EvFiles", event);
-    let run_id = loop {
-        if let Some(p) = orch.store().pipelines(1).await.unwrap().pop() {
-            break format!("{}-1", p.pipeline.id);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let run_id = format!("{}-1", crate::harness::first_pipeline(orch.store()).await.id);
     let run = finished(orch.store(), &run_id).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?} {}", run.error, run.log_tail);
     let branch = orch.store().pipeline(&run.pipeline_id).await.unwrap().unwrap().branch;

@@ -107,6 +107,11 @@ impl Web {
         serde_json::from_str(&b).unwrap()
     }
 
+    /// How many pipelines `GET path` lists.
+    async fn pipelines(&self, path: &str) -> Option<usize> {
+        self.get_json(path).await["pipelines"].as_array().map(Vec::len)
+    }
+
     async fn wait_card(&self, run_id: &str, done: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..600 {
             let run = self.get_json(&format!("/api/runs/{run_id}")).await;
@@ -176,12 +181,7 @@ async fn bad_input_gets_a_clear_error_and_starts_nothing() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(web.get("/api/runs/nope").await.0, StatusCode::NOT_FOUND);
-    assert_eq!(
-        web.get_json("/api/pipelines").await["pipelines"]
-            .as_array()
-            .map(Vec::len),
-        Some(0)
-    );
+    assert_eq!(web.pipelines("/api/pipelines").await, Some(0));
     web.orch.shutdown().await;
 }
 
@@ -223,18 +223,8 @@ async fn a_new_thread_runs_once_and_ends_with_a_branch_link() {
     assert!(card["log_lines"].to_string().contains("hi from the agent"));
     assert_eq!(done["events"].as_array().unwrap().len(), 5);
     assert_eq!(env.origin_file(branch, "web.txt").as_deref(), Some("web\n"));
-    assert_eq!(
-        web.get_json("/api/pipelines?surface=web").await["pipelines"]
-            .as_array()
-            .map(Vec::len),
-        Some(1)
-    );
-    assert_eq!(
-        web.get_json("/api/pipelines?surface=slack").await["pipelines"]
-            .as_array()
-            .map(Vec::len),
-        Some(0)
-    );
+    assert_eq!(web.pipelines("/api/pipelines?surface=web").await, Some(1));
+    assert_eq!(web.pipelines("/api/pipelines?surface=slack").await, Some(0));
     web.orch.shutdown().await;
 }
 
@@ -978,9 +968,7 @@ async fn files_sent_with_a_prompt_reach_the_agent_and_bad_ones_are_refused() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(e["error"].as_str().unwrap().contains("more than the 20"), "{e}");
     assert_eq!(
-        web.get_json("/api/pipelines").await["pipelines"]
-            .as_array()
-            .map(Vec::len),
+        web.pipelines("/api/pipelines").await,
         Some(1),
         "bad attachments started nothing"
     );
