@@ -906,12 +906,19 @@ async fn write_context(
             inline.push_str(&format!("  It answered: {}\n", one_line(answer, 600)));
         }
     }
+    // The composed prompt stays within max_prompt_bytes: the message and the template
+    // first, then as much of the history and of the thread as fits (the files hold all).
+    let room = inner
+        .config
+        .max_prompt_bytes
+        .saturating_sub(run.prompt.len() + profile.prompt_template.len() + pipeline.branch.len() + 64);
+    let inline_cap = MAX_INLINE_CONTEXT.min(room / 2);
     let history = if inline.is_empty() {
         String::new()
     } else {
-        format!(
-            "\nEarlier in this thread (most recent last; history.md has it all):\n{}",
-            untrusted::truncate(&keep_end(&inline, MAX_INLINE_CONTEXT), MAX_INLINE_CONTEXT + 100)
+        keep_end(
+            &format!("\nEarlier in this thread (most recent last; history.md has it all):\n{inline}"),
+            inline_cap,
         )
     };
 
@@ -932,10 +939,7 @@ async fn write_context(
     let thread = if thread_inline.is_empty() {
         String::new()
     } else {
-        format!(
-            "\nSaid in the thread since the last run (untrusted; thread.md has it all):\n{}",
-            keep_end(&thread_inline, MAX_INLINE_CONTEXT)
-        )
+        format!("\nSaid in the thread since the last run (untrusted; thread.md has it all):\n{thread_inline}")
     };
 
     // Files people attached in the thread since the last run come along, named apart.
@@ -948,16 +952,19 @@ async fn write_context(
         })
         .collect();
     let (files, notes) = fetch_attachments(inner, run, from_thread, &dir.join("attachments")).await;
-    let mut thread = thread;
+    let mut attached = String::new();
     if !files.is_empty() || !notes.is_empty() {
-        thread.push_str("\nFiles attached to the message (untrusted input), in /threadline/attachments/:\n");
+        attached.push_str("\nFiles attached to the message (untrusted input), in /threadline/attachments/:\n");
         for f in &files {
-            thread.push_str(&format!("- {f}\n"));
+            attached.push_str(&format!("- {f}\n"));
         }
         for n in &notes {
-            thread.push_str(&format!("- not attached: {n}\n"));
+            attached.push_str(&format!("- not attached: {n}\n"));
         }
     }
+    // The files first: the discussion's beginning gives way before them.
+    let attached = untrusted::truncate(&attached, inline_cap);
+    let thread = keep_end(&thread, inline_cap.saturating_sub(attached.len())) + &attached;
     let request = if profile.prompt_template.is_empty() {
         run.prompt.clone()
     } else {
@@ -1121,18 +1128,23 @@ fn one_line(text: &str, max: usize) -> String {
     untrusted::truncate(&joined, max)
 }
 
-/// The end of `text` that fits `max` bytes, from a line start: the latest matter most.
+/// The end of `text` that fits `max` bytes (its marker included), from a line start:
+/// the latest matter most. Nothing when not even the marker fits.
 fn keep_end(text: &str, max: usize) -> String {
+    const MARKER: &str = "[… earlier lines left out]\n";
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut start = text.len() - max;
+    if max <= MARKER.len() {
+        return String::new();
+    }
+    let mut start = text.len() - (max - MARKER.len());
     while !text.is_char_boundary(start) {
         start += 1;
     }
     let cut = &text[start..];
     let from_line = cut.find('\n').map_or(cut, |i| &cut[i + 1..]);
-    format!("[… earlier lines left out]\n{from_line}")
+    format!("{MARKER}{from_line}")
 }
 
 /// A pipeline's agent state folder, if its profile keeps one: made and handed to the

@@ -311,3 +311,34 @@ fn message(id: &str, thread: Option<&str>, who: &str, text: &str, mentions_bot: 
         attachments: Vec::new(),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_composed_prompt_stays_within_max_prompt_bytes() {
+    let mut env = TestEnv::new();
+    env.config.max_prompt_bytes = 1500;
+    let orch = env.orchestrator().await;
+    // Earlier runs whose prompts and answers would fill far more than the limit.
+    let long = format!("# {}\necho '{}'", "x".repeat(600), "an answer line ".repeat(40));
+    let first = env.start(&orch, &long).await;
+    finished(orch.store(), &first.run.id).await;
+    for _ in 0..2 {
+        let more = orch
+            .submit_follow_up(follow_up(&first.pipeline.id, &long))
+            .await
+            .unwrap();
+        finished(orch.store(), &more.run.id).await;
+    }
+    let last = orch
+        .submit_follow_up(follow_up(&first.pipeline.id, "cp /threadline/request.md request.md"))
+        .await
+        .unwrap();
+    assert_eq!(finished(orch.store(), &last.run.id).await.state, RunState::Succeeded);
+    let request = env.origin_file(&first.pipeline.branch, "request.md").unwrap();
+    assert!(request.len() <= 1500, "{} bytes:\n{request}", request.len());
+    assert!(request.starts_with("cp /threadline/request.md"), "the message is whole");
+    assert!(
+        request.contains("earlier lines left out"),
+        "the oldest history gave way: {request}"
+    );
+    orch.shutdown().await;
+}
