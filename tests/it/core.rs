@@ -968,3 +968,21 @@ async fn the_daemon_function_serves_runs_and_the_web_until_told_to_stop() {
         "the web chat stopped with it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_that_is_gone_says_so() {
+    let env = TestEnv::new();
+    let orch = env.orchestrator().await;
+    let first = env.start(&orch, "echo one > one.txt").await;
+    assert_eq!(finished(orch.store(), &first.run.id).await.state, RunState::Succeeded);
+    std::fs::remove_dir_all(&env.origin).unwrap();
+    let next = orch
+        .submit_follow_up(follow_up(&first.pipeline.id, "echo two > two.txt"))
+        .await
+        .unwrap();
+    let run = finished(orch.store(), &next.run.id).await;
+    assert_eq!(run.state, RunState::Failed);
+    let error = run.error.unwrap_or_default();
+    assert!(error.contains("no longer there"), "{error}");
+    orch.shutdown().await;
+}

@@ -372,7 +372,14 @@ impl Git {
         // Without prune: branches pushed only to a local-only mirror must survive.
         let fetch_error = |e: git2::Error| GitError::Fetch {
             remote: remote_url.to_owned(),
-            detail: e.message().to_owned(),
+            // libgit2 takes a path that is gone for a URL of an unknown kind.
+            detail: if !crate::config::looks_like_url(remote_url) && !Path::new(remote_url).exists() {
+                "the repository is no longer there (moved or deleted?); restore it, or start a new thread on \
+                 another repository"
+                    .to_owned()
+            } else {
+                e.message().to_owned()
+            },
         };
         remote
             .fetch(&["+refs/heads/*:refs/heads/*"], Some(&mut opts), None)
