@@ -61,6 +61,9 @@ pub struct Config {
     /// How long saving a run's work (commit and push) may take before the run fails
     /// with its work left in the workspace for the next run.
     pub save_timeout_secs: u64,
+    /// How often the forge is asked whether the pipelines' open pull requests were merged
+    /// or closed, so their cards tell (0: never; Open PR still checks when pressed).
+    pub pr_poll_secs: u64,
     pub git: GitConfig,
     pub web: WebConfig,
     pub slack: SlackConfig,
@@ -447,6 +450,7 @@ impl Default for Config {
             log_tail_lines: 200,
             max_log_bytes: 16 * 1024 * 1024,
             save_timeout_secs: 300,
+            pr_poll_secs: 60,
             git: GitConfig::default(),
             web: WebConfig::default(),
             slack: SlackConfig::default(),

@@ -256,6 +256,16 @@ pub struct PullRequestRecord {
     pub found: bool,
     pub opened_by: String,
     pub created_at: Millis,
+    /// `open`, `merged` or `closed`, as the forge last said.
+    pub state: String,
+    /// When Threadline saw it become merged or closed.
+    pub state_at: Option<Millis>,
+}
+
+impl PullRequestRecord {
+    pub fn is_open(&self) -> bool {
+        self.state == "open"
+    }
 }
 
 /// One Open PR decision.

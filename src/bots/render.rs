@@ -317,7 +317,16 @@ pub fn card_in_context(
         .as_deref()
         .and_then(|t| branch_link(t, &pipeline.branch))
         .filter(|_| on_forge);
-    let can_open = view.forge.is_some() && view.pr.is_none();
+    // After a pull request was merged or closed, a run that pushed changes since may
+    // open the next one; the runs before it may not.
+    let after_end =
+        |pr: &crate::model::PullRequestRecord| run.finished_at.zip(pr.state_at).is_some_and(|(end, at)| end > at);
+    let can_open = view.forge.is_some()
+        && match &view.pr {
+            None => true,
+            Some(pr) if !pr.is_open() => run.pushed && run.changed && after_end(pr),
+            Some(_) => false,
+        };
     let mut card = status_card(
         pipeline,
         run,
@@ -330,19 +339,37 @@ pub fn card_in_context(
     let kind = view.forge.unwrap_or(ForgeKind::Github);
     if let Some(pr) = &view.pr {
         let short = if kind == ForgeKind::Gitlab { "MR" } else { "PR" };
-        let label = format!("{short} {}", kind.reference(pr.number));
-        card.buttons.push(Button {
-            action: Action::OpenPr,
-            label: format!("View {label}"),
-            run_id: run.id.clone(),
-            url: Some(pr.url.clone()),
-        });
-        if run.pushed && run.finished_at.is_some_and(|end| end >= pr.created_at) {
-            card.note = Some(format!(
-                "Pushed to {} {}: it now shows this run's changes.",
-                kind.noun(),
-                kind.reference(pr.number)
-            ));
+        let reference = format!("{short} {}", kind.reference(pr.number));
+        let label = if pr.is_open() {
+            reference.clone()
+        } else {
+            format!("{reference} ({})", pr.state)
+        };
+        if !can_open {
+            card.buttons.push(Button {
+                action: Action::OpenPr,
+                label: format!("View {label}"),
+                run_id: run.id.clone(),
+                url: Some(pr.url.clone()),
+            });
+        }
+        if pr.is_open() {
+            if run.pushed && run.finished_at.is_some_and(|end| end >= pr.created_at) {
+                card.note = Some(format!(
+                    "Pushed to {} {}: it now shows this run's changes.",
+                    kind.noun(),
+                    kind.reference(pr.number)
+                ));
+            }
+        } else if run.state == RunState::Succeeded {
+            let ended = format!("{reference} was {}.", pr.state);
+            card.note = Some(if can_open {
+                format!("{ended} Open PR opens a new one for what the branch has gained since.")
+            } else if run.pushed && after_end(pr) {
+                format!("{ended} Nothing new on the branch since.")
+            } else {
+                ended
+            });
         }
         card.pull_request = Some(PrLink {
             number: pr.number,
@@ -412,6 +439,8 @@ pub(crate) mod tests {
                 found: false,
                 opened_by: "slack:U1".into(),
                 created_at: 0,
+                state: "open".into(),
+                state_at: None,
             }),
             ..Default::default()
         };
@@ -534,6 +563,8 @@ pub(crate) mod tests {
             found: false,
             opened_by: "slack:U1".into(),
             created_at: 70_000,
+            state: "open".into(),
+            state_at: None,
         });
         // This run ended before the merge request was opened: no "updated" note.
         let card = card_in_context(&p, &done, &runs, Detail::Metadata, &view, &r);
@@ -584,6 +615,8 @@ pub(crate) mod tests {
                 found: false,
                 opened_by: "slack:U1".into(),
                 created_at: 0,
+                state: "open".into(),
+                state_at: None,
             },
             kind: ForgeKind::Gitlab,
             opened: true,

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest, PrState};
 use super::workspace::PullRequestCheck;
@@ -299,6 +300,8 @@ impl Orchestrator {
                 found,
                 opened_by: actor.to_owned(),
                 created_at: now_millis(),
+                state: "open".into(),
+                state_at: None,
             };
             let (head, base) = (&pipeline.branch, &pipeline.base_branch);
             if let Some(found) = client.find_open(head, base).await.map_err(explain)? {
@@ -502,6 +505,59 @@ impl Orchestrator {
         }
         let made = crate::http::JsonClient::new().map_err(|e| ForgeError::Unreachable(e.to_string()))?;
         Ok(self.inner.http.get_or_init(|| made))
+    }
+
+    /// Asks the forge, every `pr_poll_secs` until shutdown, whether the open pull requests
+    /// were merged or closed; a change is stored and the pipeline's cards redrawn.
+    pub(super) async fn watch_pull_requests(&self) {
+        let every = Duration::from_secs(self.inner.config.pr_poll_secs);
+        loop {
+            tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.check_pull_requests().await {
+                tracing::warn!(error = %e, "cannot read the pull requests to check");
+            }
+        }
+    }
+
+    /// One round of [`Orchestrator::watch_pull_requests`]. A forge that cannot answer is
+    /// asked again next round.
+    pub async fn check_pull_requests(&self) -> Result<(), StoreError> {
+        for pr in self.inner.store.open_pull_requests().await? {
+            let Some(pipeline) = self.inner.store.pipeline(&pr.pipeline_id).await? else {
+                continue;
+            };
+            let Ok(Some(target)) = self.forge_of(&pipeline) else {
+                continue;
+            };
+            let (_, settings) = self.repo_settings(&pipeline);
+            let token = if settings.forge.token.is_empty() {
+                &self.inner.config.git.token
+            } else {
+                &settings.forge.token
+            };
+            let Ok(client) = self
+                .http()
+                .and_then(|http| forge::client(&target, token.expose(), http))
+            else {
+                continue;
+            };
+            match client.state(pr.number).await {
+                Ok(state @ (PrState::Merged | PrState::Closed)) => {
+                    tracing::info!(pipeline = %pipeline.id, number = pr.number, state = state.word(), "pull request ended");
+                    self.inner
+                        .store
+                        .set_pull_request_state(&pipeline.id, pr.number, state.word(), now_millis())
+                        .await?;
+                    self.republish(&pipeline.id).await;
+                }
+                Ok(PrState::Open) => {}
+                Err(e) => tracing::debug!(pipeline = %pipeline.id, error = %e, "the forge did not say"),
+            }
+        }
+        Ok(())
     }
 
     /// Sends the pipeline's pushed, succeeded runs again, so their status messages

@@ -59,6 +59,10 @@ impl Orchestrator {
         inner.tracker.spawn(heartbeat_loop(me));
         let me = inner.clone();
         inner.tracker.spawn(scheduler_loop(me, scope));
+        if inner.config.pr_poll_secs > 0 {
+            let me = self.clone();
+            inner.tracker.spawn(async move { me.watch_pull_requests().await });
+        }
         Ok(())
     }
 }

@@ -37,6 +37,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "thread files",
         include_str!("migrations/sqlite/0008_thread_files.sql"),
     ),
+    (
+        9,
+        "pull request state",
+        include_str!("migrations/sqlite/0009_pull_request_state.sql"),
+    ),
 ];
 
 #[derive(Debug)]

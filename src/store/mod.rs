@@ -732,24 +732,36 @@ impl Store {
 
     pub async fn pull_request(&self, pipeline_id: &str) -> Result<Option<PullRequestRecord>> {
         let row = sqlx::query(
-            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at FROM pull_requests \
-             WHERE pipeline_id = $1",
+            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at, state, state_at \
+             FROM pull_requests WHERE pipeline_id = $1",
         )
         .bind(pipeline_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(PullRequestRecord {
-                pipeline_id: r.try_get("pipeline_id")?,
-                forge: r.try_get("forge")?,
-                number: r.try_get("number")?,
-                url: r.try_get("url")?,
-                found: r.try_get::<i64, _>("found")? != 0,
-                opened_by: r.try_get("opened_by")?,
-                created_at: r.try_get("created_at")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(pull_request_from_row).transpose()
+    }
+
+    /// Every pull request the forge last called open.
+    pub async fn open_pull_requests(&self) -> Result<Vec<PullRequestRecord>> {
+        let rows = sqlx::query(
+            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at, state, state_at \
+             FROM pull_requests WHERE state = 'open'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pull_request_from_row).collect()
+    }
+
+    /// Records what the forge says of pull request `number` now.
+    pub async fn set_pull_request_state(&self, pipeline_id: &str, number: i64, state: &str, at: Millis) -> Result<()> {
+        sqlx::query("UPDATE pull_requests SET state = $1, state_at = $2 WHERE pipeline_id = $3 AND number = $4")
+            .bind(state)
+            .bind(at)
+            .bind(pipeline_id)
+            .bind(number)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records a pipeline's pull request; a pipeline keeps the first one recorded,
@@ -1089,6 +1101,20 @@ fn run_from_row(r: &AnyRow) -> Result<Run> {
         session_cost_usd: r
             .try_get::<Option<i64>, _>("session_cost_micro_usd")?
             .map(|m| m as f64 / 1e6),
+    })
+}
+
+fn pull_request_from_row(r: &AnyRow) -> Result<PullRequestRecord> {
+    Ok(PullRequestRecord {
+        pipeline_id: r.try_get("pipeline_id")?,
+        forge: r.try_get("forge")?,
+        number: r.try_get("number")?,
+        url: r.try_get("url")?,
+        found: r.try_get::<i64, _>("found")? != 0,
+        opened_by: r.try_get("opened_by")?,
+        created_at: r.try_get("created_at")?,
+        state: r.try_get("state")?,
+        state_at: r.try_get("state_at")?,
     })
 }
 

@@ -718,3 +718,80 @@ async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
     daemon.stop().await.unwrap();
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_next() {
+    let (env, fake) = forge_env(ForgeKind::Github, "acme/merged").await;
+    let Story {
+        env: _env,
+        fake,
+        orch,
+        store,
+        core,
+        run,
+        ..
+    } = story(env, fake, "300.1", "echo one > one.txt").await;
+    let text = reply_text(core.on_click(click("m1", &run, "U3")).await);
+    assert!(text.starts_with("Opened pull request #1"), "{text}");
+
+    // Merged on the forge: Threadline learns it without anyone pressing a button.
+    fake.merge_pr("acme/merged", 1);
+    orch.check_pull_requests().await.unwrap();
+    let (_, card) = core.card(&run).await.unwrap();
+    assert_eq!(card.note.as_deref(), Some("PR #1 was merged."));
+    assert!(
+        card.buttons
+            .iter()
+            .any(|b| b.label == "View PR #1 (merged)" && b.url.is_some()),
+        "{:?}",
+        card.buttons
+    );
+    assert!(
+        !card
+            .buttons
+            .iter()
+            .any(|b| b.action == Action::OpenPr && b.url.is_none())
+    );
+
+    // A later change offers Open PR for what the branch gained; a run with no change says so.
+    let follow = |id: &str, script: &str| Message {
+        channel: "C1".into(),
+        thread: Some("300.1".into()),
+        id: id.into(),
+        sender: user("U1"),
+        text: script.into(),
+        mentions_bot: false,
+        attachments: Vec::new(),
+        link: None,
+    };
+    let mut later = Vec::new();
+    for (id, script) in [("300.2", "echo two > two.txt"), ("300.3", "true")] {
+        let Outcome::Queued { submitted, .. } = core.on_message(follow(id, script)).await else {
+            panic!("no follow-up");
+        };
+        later.push(finished(&store, &submitted.run.id).await);
+    }
+    let (_, changed) = core.card(&later[0]).await.unwrap();
+    assert_eq!(
+        changed.note.as_deref(),
+        Some("PR #1 was merged. Open PR opens a new one for what the branch has gained since.")
+    );
+    assert!(
+        changed
+            .buttons
+            .iter()
+            .any(|b| b.action == Action::OpenPr && b.url.is_none())
+    );
+    let (_, unchanged) = core.card(&later[1]).await.unwrap();
+    assert_eq!(
+        unchanged.note.as_deref(),
+        Some("PR #1 was merged. Nothing new on the branch since.")
+    );
+    let text = reply_text(core.on_click(click("m2", &later[0], "U3")).await);
+    assert!(
+        text.starts_with("Pull request #1 was merged. Opened pull request #2"),
+        "{text}"
+    );
+    assert_eq!(fake.prs().len(), 2);
+    orch.shutdown().await;
+}
