@@ -92,7 +92,17 @@ impl FakeSlack {
     }
 
     /// Sends a button click (block_actions) over Socket Mode.
-    pub fn click(&self, user: &str, channel: &str, message_ts: &str, action_id: &str, value: &str) -> String {
+    /// A click on a button of the message `message_ts` in the thread `thread_ts`, as
+    /// Slack sends `block_actions` (the message, with its thread, included).
+    pub fn click(
+        &self,
+        user: &str,
+        channel: &str,
+        message_ts: &str,
+        thread_ts: &str,
+        action_id: &str,
+        value: &str,
+    ) -> String {
         let envelope_id = format!("env-click-{}", uuid_like());
         let envelope = json!({
             "envelope_id": envelope_id,
@@ -107,6 +117,8 @@ impl FakeSlack {
                 "container": {"type": "message", "message_ts": message_ts, "channel_id": channel, "is_ephemeral": false},
                 "trigger_id": format!("trigger-{}", uuid_like()),
                 "channel": {"id": channel, "name": "dev"},
+                "message": {"type": "message", "ts": message_ts, "thread_ts": thread_ts, "text": "status",
+                            "bot_id": "B0BOT", "user": "UBOT"},
                 "actions": [{"type": "button", "action_id": action_id, "block_id": "b1", "value": value,
                              "text": {"type": "plain_text", "text": "x"}, "action_ts": "1700000000.000001"}]
             }

@@ -578,12 +578,23 @@ async fn open_pr_from_a_slack_status_message() {
     // A refused click is answered privately, to the clicker.
     let refused = async |who: &str| {
         let ephemerals = slack_fake.calls("chat.postEphemeral").len();
-        slack_fake.click(who, "C1", "1700000100.000009", "threadline_open_pr", &run_id);
+        slack_fake.click(
+            who,
+            "C1",
+            "1700000100.000009",
+            "1700000001.000100",
+            "threadline_open_pr",
+            &run_id,
+        );
         slack_fake
             .wait_until("the refusal", |f| f.calls("chat.postEphemeral").len() > ephemerals)
             .await;
         let refusal = slack_fake.calls("chat.postEphemeral").pop().unwrap();
         assert_eq!(refusal["user"], who);
+        assert_eq!(
+            refusal["thread_ts"], "1700000001.000100",
+            "in the thread that was clicked"
+        );
         refusal["text"].as_str().unwrap().to_owned()
     };
     // U1 prompted it; U2 is in no group that approves.
@@ -592,7 +603,14 @@ async fn open_pr_from_a_slack_status_message() {
     assert!(fake.prs().is_empty());
 
     // U3 approves: the link in the thread, and the button turns into it.
-    slack_fake.click("U3", "C1", "1700000100.000009", "threadline_open_pr", &run_id);
+    slack_fake.click(
+        "U3",
+        "C1",
+        "1700000100.000009",
+        "1700000001.000100",
+        "threadline_open_pr",
+        &run_id,
+    );
     let pr_url = format!("http://{}/acme/chat/pull/1", fake.addr);
     let said = format!("Opened pull request #1: {pr_url}");
     slack_fake

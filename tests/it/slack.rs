@@ -231,16 +231,35 @@ async fn strangers_are_refused_privately_and_buttons_obey_approvers() {
     })
     .await;
     let ephemerals = fake.calls("chat.postEphemeral").len();
-    fake.click("U2", "C1", "1700000100.000009", "threadline_cancel", &third);
+    fake.click(
+        "U2",
+        "C1",
+        "1700000100.000009",
+        "1700000001.000100",
+        "threadline_cancel",
+        &third,
+    );
     fake.wait_until("the refusal of U2's click", |f| {
         f.calls("chat.postEphemeral").len() > ephemerals
     })
     .await;
     assert_eq!(
+        fake.calls("chat.postEphemeral").last().unwrap()["thread_ts"],
+        "1700000001.000100",
+        "the refusal is in the thread that was clicked"
+    );
+    assert_eq!(
         orch.store().run(&third).await.unwrap().unwrap().state,
         RunState::Running
     );
-    fake.click("U1", "C1", "1700000100.000009", "threadline_cancel", &third);
+    fake.click(
+        "U1",
+        "C1",
+        "1700000100.000009",
+        "1700000001.000100",
+        "threadline_cancel",
+        &third,
+    );
     assert_eq!(finished(orch.store(), &third).await.state, RunState::Cancelled);
     fake.wait_until("the cancelled status", |f| {
         status_texts(f, &third)

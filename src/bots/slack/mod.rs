@@ -493,6 +493,8 @@ fn handle_interaction(state: Arc<State>, event: SlackInteractionEvent) {
     };
     let user = ev.user.map(|u| u.id.0).unwrap_or_default();
     let channel = ev.channel.map(|c| c.id.0).unwrap_or_default();
+    // The thread of the clicked message: private answers go there, not to the channel.
+    let thread = ev.message.and_then(|m| m.origin.thread_ts).map(|t| t.0);
     for action in ev.actions.unwrap_or_default() {
         let (Some(kind), Some(run_id)) = (action_from(&action.action_id.0), action.value.clone()) else {
             continue;
@@ -506,12 +508,12 @@ fn handle_interaction(state: Arc<State>, event: SlackInteractionEvent) {
                 ..Default::default()
             },
         };
-        let (state, user, channel) = (state.clone(), user.clone(), channel.clone());
+        let (state, user, channel, thread) = (state.clone(), user.clone(), channel.clone(), thread.clone());
         let mut click = click;
         tokio::spawn(async move {
             click.sender.roles = state.groups_of(&user).await;
             let outcome = state.core.on_click(click).await;
-            act(&state, outcome, &channel, &user, None, None).await;
+            act(&state, outcome, &channel, &user, thread.as_deref(), None).await;
         });
     }
 }
