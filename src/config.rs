@@ -182,6 +182,9 @@ pub struct RepoConfig {
     pub approvers: Vec<String>,
     /// Whoever prompted a pipeline may not open its pull request: someone else must.
     pub require_other_approver: bool,
+    /// An approval covers the commit it approved: a later push marks it stale on the
+    /// card until someone approves again (presses Open PR on the latest run).
+    pub require_fresh_approval: bool,
     /// Where pull requests are opened.
     pub forge: ForgeConfig,
 }

@@ -279,6 +279,8 @@ pub struct Approval {
     /// Why it was refused, or what came of it.
     pub reason: String,
     pub at: Millis,
+    /// The branch head it approved.
+    pub commit: Option<String>,
 }
 
 /// One persisted state transition.

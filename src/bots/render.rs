@@ -361,6 +361,30 @@ pub fn card_in_context(
                     kind.reference(pr.number)
                 ));
             }
+            // Where approvals must be fresh, the branch's latest push needs its own.
+            let latest = runs.iter().rev().find(|r| r.pushed).map(|r| r.id.as_str());
+            if view.require_fresh_approval
+                && latest == Some(run.id.as_str())
+                && run.head_commit.is_some()
+                && view.approved_commit != run.head_commit
+            {
+                let approved = match &view.approved_commit {
+                    Some(c) => format!("its approval covers {}", c.chars().take(10).collect::<String>()),
+                    None => "it has no approval yet".to_owned(),
+                };
+                card.note = Some(format!(
+                    "This run pushed to {} {} after it was approved: {approved}. An approver presses Approve \
+                     again.",
+                    kind.noun(),
+                    kind.reference(pr.number)
+                ));
+                card.buttons.push(Button {
+                    action: Action::OpenPr,
+                    label: "Approve again".into(),
+                    run_id: run.id.clone(),
+                    url: None,
+                });
+            }
         } else if run.state == RunState::Succeeded {
             let ended = format!("{reference} was {}.", pr.state);
             card.note = Some(if can_open {

@@ -160,6 +160,10 @@ pub struct PullRequestView {
     /// Said instead of Open PR when there is no forge.
     pub unavailable: Option<String>,
     pub pr: Option<PullRequestRecord>,
+    /// With `require_fresh_approval`: the commit the latest approval covered (None: no
+    /// approval yet, or fresh approvals are not required).
+    pub approved_commit: Option<String>,
+    pub require_fresh_approval: bool,
 }
 
 impl Orchestrator {
@@ -191,6 +195,7 @@ impl Orchestrator {
 
     /// What a pipeline's cards show about pull requests.
     pub async fn pull_request_view(&self, pipeline: &Pipeline) -> PullRequestView {
+        let settings_fresh = self.repo_settings(pipeline).1.require_fresh_approval;
         let configured = Some(self.repo_settings(pipeline).1.branch_url.clone()).filter(|t| !t.is_empty());
         let forge = self.forge_of(pipeline);
         let target = forge.as_ref().ok().cloned().flatten();
@@ -204,6 +209,17 @@ impl Orchestrator {
             forge: target.map(|t| t.kind),
             unavailable,
             pr: self.inner.store.pull_request(&pipeline.id).await.ok().flatten(),
+            approved_commit: if settings_fresh {
+                self.inner
+                    .store
+                    .approvals(&pipeline.id)
+                    .await
+                    .ok()
+                    .and_then(|a| a.into_iter().rev().find(|a| a.approved).and_then(|a| a.commit))
+            } else {
+                None
+            },
+            require_fresh_approval: settings_fresh,
         }
     }
 
@@ -385,12 +401,19 @@ impl Orchestrator {
             Err(e) => format!("failed: {}", sentence(&e.to_string())),
         };
         self.record_approval(key, run, actor, true, &reason).await;
+        // An approval may have made a stale one fresh: the cards say so.
+        self.republish(&run.pipeline_id).await;
         result
     }
 
     /// Records an Open PR decision (once per `key`, a click's id); a failure to record
     /// is logged, not fatal.
     pub async fn record_approval(&self, key: &str, run: &Run, actor: &str, approved: bool, reason: &str) {
+        // What was approved: the branch as its latest pushed run left it.
+        let commit = match self.inner.store.runs(&run.pipeline_id).await {
+            Ok(runs) => runs.into_iter().rev().find(|r| r.pushed).and_then(|r| r.head_commit),
+            Err(_) => None,
+        };
         let approval = Approval {
             pipeline_id: run.pipeline_id.clone(),
             run_id: run.id.clone(),
@@ -398,6 +421,7 @@ impl Orchestrator {
             approved,
             reason: self.inner.redactor.redact(reason),
             at: now_millis(),
+            commit,
         };
         if let Err(e) = self.inner.store.record_approval(key, &approval).await {
             tracing::warn!(run = %run.id, error = %e, "cannot record an Open PR decision");

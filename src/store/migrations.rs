@@ -42,6 +42,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "pull request state",
         include_str!("migrations/sqlite/0009_pull_request_state.sql"),
     ),
+    (
+        10,
+        "approved commit",
+        include_str!("migrations/sqlite/0010_approved_commit.sql"),
+    ),
 ];
 
 #[derive(Debug)]

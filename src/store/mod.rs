@@ -797,8 +797,8 @@ impl Store {
     /// Records an Open PR decision once per `request_key`.
     pub async fn record_approval(&self, request_key: &str, approval: &Approval) -> Result<()> {
         sqlx::query(
-            "INSERT INTO approvals (request_key, pipeline_id, run_id, actor, decision, reason, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            "INSERT INTO approvals (request_key, pipeline_id, run_id, actor, decision, reason, created_at, commit_sha) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         )
         .bind(request_key)
         .bind(&approval.pipeline_id)
@@ -807,6 +807,7 @@ impl Store {
         .bind(if approval.approved { "approved" } else { "refused" })
         .bind(&approval.reason)
         .bind(approval.at)
+        .bind(&approval.commit)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -815,7 +816,7 @@ impl Store {
     /// A pipeline's Open PR decisions, oldest first.
     pub async fn approvals(&self, pipeline_id: &str) -> Result<Vec<Approval>> {
         let rows = sqlx::query(
-            "SELECT pipeline_id, run_id, actor, decision, reason, created_at FROM approvals \
+            "SELECT pipeline_id, run_id, actor, decision, reason, created_at, commit_sha FROM approvals \
              WHERE pipeline_id = $1 ORDER BY created_at, request_key",
         )
         .bind(pipeline_id)
@@ -830,6 +831,7 @@ impl Store {
                     approved: r.try_get::<String, _>("decision")? == "approved",
                     reason: r.try_get("reason")?,
                     at: r.try_get("created_at")?,
+                    commit: r.try_get("commit_sha")?,
                 })
             })
             .collect()

@@ -813,3 +813,73 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
     assert_eq!(fake.prs().len(), 2);
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fresh_approvals_a_push_after_the_approval_asks_for_another() {
+    let (mut env, fake) = forge_env(ForgeKind::Github, "acme/fresh").await;
+    env.config.repos.get_mut("app").unwrap().require_fresh_approval = true;
+    let Story {
+        env: _env,
+        orch,
+        store,
+        core,
+        run,
+        ..
+    } = story(env, fake, "400.1", "echo one > one.txt").await;
+    let text = reply_text(core.on_click(click("f1", &run, "U3")).await);
+    assert!(text.starts_with("Opened pull request #1"), "{text}");
+    let approvals = store.approvals(&run.pipeline_id).await.unwrap();
+    assert_eq!(
+        approvals.last().unwrap().commit,
+        run.head_commit,
+        "the approval records what it approved"
+    );
+    let (_, card) = core.card(&run).await.unwrap();
+    assert!(
+        !card.buttons.iter().any(|b| b.label == "Approve again"),
+        "fresh: {:?}",
+        card.buttons
+    );
+
+    // A follow-up pushes after the approval: its card says the approval is stale.
+    let reply = Message {
+        channel: "C1".into(),
+        thread: Some("400.1".into()),
+        id: "400.2".into(),
+        sender: user("U1"),
+        text: "echo two > two.txt".into(),
+        mentions_bot: false,
+        attachments: Vec::new(),
+        link: None,
+    };
+    let Outcome::Queued { submitted, .. } = core.on_message(reply).await else {
+        panic!("no follow-up");
+    };
+    let second = finished(&store, &submitted.run.id).await;
+    let (_, card) = core.card(&second).await.unwrap();
+    assert!(
+        card.note.as_deref().unwrap().contains("after it was approved"),
+        "{:?}",
+        card.note
+    );
+    assert!(
+        card.buttons
+            .iter()
+            .any(|b| b.label == "Approve again" && b.url.is_none())
+    );
+    // Approving again (the same policy applies) makes it fresh.
+    let again = private_text(core.on_click(click("f2", &second, "U3")).await);
+    assert!(again.contains("already has pull request #1"), "{again}");
+    let (_, card) = core.card(&second).await.unwrap();
+    assert!(
+        !card.buttons.iter().any(|b| b.label == "Approve again"),
+        "{:?}",
+        card.buttons
+    );
+    assert!(
+        card.note.as_deref().unwrap().starts_with("Pushed to pull request #1"),
+        "{:?}",
+        card.note
+    );
+    orch.shutdown().await;
+}
