@@ -739,7 +739,8 @@ async fn open_pr_from_a_discord_thread_follows_the_repository_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_next() {
-    let (env, fake) = forge_env(ForgeKind::Github, "acme/merged").await;
+    let (mut env, fake) = forge_env(ForgeKind::Github, "acme/merged").await;
+    env.config.pr_poll_secs = 1;
     let Story {
         env: _env,
         fake,
@@ -754,7 +755,11 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
 
     // Merged on the forge: Threadline learns it without anyone pressing a button.
     fake.merge_pr("acme/merged", 1);
-    orch.check_pull_requests().await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store.pull_request(&run.pipeline_id).await.unwrap().unwrap().is_open() {
+        assert!(std::time::Instant::now() < deadline, "the poll never saw the merge");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (_, card) = core.card(&run).await.unwrap();
     assert_eq!(card.note.as_deref(), Some("PR #1 was merged."));
     assert!(
