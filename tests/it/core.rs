@@ -308,8 +308,10 @@ async fn several_pipelines_run_at_once_within_the_limit() {
     env.config.max_concurrent_runs = 2;
     let orch = env.orchestrator().await;
     let mut ids = Vec::new();
+    // Each run lasts long enough that the next one's claim, however loaded the machine
+    // (the whole suite runs at once), comes while it still runs.
     for i in 0..4 {
-        ids.push(env.start(&orch, &format!("sleep 2\necho {i} > n.txt")).await);
+        ids.push(env.start(&orch, &format!("sleep 4\necho {i} > n.txt")).await);
     }
     let mut spans = Vec::new();
     for sub in &ids {
