@@ -41,7 +41,7 @@ impl AgentState {
     /// Reads one line of output; returns a line for people (the log tail) when the
     /// line was an event worth showing, else `None` (the raw line is kept as it is).
     pub fn read(&mut self, format: EventFormat, line: &str) -> Option<String> {
-        match format {
+        let shown = match format {
             EventFormat::None => None,
             EventFormat::Claude => self.claude(line),
             EventFormat::Codex => self.codex(line),
@@ -49,7 +49,9 @@ impl AgentState {
                 self.aider(line);
                 None
             }
-        }
+        };
+        // JSON strings carry escapes (`\u001b`) that the raw line's cleaning did not see.
+        shown.map(|s| untrusted::clean(&s))
     }
 
     pub fn progress(&self) -> &Progress {
@@ -98,7 +100,7 @@ impl AgentState {
 
     fn step(&mut self, kind: StepKind, detail: Option<&str>) {
         self.progress.step = Some(kind);
-        self.progress.detail = detail.map(|d| first_line(d).to_owned());
+        self.progress.detail = detail.map(|d| untrusted::clean(first_line(d)));
         self.changed = true;
     }
 
@@ -109,12 +111,14 @@ impl AgentState {
 
     fn touched(&mut self, path: &str) {
         if self.files.len() < MAX_FILES && !path.is_empty() {
-            self.files.insert(untrusted::prefix(path, MAX_DETAIL_BYTES).to_owned());
+            self.files
+                .insert(untrusted::clean(untrusted::prefix(path, MAX_DETAIL_BYTES)));
             self.progress.files_touched = self.files.len() as u32;
         }
     }
 
     fn set_answer(&mut self, text: &str) {
+        let text = untrusted::clean(untrusted::prefix(text, MAX_ANSWER_BYTES * 2));
         let text = text.trim();
         if !text.is_empty() {
             self.answer = Some(untrusted::truncate(text, MAX_ANSWER_BYTES));
@@ -445,6 +449,23 @@ not json at all
         assert!(state.usage((0.0, 0.0)).tokens_in.is_some_and(|n| n > 0));
         assert!(state.progress().tool_calls >= 2, "{:?}", state.progress());
         assert!(shown.iter().any(|l| l.starts_with("$ bash -lc")), "{shown:?}");
+    }
+
+    #[test]
+    fn escaped_control_characters_in_events_are_removed() {
+        let stream = r#"{"type":"assistant","message":{"id":"m","content":[{"type":"text","text":"\u001b]0;pwned\u0007hi\u001b[2J"},{"type":"tool_use","name":"Bash","input":{"command":"ls\u001b[31m red"}}]}}
+{"type":"result","result":"done\u001b[1A\u202eevil"}"#;
+        let (state, shown) = read_all(EventFormat::Claude, stream);
+        for text in shown
+            .iter()
+            .map(String::as_str)
+            .chain(state.answer())
+            .chain(state.progress().detail.as_deref())
+        {
+            assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+            assert!(!text.contains('\u{202e}'), "{text:?}");
+        }
+        assert_eq!(state.answer(), Some("doneevil"));
     }
 
     #[test]
