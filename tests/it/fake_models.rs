@@ -18,9 +18,7 @@
 //! gateway. To see what else an agent tries to reach: [`DnsLogger`] (give the container
 //! `--dns <gateway>`; Docker's embedded resolver forwards every outside name to it, even on
 //! an internal network) and [`RecordingProxy`] (give it `HTTP_PROXY`/`HTTPS_PROXY`).
-#![allow(dead_code)] // Infrastructure for the real-agent tests; not every piece is used yet.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
@@ -40,8 +38,6 @@ pub struct ModelRequest {
     pub method: String,
     /// With the query string (Claude Code calls `/v1/messages?beta=true`).
     pub path: String,
-    /// Header names in lower case.
-    pub headers: BTreeMap<String, String>,
     /// The body as JSON (`Value::Null` when empty or not JSON).
     pub body: Value,
 }
@@ -143,19 +139,10 @@ impl Shared {
         }
     }
 
-    fn record(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> ModelRequest {
+    fn record(&self, method: &Method, uri: &Uri, body: &Bytes) -> ModelRequest {
         let request = ModelRequest {
             method: method.to_string(),
             path: uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
-            headers: headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
             body: serde_json::from_slice(body).unwrap_or(Value::Null),
         };
         self.requests.lock().unwrap().push(request.clone());
@@ -188,7 +175,6 @@ fn event_stream(events: Vec<String>) -> Response {
 /// `ANTHROPIC_BASE_URL=<base_url>` (no `/v1`) and any `ANTHROPIC_API_KEY`.
 #[derive(Clone)]
 pub struct FakeAnthropic {
-    pub addr: SocketAddr,
     /// `http://<addr>`: the value for `ANTHROPIC_BASE_URL`.
     pub base_url: String,
     shared: Shared,
@@ -206,14 +192,9 @@ impl FakeAnthropic {
         let app = Router::new().fallback(anthropic).with_state(shared.clone());
         let addr = serve(bind, app).await;
         FakeAnthropic {
-            addr,
             base_url: format!("http://{addr}"),
             shared,
         }
-    }
-
-    pub fn set_script(&self, script: Script) {
-        *self.shared.script.lock().unwrap() = script;
     }
 
     /// Every request, in order of arrival.
@@ -270,7 +251,7 @@ async fn anthropic(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let request = shared.record(&method, &uri, &headers, &body);
+    let request = shared.record(&method, &uri, &body);
     let path = uri.path();
     match (method.as_str(), path) {
         // Claude Code's connectivity check against the base URL.
@@ -408,7 +389,6 @@ fn anthropic_events(model: &str, reply: &Reply) -> Vec<String> {
 /// `--model openai/<name>`.
 #[derive(Clone)]
 pub struct FakeOpenAi {
-    pub addr: SocketAddr,
     /// `http://<addr>/v1`: the value for `OPENAI_API_BASE` (aider, litellm) or
     /// `OPENAI_BASE_URL` (the OpenAI SDKs).
     pub api_base: String,
@@ -425,14 +405,9 @@ impl FakeOpenAi {
         let app = Router::new().fallback(openai).with_state(shared.clone());
         let addr = serve(bind, app).await;
         FakeOpenAi {
-            addr,
             api_base: format!("http://{addr}/v1"),
             shared,
         }
-    }
-
-    pub fn set_script(&self, script: Script) {
-        *self.shared.script.lock().unwrap() = script;
     }
 
     pub fn requests(&self) -> Vec<ModelRequest> {
@@ -452,14 +427,10 @@ impl FakeOpenAi {
             })
             .collect()
     }
-
-    pub fn clear(&self) {
-        self.shared.requests.lock().unwrap().clear();
-    }
 }
 
 async fn openai(State(shared): State<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let request = shared.record(&method, &uri, &headers, &body);
+    let request = shared.record(&method, &uri, &body);
     let path = uri.path();
     if method != Method::POST || !path.ends_with("/chat/completions") {
         return (
@@ -692,172 +663,9 @@ impl RecordingProxy {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Running an agent image by hand, hardened as Threadline runs it.
-
-/// A hardened `docker run` of an agent image, with the flags of
-/// `AgentSpec::docker_run_args` (src/orchestrator/container.rs): a non-root uid with no
-/// passwd entry, every capability dropped, no-new-privileges, a read-only root, a tmpfs at
-/// /tmp, the workspace read-write at /workspace and the context read-only at /threadline;
-/// plus the test's network and `--dns` on its gateway. `home`, when given, is mounted
-/// read-write at /state/home and is HOME; otherwise HOME is /tmp (the tmpfs).
-pub struct AgentRun<'a> {
-    pub image: &'a str,
-    pub network: &'a TestNetwork,
-    pub workspace: &'a std::path::Path,
-    pub context: &'a std::path::Path,
-    pub home: Option<&'a std::path::Path>,
-    pub env: Vec<String>,
-    pub argv: Vec<String>,
-}
-
-/// Where an agent's HOME is mounted when it is kept between runs.
-pub const STATE_HOME: &str = "/state/home";
-
-/// The uid:gid agents run as: 1000:1000 when the tests run as root, else the tests' own.
-pub fn agent_user() -> (u32, u32) {
-    let out = Command::new("id").args(["-u"]).output().expect("id");
-    let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    let out = Command::new("id").args(["-g"]).output().expect("id");
-    let gid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    if uid == 0 { (1000, 1000) } else { (uid, gid) }
-}
-
-/// Hands a directory (recursively) to the agent's uid, as Threadline does with workspaces.
-pub fn give_to_agent(dir: &std::path::Path) {
-    let (uid, gid) = agent_user();
-    let out = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{uid}:{gid}"))
-        .arg(dir)
-        .output()
-        .expect("chown");
-    assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-impl AgentRun<'_> {
-    pub fn docker_args(&self, name: &str) -> Vec<String> {
-        let (uid, gid) = agent_user();
-        let mut args: Vec<String> = [
-            "run",
-            "--rm",
-            "--name",
-            name,
-            "--user",
-            &format!("{uid}:{gid}"),
-            "--workdir",
-            "/workspace",
-            "--cap-drop",
-            "ALL",
-            "--security-opt",
-            "no-new-privileges:true",
-            "--pids-limit=512",
-            "--memory=4294967296",
-            "--memory-swap=4294967296",
-            "--cpus=2",
-            &format!("--network={}", self.network.name),
-            "--dns",
-            &self.network.gateway.to_string(),
-            "--tmpfs",
-            "/tmp:rw,nosuid,nodev,size=1g,mode=1777",
-            "--read-only",
-            "--mount",
-            &format!("type=bind,source={},target=/workspace", self.workspace.display()),
-            "--mount",
-            &format!(
-                "type=bind,source={},target=/threadline,readonly",
-                self.context.display()
-            ),
-        ]
-        .map(String::from)
-        .to_vec();
-        match self.home {
-            Some(home) => {
-                args.extend([
-                    "--mount".into(),
-                    format!("type=bind,source={},target={STATE_HOME}", home.display()),
-                ]);
-                args.extend(["--env".into(), format!("HOME={STATE_HOME}")]);
-            }
-            None => args.extend(["--env".into(), "HOME=/tmp".into()]),
-        }
-        for e in &self.env {
-            args.extend(["--env".into(), e.clone()]);
-        }
-        args.push(self.image.into());
-        args.extend(self.argv.iter().cloned());
-        args
-    }
-
-    /// Runs the container to its end (off the async runtime, so the fakes keep
-    /// answering) and returns its exit code, stdout and stderr.
-    pub async fn run(&self) -> (i32, String, String) {
-        let name = unique_id("threadline-fake-models-");
-        let args = self.docker_args(&name);
-        let out = tokio::task::spawn_blocking(move || Command::new("docker").args(&args).output().expect("docker CLI"))
-            .await
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
 /// The images `tests/agent-images/build.sh` builds.
 pub const CLAUDE_IMAGE: &str = "threadline/agent-claude:test";
 pub const AIDER_IMAGE: &str = "threadline/agent-aider:test";
-
-/// Claude Code's environment for a fake: the base URL, a key, and no traffic that is not
-/// to the model (no telemetry, no error reports, no update or feature-flag checks).
-pub fn claude_env(fake: &FakeAnthropic) -> Vec<String> {
-    vec![
-        format!("ANTHROPIC_BASE_URL={}", fake.base_url),
-        "ANTHROPIC_API_KEY=sk-ant-fake-key".into(),
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1".into(),
-    ]
-}
-
-/// aider's environment for a fake: its API base and key, and litellm's bundled price list
-/// instead of the one it downloads.
-pub fn aider_env(fake: &FakeOpenAi) -> Vec<String> {
-    vec![
-        format!("OPENAI_API_BASE={}", fake.api_base),
-        "OPENAI_API_KEY=sk-fake-key".into(),
-        "LITELLM_LOCAL_MODEL_COST_MAP=True".into(),
-    ]
-}
-
-/// What aider must be told so that it makes no call but the model's and leaves the
-/// repository's `.gitignore` alone. The model's metadata file names `openai/fake`, so aider
-/// does not download a price list to learn about it.
-pub fn aider_argv(extra: &[&str]) -> Vec<String> {
-    let mut argv: Vec<String> = [
-        "aider",
-        "--model",
-        "openai/fake",
-        "--model-metadata-file",
-        "/threadline/model-metadata.json",
-        "--yes-always",
-        "--no-auto-commits",
-        "--no-check-update",
-        "--analytics-disable",
-        "--no-gitignore",
-        "--no-show-release-notes",
-        "--no-pretty",
-        "--message-file",
-        "/threadline/prompt.md",
-    ]
-    .map(String::from)
-    .to_vec();
-    argv.extend(extra.iter().map(|s| s.to_string()));
-    argv
-}
-
-pub const AIDER_MODEL_METADATA: &str = r#"{"openai/fake": {"max_tokens": 8192, "max_input_tokens": 128000,
-  "max_output_tokens": 8192, "input_cost_per_token": 0.0000025, "output_cost_per_token": 0.00001,
-  "litellm_provider": "openai", "mode": "chat"}}"#;
 
 // ---------------------------------------------------------------------------------------
 // The fakes themselves, spoken to over HTTP, as an agent would (no Docker needed).
@@ -1015,47 +823,5 @@ mod tests {
         stream.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 403"));
         assert_eq!(proxy.targets(), vec!["CONNECT pypi.org:443"]);
-    }
-
-    // --- The real CLIs in their images (tests/agent-images/build.sh builds them).
-
-    fn image_exists(image: &str) -> bool {
-        Command::new("docker")
-            .args(["image", "inspect", image])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    /// A workspace (a git repository with one commit), a context folder with the prompt,
-    /// and a HOME kept between runs, all owned by the agent's uid.
-    fn agent_dirs(
-        prompt: &str,
-    ) -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        std::path::PathBuf,
-        std::path::PathBuf,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let (ws, ctx, home) = (dir.path().join("ws"), dir.path().join("ctx"), dir.path().join("home"));
-        for d in [&ws, &ctx, &home] {
-            std::fs::create_dir(d).unwrap();
-        }
-        std::fs::write(ws.join("README.md"), "# demo\n").unwrap();
-        crate::harness::git(&ws, &["init", "-q", "-b", "main"]);
-        crate::harness::git(&ws, &["add", "."]);
-        crate::harness::git(&ws, &["commit", "-q", "-m", "init"]);
-        std::fs::write(ctx.join("prompt.md"), prompt).unwrap();
-        std::fs::write(ctx.join("model-metadata.json"), AIDER_MODEL_METADATA).unwrap();
-        give_to_agent(&ws);
-        give_to_agent(&home);
-        (dir, ws, ctx, home)
-    }
-
-    /// Keeps an agent's stdout where `FAKE_MODELS_SAVE_DIR` says, when it is set.
-    fn save(name: &str, stdout: &str) {
-        if let Ok(dir) = std::env::var("FAKE_MODELS_SAVE_DIR") {
-            std::fs::write(std::path::Path::new(&dir).join(name), stdout).unwrap();
-        }
     }
 }
