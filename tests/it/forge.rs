@@ -175,6 +175,20 @@ async fn first_run_succeeds(store: &Store) -> String {
     run_id
 }
 
+/// U1's reply `text` in the thread `thread`, as message `id`.
+fn thread_reply(thread: &str, id: &str, text: &str) -> Message {
+    Message {
+        channel: "C1".into(),
+        thread: Some(thread.into()),
+        id: id.into(),
+        sender: user("U1"),
+        text: text.into(),
+        mentions_bot: false,
+        attachments: Vec::new(),
+        link: None,
+    }
+}
+
 fn reply_text(outcome: Outcome) -> String {
     match outcome {
         Outcome::Reply { text, .. } => text,
@@ -777,16 +791,7 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
     );
 
     // A later change offers Open PR for what the branch gained; a run with no change says so.
-    let follow = |id: &str, script: &str| Message {
-        channel: "C1".into(),
-        thread: Some("300.1".into()),
-        id: id.into(),
-        sender: user("U1"),
-        text: script.into(),
-        mentions_bot: false,
-        attachments: Vec::new(),
-        link: None,
-    };
+    let follow = |id: &str, script: &str| thread_reply("300.1", id, script);
     let mut later = Vec::new();
     for (id, script) in [("300.2", "echo two > two.txt"), ("300.3", "true")] {
         let Outcome::Queued { submitted, .. } = core.on_message(follow(id, script)).await else {
@@ -847,16 +852,7 @@ async fn with_fresh_approvals_a_push_after_the_approval_asks_for_another() {
     );
 
     // A follow-up pushes after the approval: its card says the approval is stale.
-    let reply = Message {
-        channel: "C1".into(),
-        thread: Some("400.1".into()),
-        id: "400.2".into(),
-        sender: user("U1"),
-        text: "echo two > two.txt".into(),
-        mentions_bot: false,
-        attachments: Vec::new(),
-        link: None,
-    };
+    let reply = thread_reply("400.1", "400.2", "echo two > two.txt");
     let Outcome::Queued { submitted, .. } = core.on_message(reply).await else {
         panic!("no follow-up");
     };
