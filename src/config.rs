@@ -265,6 +265,9 @@ pub struct AgentProfile {
     /// outside the workspace, never committed, mounted there and set as `HOME`. Empty:
     /// `HOME` is a fresh `/tmp` every run.
     pub state_dir: String,
+    /// The most disk the agent's state folder may take (MB): a run that leaves more has
+    /// it removed, and the next run starts a fresh session.
+    pub max_state_mb: u64,
     /// The argv of a follow-up when the agent's state from an earlier run of the pipeline
     /// is there (e.g. Claude Code's `--continue`). Empty: `argv` every time.
     pub resume_argv: Vec<String>,
@@ -494,6 +497,7 @@ impl Default for AgentProfile {
             user: String::new(),
             prompt_template: DEFAULT_PROMPT_TEMPLATE.into(),
             state_dir: String::new(),
+            max_state_mb: 1024,
             resume_argv: Vec::new(),
             events: EventFormat::None,
             secrets: None,

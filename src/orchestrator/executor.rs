@@ -700,6 +700,10 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
         detail.push_str(if detail.is_empty() { "" } else { "; " });
         detail.push_str(&inner.redactor.redact(note));
     }
+    if let Some(note) = bound_agent_state(inner, pipeline, run).await {
+        detail.push_str(if detail.is_empty() { "" } else { "; " });
+        detail.push_str(&note);
+    }
     let context = run_dir(&inner.config.data_dir, &run.id).join("context");
     let _ = tokio::fs::remove_dir_all(context).await;
     transition(inner, &run.id, RunState::Saving, to, &detail).await?;
@@ -1184,6 +1188,31 @@ async fn agent_state(
     }
     let kept = std::fs::read_dir(&dir)?.next().is_some();
     Ok(Some(AgentStateDir { dir, kept }))
+}
+
+/// Removes a pipeline's agent state folder that grew past its profile's `max_state_mb`
+/// (the agent writes there on the host's disk); says so.
+async fn bound_agent_state(inner: &Inner, pipeline: &Pipeline, run: &Run) -> Option<String> {
+    let profile = inner.config.agent(&run.agent)?;
+    if profile.state_dir.is_empty() {
+        return None;
+    }
+    let dir = agent_state_path(&inner.config.data_dir, &pipeline.id);
+    let cap = profile.max_state_mb.saturating_mul(1024 * 1024);
+    let checked = dir.clone();
+    let over = tokio::task::spawn_blocking(move || checked.exists() && scrub::over(&checked, cap).unwrap_or(true))
+        .await
+        .unwrap_or(true);
+    if !over {
+        return None;
+    }
+    // std's remove_dir_all never follows a link out of the folder.
+    let removed = tokio::fs::remove_dir_all(&dir).await;
+    tracing::warn!(run_id = %run.id, ?removed, "the agent's state passed its limit and was removed");
+    Some(format!(
+        "the agent's state passed {} MB and was removed; the next run starts a fresh session",
+        profile.max_state_mb
+    ))
 }
 
 /// Where a pipeline's agents keep their own state, outside every workspace.

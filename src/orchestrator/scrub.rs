@@ -112,6 +112,31 @@ pub fn walk(root: &Path, how: Walk) -> std::io::Result<Removed> {
 
 /// Makes `owner` the owner of every entry of a work tree, links themselves and never
 /// their targets (handing it to an agent's user, or taking it back).
+/// Whether what is under `root` takes more than `cap` bytes of disk (allocated blocks:
+/// a sparse file counts for what it uses), or more than a million entries. Links are
+/// never followed; the walk stops as soon as the answer is yes.
+pub fn over(root: &Path, cap: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    const MAX_ENTRIES: u64 = 1_000_000;
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = fs::symlink_metadata(entry.path())?;
+            bytes = bytes.saturating_add(meta.blocks().saturating_mul(512));
+            entries += 1;
+            if bytes > cap || entries > MAX_ENTRIES {
+                return Ok(true);
+            }
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(false)
+}
+
 pub fn hand_over(root: &Path, owner: (u32, u32)) -> std::io::Result<()> {
     walk(
         root,

@@ -342,3 +342,42 @@ async fn the_composed_prompt_stays_within_max_prompt_bytes() {
     );
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_state_past_its_limit_is_removed_and_the_next_run_starts_fresh() {
+    let mut env = TestEnv::new();
+    let agent = env.agent_mut();
+    agent.state_dir = "/home/agent".into();
+    agent.max_state_mb = 1;
+    agent.resume_argv = vec!["sh".into(), "-c".into(), "echo resumed > resumed.txt".into()];
+    let orch = env.orchestrator().await;
+    let first = env
+        .start(
+            &orch,
+            "dd if=/dev/zero of=\"$HOME/big\" bs=1024 count=2048 2>/dev/null; echo done",
+        )
+        .await;
+    let run = finished(orch.store(), &first.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let events = orch.store().events(&run.id).await.unwrap();
+    let last = &events.last().unwrap().detail;
+    assert!(last.contains("state passed 1 MB and was removed"), "{last}");
+    assert!(
+        !env.config
+            .data_dir
+            .join("agent-state")
+            .join(&first.pipeline.id)
+            .exists()
+    );
+    let next = orch
+        .submit_follow_up(follow_up(&first.pipeline.id, "echo fresh > fresh.txt"))
+        .await
+        .unwrap();
+    let next = finished(orch.store(), &next.run.id).await;
+    assert!(!next.resumed, "nothing left to resume");
+    assert_eq!(
+        env.origin_file(&first.pipeline.branch, "fresh.txt").as_deref(),
+        Some("fresh\n")
+    );
+    orch.shutdown().await;
+}
