@@ -192,7 +192,7 @@ pub struct RepoConfig {
 /// The forge of a repository and how its pull requests are opened. Kind, API and
 /// project come from the remote URL where it tells them (github.com, gitlab.*,
 /// gitea.*, forgejo.*, codeberg.org); set them here where it does not.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForgeConfig {
     /// `github`, `gitlab`, `gitea` (also Forgejo), or `none` for no pull requests.
@@ -210,6 +210,18 @@ pub struct ForgeConfig {
     pub labels: Vec<String>,
     /// User names asked to review.
     pub reviewers: Vec<String>,
+    /// Verifies the forge's webhooks at `POST /hooks/NAME` on the web listener (GitHub's
+    /// and Gitea's HMAC secret, GitLab's token; also
+    /// `THREADLINE_REPOS__NAME__FORGE__WEBHOOK_SECRET`). Unset: webhooks are refused and
+    /// merges and closes are learnt by polling.
+    pub webhook_secret: Secret,
+    /// Forge user names whose review comments may start follow-up runs. Empty (the
+    /// default): no review comment starts anything.
+    pub review_from: Vec<String>,
+    /// A comment (or review) from `review_from` that contains this starts a follow-up.
+    pub mention: String,
+    /// Every review and review comment from `review_from` starts a follow-up, mention or not.
+    pub any_review: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -221,6 +233,25 @@ pub struct GitConfig {
     pub token: Secret,
     /// The user name sent with the token (`x-access-token` for GitHub, `oauth2` for GitLab).
     pub token_username: String,
+}
+
+impl Default for ForgeConfig {
+    fn default() -> Self {
+        ForgeConfig {
+            kind: None,
+            api_url: String::new(),
+            web_url: String::new(),
+            project: String::new(),
+            token: Secret::default(),
+            draft: false,
+            labels: Vec::new(),
+            reviewers: Vec::new(),
+            webhook_secret: Secret::default(),
+            review_from: Vec::new(),
+            mention: "@threadline".into(),
+            any_review: false,
+        }
+    }
 }
 
 /// How one agent runs: the image, its argv, and the limits of its container.
@@ -661,6 +692,21 @@ impl Config {
                     format!("is not usable: {reason}; point it at a checkout, a bare repository or a URL"),
                 ));
             }
+            if !repo.forge.review_from.is_empty() && repo.forge.webhook_secret.is_empty() {
+                return Err(invalid(
+                    &format!("repos.{name}.forge.review_from"),
+                    "review comments arrive by webhook: set repos.NAME.forge.webhook_secret too, and point the \
+                     forge's webhook at https://YOUR-HOST/hooks/NAME"
+                        .replace("NAME", name),
+                ));
+            }
+            if !repo.forge.review_from.is_empty() && !repo.forge.any_review && repo.forge.mention.trim().is_empty() {
+                return Err(invalid(
+                    &format!("repos.{name}.forge.mention"),
+                    "is empty, so no comment could start a follow-up; set it (e.g. \"@threadline\") or set any_review"
+                        .into(),
+                ));
+            }
             if let Some(agent) = &repo.agent
                 && !self.agents.contains_key(agent)
             {
@@ -810,7 +856,10 @@ impl Config {
             &mut self.slack.signing_secret,
             &mut self.discord.token,
         ];
-        fields.extend(self.repos.values_mut().map(|r| &mut r.forge.token));
+        for repo in self.repos.values_mut() {
+            fields.push(&mut repo.forge.token);
+            fields.push(&mut repo.forge.webhook_secret);
+        }
         fields
     }
 

@@ -260,6 +260,8 @@ pub struct PullRequestRecord {
     pub state: String,
     /// When Threadline saw it become merged or closed.
     pub state_at: Option<Millis>,
+    /// Who merged or closed it, where the forge said.
+    pub state_by: Option<String>,
 }
 
 impl PullRequestRecord {

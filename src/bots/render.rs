@@ -386,13 +386,24 @@ pub fn card_in_context(
                 });
             }
         } else if run.state == RunState::Succeeded {
-            let ended = format!("{reference} was {}.", pr.state);
+            let by = pr
+                .state_by
+                .as_deref()
+                .map(|who| format!(" by {who}"))
+                .unwrap_or_default();
+            let ended = format!("{reference} was {}{by}.", pr.state);
             card.note = Some(if can_open {
                 format!("{ended} Open PR opens a new one for what the branch has gained since.")
             } else if run.pushed && after_end(pr) {
                 format!("{ended} Nothing new on the branch since.")
             } else {
                 ended
+            });
+        }
+        if let Some(asked) = asked_on_forge(run, kind, pr.number) {
+            card.note = Some(match card.note.take() {
+                Some(note) => format!("{asked} {note}"),
+                None => asked,
             });
         }
         card.pull_request = Some(PrLink {
@@ -446,6 +457,19 @@ pub fn pull_request_refused(e: &PullRequestError, redactor: &Redactor) -> String
     format!("{}{next}", sentence(&redactor.redact(&e.to_string())))
 }
 
+/// "Asked for by NAME in a review of PR #N.", for a run a review comment started
+/// (recorded as `github:NAME`, as chat runs are as `slack:ID`).
+fn asked_on_forge(run: &Run, kind: ForgeKind, number: i64) -> Option<String> {
+    let (surface, who) = run.requested_by.split_once(':')?;
+    (surface == kind.as_str() && kind != ForgeKind::None).then(|| {
+        format!(
+            "Asked for by {who} in a review of {} {}.",
+            kind.noun(),
+            kind.reference(number)
+        )
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -465,6 +489,7 @@ pub(crate) mod tests {
                 created_at: 0,
                 state: "open".into(),
                 state_at: None,
+                state_by: None,
             }),
             ..Default::default()
         };
@@ -589,6 +614,7 @@ pub(crate) mod tests {
             created_at: 70_000,
             state: "open".into(),
             state_at: None,
+            state_by: None,
         });
         // This run ended before the merge request was opened: no "updated" note.
         let card = card_in_context(&p, &done, &runs, Detail::Metadata, &view, &r);
@@ -641,6 +667,7 @@ pub(crate) mod tests {
                 created_at: 0,
                 state: "open".into(),
                 state_at: None,
+                state_by: None,
             },
             kind: ForgeKind::Gitlab,
             opened: true,

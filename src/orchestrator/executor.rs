@@ -969,6 +969,20 @@ async fn write_context(
     // The files first: the discussion's beginning gives way before them.
     let attached = untrusted::truncate(&attached, inline_cap);
     let thread = keep_end(&thread, inline_cap.saturating_sub(attached.len())) + &attached;
+    // A run asked for by a review comment: the comment, its file, line and diff hunk.
+    let review = inner
+        .store
+        .forge_request(&run.id)
+        .await
+        .map_err(std::io::Error::other)?
+        .map(|r| redact(&r.context));
+    let thread = match &review {
+        Some(context) => format!("{thread}\n{}", untrusted::truncate(context, inline_cap)),
+        None => thread,
+    };
+    if let Some(context) = &review {
+        tokio::fs::write(dir.join("review.md"), context).await?;
+    }
     let request = if profile.prompt_template.is_empty() {
         run.prompt.clone()
     } else {

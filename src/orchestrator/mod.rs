@@ -9,6 +9,7 @@ pub mod forge;
 pub mod ports;
 mod pulls;
 mod queries;
+mod reviews;
 mod scheduler;
 pub mod scrub;
 pub mod workspace;
@@ -38,6 +39,7 @@ pub use container::{ContainerError, ContainerRuntime};
 pub use ports::{Containers, Workspaces};
 pub use pulls::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
 pub use queries::Queries;
+pub use reviews::{HookOutcome, WebhookError};
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};
 
@@ -202,6 +204,9 @@ pub(crate) struct Inner {
     http: std::sync::OnceLock<crate::http::JsonClient>,
     /// One Open PR at a time per pipeline.
     pr_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Forges (by API root) that answered with a rate limit, and until when they are
+    /// left alone by the pull request poll.
+    forge_backoff: Mutex<HashMap<String, std::time::Instant>>,
     /// The configured repositories as pipelines record them (canonical path or URL),
     /// with their `[repos]` names.
     repo_keys: Vec<(String, String)>,
@@ -260,6 +265,7 @@ impl Orchestrator {
                 mirror_locks: Mutex::new(HashMap::new()),
                 http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
+                forge_backoff: Mutex::new(HashMap::new()),
                 repo_keys,
                 metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
@@ -353,6 +359,7 @@ impl Orchestrator {
             idempotency_key: req.idempotency_key,
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
+            forge_request: None,
         };
         let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;
@@ -361,6 +368,15 @@ impl Orchestrator {
 
     /// Queues a follow-up on a pipeline; it runs after the runs before it.
     pub async fn submit_follow_up(&self, req: FollowUp) -> Result<Submitted, SubmitError> {
+        self.queue_follow_up(req, None).await
+    }
+
+    /// A follow-up, with the review comment that asked for it if one did.
+    async fn queue_follow_up(
+        &self,
+        req: FollowUp,
+        forge_request: Option<crate::store::ForgeRequest>,
+    ) -> Result<Submitted, SubmitError> {
         let prompt = self.check_prompt(&req.prompt)?;
         check_attachments(&req.attachments)?;
         let pipeline = self
@@ -377,6 +393,7 @@ impl Orchestrator {
             idempotency_key: req.idempotency_key,
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
+            forge_request,
         };
         let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;

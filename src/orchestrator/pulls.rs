@@ -79,6 +79,8 @@ pub enum PullRequestError {
         api: String,
         detail: String,
     },
+    #[error("{forge}'s rate limit for the token is reached; try again in {wait_secs} s")]
+    RateLimited { forge: &'static str, wait_secs: u64 },
     #[error("{forge} refused the {noun} ({status}: {message})")]
     Refused {
         forge: &'static str,
@@ -127,6 +129,7 @@ impl PullRequestError {
             | PullRequestError::ProjectNotFound { .. }
             | PullRequestError::BaseMissing { .. }
             | PullRequestError::Unreachable { .. }
+            | PullRequestError::RateLimited { .. }
             | PullRequestError::Refused { .. }
             | PullRequestError::Git(_) => NextStep::TryAgain,
         }
@@ -263,21 +266,14 @@ impl Orchestrator {
             .clone();
         let _one_at_a_time = lock.lock().await;
         let (name, settings) = self.repo_settings(&pipeline);
-        let token = if settings.forge.token.is_empty() {
-            &self.inner.config.git.token
-        } else {
-            &settings.forge.token
-        };
         let explain = |e: ForgeError| self.explain(e, &pipeline, &target, name);
-        let client = self
-            .http()
-            .and_then(|http| forge::client(&target, token.expose(), http));
+        let client = self.forge_client(&pipeline, &target);
         let mut previous = None;
         if let Some(pr) = store.pull_request(&pipeline.id).await? {
             // A merged or closed one makes way for a new one; while it is open, or when
             // the forge cannot say, it is the pipeline's pull request.
             let state = match &client {
-                Ok(client) => client.state(pr.number).await.ok(),
+                Ok(client) => client.state(pr.number).await.ok().map(|s| s.state),
                 Err(_) => None,
             };
             match state {
@@ -318,6 +314,7 @@ impl Orchestrator {
                 created_at: now_millis(),
                 state: "open".into(),
                 state_at: None,
+                state_by: None,
             };
             let (head, base) = (&pipeline.branch, &pipeline.base_branch);
             if let Some(found) = client.find_open(head, base).await.map_err(explain)? {
@@ -507,6 +504,10 @@ impl Orchestrator {
                 api: target.api_url.clone(),
                 detail,
             },
+            ForgeError::RateLimited(wait) => PullRequestError::RateLimited {
+                forge,
+                wait_secs: wait.as_secs().max(1),
+            },
             ForgeError::AlreadyExists => PullRequestError::Refused {
                 forge,
                 noun,
@@ -546,47 +547,86 @@ impl Orchestrator {
         }
     }
 
-    /// One round of [`Orchestrator::watch_pull_requests`]. A forge that cannot answer is
-    /// asked again next round.
+    /// One round of [`Orchestrator::watch_pull_requests`]: a conditional request per
+    /// open pull request, so an unchanged one costs GitHub's rate limit nothing. A forge
+    /// that cannot answer is asked again next round; one that says its rate limit is
+    /// reached is left alone for as long as it asks.
     pub async fn check_pull_requests(&self) -> Result<(), StoreError> {
-        for pr in self.inner.store.open_pull_requests().await? {
+        // A closed pull request may be reopened: asked about for a week after it closed.
+        let week_ago = now_millis() - 7 * 24 * 3600 * 1000;
+        for pr in self.inner.store.pull_requests_to_poll(week_ago).await? {
             let Some(pipeline) = self.inner.store.pipeline(&pr.pipeline_id).await? else {
                 continue;
             };
             let Ok(Some(target)) = self.forge_of(&pipeline) else {
                 continue;
             };
-            let (_, settings) = self.repo_settings(&pipeline);
-            let token = if settings.forge.token.is_empty() {
-                &self.inner.config.git.token
-            } else {
-                &settings.forge.token
-            };
-            let Ok(client) = self
-                .http()
-                .and_then(|http| forge::client(&target, token.expose(), http))
-            else {
+            let now = std::time::Instant::now();
+            let resting = self.inner.forge_backoff.lock().unwrap().get(&target.api_url).copied();
+            if resting.is_some_and(|until| until > now) {
+                continue;
+            }
+            let Ok(client) = self.forge_client(&pipeline, &target) else {
                 continue;
             };
             match client.state(pr.number).await {
-                Ok(state @ (PrState::Merged | PrState::Closed)) => {
-                    tracing::info!(pipeline = %pipeline.id, number = pr.number, state = state.word(), "pull request ended");
-                    self.inner
-                        .store
-                        .set_pull_request_state(&pipeline.id, pr.number, state.word(), now_millis())
+                Ok(status) => {
+                    self.pull_request_moved(&pipeline.id, pr.number, status.state, status.by.as_deref())
                         .await?;
-                    self.republish(&pipeline.id).await;
                 }
-                Ok(PrState::Open) => {}
+                Err(ForgeError::RateLimited(wait)) => {
+                    tracing::warn!(forge = %target.api_url, wait_secs = wait.as_secs(), "the forge's rate limit is reached; polling it later");
+                    self.inner
+                        .forge_backoff
+                        .lock()
+                        .unwrap()
+                        .insert(target.api_url.clone(), now + wait);
+                }
                 Err(e) => tracing::debug!(pipeline = %pipeline.id, error = %e, "the forge did not say"),
             }
         }
         Ok(())
     }
 
+    /// The forge client for a pipeline's repository, with its token.
+    pub(super) fn forge_client(
+        &self,
+        pipeline: &Pipeline,
+        target: &ForgeTarget,
+    ) -> Result<Box<dyn forge::Forge>, ForgeError> {
+        let (_, settings) = self.repo_settings(pipeline);
+        let token = if settings.forge.token.is_empty() {
+            &self.inner.config.git.token
+        } else {
+            &settings.forge.token
+        };
+        self.http().and_then(|http| forge::client(target, token.expose(), http))
+    }
+
+    /// Records that pull request `number` of a pipeline is now `state` (by `by`), and
+    /// redraws the pipeline's cards when that is news.
+    pub(super) async fn pull_request_moved(
+        &self,
+        pipeline_id: &str,
+        number: i64,
+        state: PrState,
+        by: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let changed = self
+            .inner
+            .store
+            .set_pull_request_state(pipeline_id, number, state.word(), by, now_millis())
+            .await?;
+        if changed {
+            tracing::info!(pipeline = %pipeline_id, number, state = state.word(), by, "pull request moved");
+            self.republish(pipeline_id).await;
+        }
+        Ok(())
+    }
+
     /// Sends the pipeline's pushed, succeeded runs again, so their status messages
     /// redraw (Open PR becomes a link, or comes back).
-    async fn republish(&self, pipeline_id: &str) {
+    pub(super) async fn republish(&self, pipeline_id: &str) {
         if let Ok(runs) = self.inner.store.runs(pipeline_id).await {
             for run in runs.into_iter().filter(|r| r.state == RunState::Succeeded && r.pushed) {
                 self.inner.publish(run);

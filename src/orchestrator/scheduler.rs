@@ -63,6 +63,8 @@ impl Orchestrator {
             let me = self.clone();
             inner.tracker.spawn(async move { me.watch_pull_requests().await });
         }
+        let me = self.clone();
+        inner.tracker.spawn(async move { me.answer_on_forges().await });
         Ok(())
     }
 }

@@ -47,6 +47,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "approved commit",
         include_str!("migrations/sqlite/0010_approved_commit.sql"),
     ),
+    (
+        11,
+        "forge reviews",
+        include_str!("migrations/sqlite/0011_forge_reviews.sql"),
+    ),
 ];
 
 #[derive(Debug)]

@@ -96,6 +96,19 @@ pub struct NewRun {
     pub mode: RunMode,
     /// Recorded with the run, in the same transaction.
     pub attachments: Vec<Attachment>,
+    /// The review comment that asked for it, recorded in the same transaction.
+    pub forge_request: Option<ForgeRequest>,
+}
+
+/// A run asked for by a review comment on a pipeline's pull request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgeRequest {
+    pub number: i64,
+    /// The comment to answer, as [`crate::orchestrator::forge::CommentRef`] JSON.
+    pub comment: String,
+    pub author: String,
+    /// What the agent is told: the comment, its file, line and diff hunk.
+    pub context: String,
 }
 
 /// A message in a pipeline's thread that started no run.
@@ -160,6 +173,7 @@ const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, st
      started_at, finished_at, exit_code, end_reason, error, start_commit, head_commit, changed, \
      files_changed, insertions, deletions, pushed, push_error, container_id, cancel_requested, \
      summary, log_tail, mode, tokens_in, tokens_out, cost_micro_usd, progress, resumed, session_cost_micro_usd";
+const PR_COLUMNS: &str = "pipeline_id, forge, number, url, found, opened_by, created_at, state, state_at, state_by";
 const PIPELINE_COLUMNS: &str = "id, repo, remote_url, local_only, base_branch, branch, agent, \
      title, origin_surface, origin_thread, origin_url, created_at";
 /// The state lists of SQL, made from the lifecycle's own.
@@ -731,37 +745,118 @@ impl Store {
     // ---- pull requests and approvals ----------------------------------------------
 
     pub async fn pull_request(&self, pipeline_id: &str) -> Result<Option<PullRequestRecord>> {
-        let row = sqlx::query(
-            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at, state, state_at \
-             FROM pull_requests WHERE pipeline_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {PR_COLUMNS} FROM pull_requests WHERE pipeline_id = $1"
+        ))
         .bind(pipeline_id)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(pull_request_from_row).transpose()
     }
 
-    /// Every pull request the forge last called open.
-    pub async fn open_pull_requests(&self) -> Result<Vec<PullRequestRecord>> {
-        let rows = sqlx::query(
-            "SELECT pipeline_id, forge, number, url, found, opened_by, created_at, state, state_at \
-             FROM pull_requests WHERE state = 'open'",
-        )
+    /// The pull requests worth asking the forge about: every one it last called open,
+    /// and those closed (not merged) since `closed_since`, which may be reopened.
+    pub async fn pull_requests_to_poll(&self, closed_since: Millis) -> Result<Vec<PullRequestRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PR_COLUMNS} FROM pull_requests WHERE state = 'open' OR (state = 'closed' AND state_at >= $1)"
+        ))
+        .bind(closed_since)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(pull_request_from_row).collect()
     }
 
-    /// Records what the forge says of pull request `number` now.
-    pub async fn set_pull_request_state(&self, pipeline_id: &str, number: i64, state: &str, at: Millis) -> Result<()> {
-        sqlx::query("UPDATE pull_requests SET state = $1, state_at = $2 WHERE pipeline_id = $3 AND number = $4")
-            .bind(state)
-            .bind(at)
-            .bind(pipeline_id)
-            .bind(number)
+    /// The pull requests numbered `number` on `forge` of the pipelines of `repo`.
+    pub async fn pull_requests_numbered(&self, repo: &str, forge: &str, number: i64) -> Result<Vec<PullRequestRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PR_COLUMNS} FROM pull_requests WHERE forge = $1 AND number = $2 \
+             AND pipeline_id IN (SELECT id FROM pipelines WHERE repo = $3)"
+        ))
+        .bind(forge)
+        .bind(number)
+        .bind(repo)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pull_request_from_row).collect()
+    }
+
+    /// Records what the forge says of pull request `number` now, and who did it; false
+    /// when that was already known.
+    pub async fn set_pull_request_state(
+        &self,
+        pipeline_id: &str,
+        number: i64,
+        state: &str,
+        by: Option<&str>,
+        at: Millis,
+    ) -> Result<bool> {
+        let changed = sqlx::query(
+            "UPDATE pull_requests SET state = $1, state_at = $2, state_by = $3 \
+             WHERE pipeline_id = $4 AND number = $5 AND (state <> $1 OR COALESCE(state_by, '') <> COALESCE($3, ''))",
+        )
+        .bind(state)
+        .bind(at)
+        .bind(by)
+        .bind(pipeline_id)
+        .bind(number)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(changed > 0)
+    }
+
+    // ---- runs asked for on the forge ----------------------------------------------
+
+    pub async fn forge_request(&self, run_id: &str) -> Result<Option<ForgeRequest>> {
+        let row = sqlx::query("SELECT number, comment, author, context FROM forge_requests WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(ForgeRequest {
+                number: r.try_get("number")?,
+                comment: r.try_get("comment")?,
+                author: r.try_get("author")?,
+                context: r.try_get("context")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// The runs asked for on a forge that ended and were not answered there yet.
+    pub async fn unanswered_forge_requests(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT f.run_id FROM forge_requests f JOIN runs r ON r.id = f.run_id \
+             WHERE f.replied_at IS NULL AND r.state IN {}",
+            *TERMINAL_STATES
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Why the answer to a forge request could not be sent.
+    pub async fn set_forge_reply_error(&self, run_id: &str, error: &str) -> Result<()> {
+        sqlx::query("UPDATE forge_requests SET reply_error = $1 WHERE run_id = $2")
+            .bind(error)
+            .bind(run_id)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Marks a forge request answered (or given up on, with `error`); false when it
+    /// already was, so only one process answers.
+    pub async fn mark_forge_request_answered(&self, run_id: &str, error: Option<&str>) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE forge_requests SET replied_at = $1, reply_error = $2 WHERE run_id = $3 AND replied_at IS NULL",
+        )
+        .bind(now_millis())
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done > 0)
     }
 
     /// Records a pipeline's pull request; a pipeline keeps the first one recorded,
@@ -972,6 +1067,20 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
         }
     }
     insert_event(tx, &id, RunState::Queued, now, "").await?;
+    if let Some(f) = &run.forge_request {
+        sqlx::query(
+            "INSERT INTO forge_requests (run_id, pipeline_id, number, comment, author, context) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&id)
+        .bind(pipeline_id)
+        .bind(f.number)
+        .bind(&f.comment)
+        .bind(&f.author)
+        .bind(&f.context)
+        .execute(&mut **tx)
+        .await?;
+    }
     for a in &run.attachments {
         let (source, location, auth) = match &a.source {
             AttachmentSource::File { path } => ("file", path.as_str(), "none"),
@@ -1117,6 +1226,7 @@ fn pull_request_from_row(r: &AnyRow) -> Result<PullRequestRecord> {
         created_at: r.try_get("created_at")?,
         state: r.try_get("state")?,
         state_at: r.try_get("state_at")?,
+        state_by: r.try_get("state_by")?,
     })
 }
 

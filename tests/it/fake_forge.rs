@@ -33,13 +33,19 @@ pub struct Pr {
     pub reviewers: Vec<String>,
     pub open: bool,
     pub merged: bool,
+    /// Who merged or closed it.
+    pub ended_by: Option<String>,
 }
 
 #[derive(Default)]
 struct Recorded {
     prs: Vec<Pr>,
-    /// `METHOD path` of every API call.
+    /// `METHOD path` of every API call; `304 GET path` for one answered "not modified".
     calls: Vec<String>,
+    /// Comments posted: (path, body).
+    comments: Vec<(String, String)>,
+    /// Every API call is refused with a rate limit while set.
+    rate_limited: bool,
 }
 
 #[derive(Clone)]
@@ -146,20 +152,39 @@ impl FakeForge {
             reviewers: Vec::new(),
             open: true,
             merged: false,
+            ended_by: None,
         });
         number
     }
 
-    /// Merges pull request `number` of `project` as a fast-forward of its base.
-    pub fn merge_pr(&self, project: &str, number: i64) {
+    /// Merges pull request `number` of `project` as a fast-forward of its base, as `who`.
+    pub fn merge_pr(&self, project: &str, number: i64, who: &str) {
         let (head, base) = {
             let mut rec = self.rec.lock().unwrap();
             let pr = rec.prs.iter_mut().find(|p| p.number == number).unwrap();
-            (pr.open, pr.merged) = (false, true);
+            (pr.open, pr.merged, pr.ended_by) = (false, true, Some(who.into()));
             (pr.head.clone(), pr.base.clone())
         };
         let sha = self.head(project, &head).unwrap();
         self.git(project, &["update-ref", &format!("refs/heads/{base}"), &sha]);
+    }
+
+    /// Closes (`open` false) or reopens pull request `number`, as `who`.
+    pub fn set_open(&self, number: i64, open: bool, who: &str) {
+        let mut rec = self.rec.lock().unwrap();
+        let pr = rec.prs.iter_mut().find(|p| p.number == number).unwrap();
+        pr.open = open;
+        pr.ended_by = (!open).then(|| who.to_owned());
+    }
+
+    /// Refuses every API call with a rate limit (403, no requests left) while `on`.
+    pub fn rate_limit(&self, on: bool) {
+        self.rec.lock().unwrap().rate_limited = on;
+    }
+
+    /// The comments posted on pull requests: (API path, body).
+    pub fn comments(&self) -> Vec<(String, String)> {
+        self.rec.lock().unwrap().comments.clone()
     }
 
     pub fn prs(&self) -> Vec<Pr> {
@@ -184,6 +209,20 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
         return git_backend(&s, &method, &uri, &headers, body).await;
     };
     s.rec.lock().unwrap().calls.push(format!("{method} {path}"));
+    if s.rec.lock().unwrap().rate_limited {
+        let reset = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        let reset = reset.to_string();
+        return (
+            StatusCode::FORBIDDEN,
+            [("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", reset.as_str())],
+            axum::Json(json!({"message": "API rate limit exceeded for user ID 1."})),
+        )
+            .into_response();
+    }
     let rest = &path[8..];
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
     let scheme = if kind == Kind::Gitea { "token " } else { "Bearer " };
@@ -234,6 +273,8 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
         Kind::GitLab => json!({
             "id": 1000 + pr.number, "iid": pr.number, "project_id": 1, "title": pr.title, "description": pr.body,
             "state": if pr.open { "opened" } else if pr.merged { "merged" } else { "closed" },
+            "merge_user": pr.ended_by.as_ref().filter(|_| pr.merged).map(|u| json!({"username": u})),
+            "closed_by": pr.ended_by.as_ref().filter(|_| !pr.merged && !pr.open).map(|u| json!({"username": u})),
             "source_branch": pr.head, "target_branch": pr.base,
             "draft": pr.title.starts_with("Draft:"), "labels": pr.labels,
             "web_url": format!("{web}/-/merge_requests/{}", pr.number),
@@ -241,6 +282,7 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
         _ => json!({
             "id": 1000 + pr.number, "number": pr.number, "title": pr.title, "body": pr.body,
             "state": if pr.open { "open" } else { "closed" }, "merged": pr.merged, "draft": pr.draft,
+            "merged_by": pr.ended_by.as_ref().filter(|_| pr.merged).map(|u| json!({"login": u})),
             "head": {"ref": pr.head, "label": format!("{}:{}", project.split('/').next().unwrap_or(""), pr.head)},
             "base": {"ref": pr.base},
             "html_url": format!("{web}/pull/{}", pr.number),
@@ -293,7 +335,16 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
         }
         (Kind::GitHub | Kind::Gitea, "GET", ["pulls", n]) | (Kind::GitLab, "GET", ["merge_requests", n]) => {
             match rec.prs.iter().find(|p| p.number.to_string() == *n) {
-                Some(pr) => axum::Json(shown(pr)).into_response(),
+                // An ETag per answer; a matching If-None-Match gets a 304, as GitHub does.
+                Some(pr) => {
+                    let answer = shown(pr);
+                    let etag = format!("\"{:016x}\"", fnv(answer.to_string().as_bytes()));
+                    if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+                        rec.calls.push(format!("304 {method} {path}"));
+                        return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
+                    }
+                    ([("etag", etag)], axum::Json(answer)).into_response()
+                }
                 None => (StatusCode::NOT_FOUND, axum::Json(json!({"message": "Not Found"}))).into_response(),
             }
         }
@@ -346,6 +397,7 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
                 reviewers,
                 open: true,
                 merged: false,
+                ended_by: None,
             };
             let answer = shown(&pr);
             rec.prs.push(pr);
@@ -371,8 +423,28 @@ async fn handle(State(s): State<Shared>, method: Method, uri: Uri, headers: Head
             let answer = shown(pr);
             (StatusCode::CREATED, axum::Json(answer)).into_response()
         }
+        // ---- comments -----------------------------------------------------------
+        (Kind::GitHub, "POST", ["pulls", n, "comments", _, "replies"])
+        | (Kind::GitHub | Kind::Gitea, "POST", ["issues", n, "comments"])
+        | (Kind::GitLab, "POST", ["merge_requests", n, "notes"])
+        | (Kind::GitLab, "POST", ["merge_requests", n, "discussions", _, "notes"]) => {
+            if !rec.prs.iter().any(|p| p.number.to_string() == *n) {
+                return (StatusCode::NOT_FOUND, axum::Json(json!({"message": "Not Found"}))).into_response();
+            }
+            let text = body["body"].as_str().unwrap_or_default().to_owned();
+            rec.comments.push((path.clone(), text.clone()));
+            let id = 9000 + rec.comments.len() as i64;
+            (StatusCode::CREATED, axum::Json(json!({"id": id, "body": text}))).into_response()
+        }
         _ => (StatusCode::NOT_FOUND, axum::Json(json!({"message": "Not Found"}))).into_response(),
     }
+}
+
+/// FNV-1a, for the fake's ETags.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf29ce484222325, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
 }
 
 /// What each forge answers when a pull request cannot be created.

@@ -24,7 +24,7 @@ use crate::harness::{TestEnv, cli, finished, one_channel, write_cli_config};
 
 use crate::harness::sender as user;
 
-fn click(id: &str, run: &Run, who: &str) -> Click {
+pub(crate) fn click(id: &str, run: &Run, who: &str) -> Click {
     Click {
         id: id.into(),
         action: Action::OpenPr,
@@ -41,7 +41,7 @@ fn bindings() -> BTreeMap<String, ChannelBinding> {
 }
 
 /// An environment whose repository "app" is `project` on a fake forge of `kind`.
-async fn forge_env(kind: ForgeKind, project: &str) -> (TestEnv, FakeForge) {
+pub(crate) async fn forge_env(kind: ForgeKind, project: &str) -> (TestEnv, FakeForge) {
     let mut env = TestEnv::new();
     let fake = FakeForge::start(&env.dir.path().join("forge")).await;
     let url = fake.create_repo(project, &[]);
@@ -78,18 +78,18 @@ fn forge_of(config: &mut Config) -> &mut ForgeConfig {
 }
 
 /// A thread whose first run has succeeded and pushed.
-struct Story {
-    env: TestEnv,
-    fake: FakeForge,
-    orch: Orchestrator,
-    store: Store,
-    core: ChatCore,
-    run: Run,
-    pipeline: threadline::model::Pipeline,
+pub(crate) struct Story {
+    pub env: TestEnv,
+    pub fake: FakeForge,
+    pub orch: Orchestrator,
+    pub store: Store,
+    pub core: ChatCore,
+    pub run: Run,
+    pub pipeline: threadline::model::Pipeline,
 }
 
 /// Starts the orchestrator on `env` and runs `script` from a mention by U1 in C1.
-async fn story(env: TestEnv, fake: FakeForge, ts: &str, script: &str) -> Story {
+pub(crate) async fn story(env: TestEnv, fake: FakeForge, ts: &str, script: &str) -> Story {
     let orch = env.orchestrator().await;
     let store = orch.store().clone();
     let core = ChatCore::new(orch.clone(), "slack", bindings());
@@ -189,7 +189,7 @@ fn thread_reply(thread: &str, id: &str, text: &str) -> Message {
     }
 }
 
-fn reply_text(outcome: Outcome) -> String {
+pub(crate) fn reply_text(outcome: Outcome) -> String {
     match outcome {
         Outcome::Reply { text, .. } => text,
         other => panic!("expected a reply in the thread, got {other:?}"),
@@ -312,7 +312,7 @@ async fn an_approved_click_opens_one_pull_request_and_follow_ups_update_it() {
 
     // Merged on the forge: Open PR now says there is nothing new, and once a follow-up
     // has made something, it opens a second pull request.
-    fake.merge_pr("acme/widget", 1);
+    fake.merge_pr("acme/widget", 1, "octocat");
     let text = reply_text(core.on_click(click("k5", &run, "U3")).await);
     assert!(
         text.starts_with("Pull request #1 was merged; there is nothing to merge"),
@@ -768,14 +768,14 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
     assert!(text.starts_with("Opened pull request #1"), "{text}");
 
     // Merged on the forge: Threadline learns it without anyone pressing a button.
-    fake.merge_pr("acme/merged", 1);
+    fake.merge_pr("acme/merged", 1, "octocat");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while store.pull_request(&run.pipeline_id).await.unwrap().unwrap().is_open() {
         assert!(std::time::Instant::now() < deadline, "the poll never saw the merge");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let (_, card) = core.card(&run).await.unwrap();
-    assert_eq!(card.note.as_deref(), Some("PR #1 was merged."));
+    assert_eq!(card.note.as_deref(), Some("PR #1 was merged by octocat."));
     assert!(
         card.buttons
             .iter()
@@ -802,7 +802,7 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
     let (_, changed) = core.card(&later[0]).await.unwrap();
     assert_eq!(
         changed.note.as_deref(),
-        Some("PR #1 was merged. Open PR opens a new one for what the branch has gained since.")
+        Some("PR #1 was merged by octocat. Open PR opens a new one for what the branch has gained since.")
     );
     assert!(
         changed
@@ -813,7 +813,7 @@ async fn a_merged_pull_request_shows_on_the_cards_and_a_later_change_offers_the_
     let (_, unchanged) = core.card(&later[1]).await.unwrap();
     assert_eq!(
         unchanged.note.as_deref(),
-        Some("PR #1 was merged. Nothing new on the branch since.")
+        Some("PR #1 was merged by octocat. Nothing new on the branch since.")
     );
     let text = reply_text(core.on_click(click("m2", &later[0], "U3")).await);
     assert!(

@@ -17,6 +17,7 @@ mod fake_slack;
 mod forge;
 mod harness;
 mod hostile;
+mod pr_events;
 mod slack;
 mod store;
 mod web;

@@ -15,6 +15,7 @@ fn new_run(key: Option<String>) -> NewRun {
         idempotency_key: key,
         mode: Default::default(),
         attachments: Vec::new(),
+        forge_request: None,
     }
 }
 

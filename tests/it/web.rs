@@ -606,6 +606,7 @@ async fn ambiguous_ids_list_their_candidates_and_match_literally() {
             idempotency_key: None,
             mode: Default::default(),
             attachments: Vec::new(),
+            forge_request: None,
         };
         store
             .insert_pipeline(&crate::harness::pipeline_on(id, &env.origin_url()), &run)

@@ -108,6 +108,12 @@ pub fn router(state: WebState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         // Health checks need no token.
         .route("/healthz", get(api::healthz))
+        // The forges' webhooks carry their own signature, checked against the
+        // repository's secret; they come through a public URL, so no Host check.
+        .route(
+            "/hooks/{repo}",
+            post(forge_webhook).layer(axum::extract::DefaultBodyLimit::max(HOOK_BODY_LIMIT)),
+        )
         // Outside the token and Host guard, so they cover every route, token or not.
         .layer(middleware::from_fn(same_site_only))
         .layer(middleware::from_fn(api::json_errors))
@@ -127,6 +133,39 @@ pub async fn serve(
 
 async fn page(html: &'static str) -> Html<&'static str> {
     Html(html)
+}
+
+/// The largest webhook payload read (GitHub's own cap is 25 MB; the events Threadline
+/// acts on are a few kilobytes).
+const HOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// `POST /hooks/NAME`: a webhook from the forge of repository NAME.
+async fn forge_webhook(
+    State(state): State<WebState>,
+    axum::extract::Path(repo): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::orchestrator::HookOutcome;
+    match state.orch.forge_webhook(&repo, &headers, &body).await {
+        Ok(outcome) => {
+            let said = match outcome {
+                HookOutcome::Ignored(why) => json!({"outcome": "ignored", "reason": why}),
+                HookOutcome::PullRequest { state, pipelines } => {
+                    json!({"outcome": "pull_request", "state": state.word(), "pipelines": pipelines})
+                }
+                HookOutcome::Queued { run_id, created } => {
+                    json!({"outcome": if created { "queued" } else { "already_queued" }, "run": run_id})
+                }
+            };
+            Json(said).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(repo = %crate::untrusted::name(&repo), error = %e, "a webhook was refused");
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            (status, Json(json!({"error": e.to_string()}))).into_response()
+        }
+    }
 }
 
 async fn asset(body: &'static str, content_type: &'static str) -> Response {

@@ -30,9 +30,15 @@ impl Forge for Gitea {
         Ok(None)
     }
 
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+    async fn state(&self, number: i64) -> Result<PrStatus, ForgeError> {
         let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
+        Ok(PrStatus::from_json(&self.0.get_cached(&path).await?))
+    }
+
+    async fn reply(&self, number: i64, _to: &CommentRef, body: &str) -> Result<(), ForgeError> {
+        // Gitea's API has no replies to review comments: the answer goes on the pull request.
+        let path = format!("/repos/{}/issues/{number}/comments", self.0.target.project);
+        self.0.ok("POST", &path, Some(&json!({"body": body}))).await.map(drop)
     }
 
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {

@@ -21,9 +21,19 @@ impl Forge for GitHub {
             .and_then(|prs| prs.iter().find_map(|pr| number_and_url(pr, "number", "html_url"))))
     }
 
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+    async fn state(&self, number: i64) -> Result<PrStatus, ForgeError> {
         let path = format!("/repos/{}/pulls/{number}", self.0.target.project);
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
+        Ok(PrStatus::from_json(&self.0.get_cached(&path).await?))
+    }
+
+    async fn reply(&self, number: i64, to: &CommentRef, body: &str) -> Result<(), ForgeError> {
+        let project = &self.0.target.project;
+        let path = if to.on_diff && to.id.bytes().all(|b| b.is_ascii_digit()) && !to.id.is_empty() {
+            format!("/repos/{project}/pulls/{number}/comments/{}/replies", to.id)
+        } else {
+            format!("/repos/{project}/issues/{number}/comments")
+        };
+        self.0.ok("POST", &path, Some(&json!({"body": body}))).await.map(drop)
     }
 
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {

@@ -26,9 +26,18 @@ impl Forge for GitLab {
             .and_then(|mrs| mrs.iter().find_map(|mr| number_and_url(mr, "iid", "web_url"))))
     }
 
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError> {
+    async fn state(&self, number: i64) -> Result<PrStatus, ForgeError> {
         let path = format!("{}/merge_requests/{number}", self.project_path());
-        Ok(PrState::from_json(&self.0.ok("GET", &path, None).await?))
+        Ok(PrStatus::from_json(&self.0.get_cached(&path).await?))
+    }
+
+    async fn reply(&self, number: i64, to: &CommentRef, body: &str) -> Result<(), ForgeError> {
+        let mr = format!("{}/merge_requests/{number}", self.project_path());
+        let path = match &to.discussion {
+            Some(d) => format!("{mr}/discussions/{}/notes", segment(d)),
+            None => format!("{mr}/notes"),
+        };
+        self.0.ok("POST", &path, Some(&json!({"body": body}))).await.map(drop)
     }
 
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError> {

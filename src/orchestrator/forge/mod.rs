@@ -12,6 +12,7 @@ mod detect;
 mod gitea;
 mod github;
 mod gitlab;
+pub mod hooks;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -99,6 +100,8 @@ pub enum ForgeError {
     AlreadyExists,
     #[error("the forge cannot be reached: {0}")]
     Unreachable(String),
+    #[error("the forge's rate limit is reached; it may be asked again in {} s", .0.as_secs())]
+    RateLimited(std::time::Duration),
     #[error("the forge answered {status}: {message}")]
     Other { status: u16, message: String },
 }
@@ -110,8 +113,24 @@ pub trait Forge: Send + Sync {
     async fn find_open(&self, head: &str, base: &str) -> Result<Option<PullRequest>, ForgeError>;
     /// Opens a pull request; labels and reviewers are applied as the forge allows.
     async fn open(&self, pr: &NewPullRequest) -> Result<Opened, ForgeError>;
-    /// Whether pull request `number` is still open, or was merged or closed.
-    async fn state(&self, number: i64) -> Result<PrState, ForgeError>;
+    /// Whether pull request `number` is still open, or was merged or closed (and by
+    /// whom, where the forge says). Asked conditionally: an unchanged answer costs the
+    /// rate limit nothing where the forge supports it.
+    async fn state(&self, number: i64) -> Result<PrStatus, ForgeError>;
+    /// Comments on pull request `number`: in reply to `to` where the forge threads
+    /// replies (a review comment's thread, a GitLab discussion), else on the pull request.
+    async fn reply(&self, number: i64, to: &CommentRef, body: &str) -> Result<(), ForgeError>;
+}
+
+/// A comment on a pull request, as far as replying to it needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CommentRef {
+    /// The forge's id of the comment.
+    pub id: String,
+    /// A comment on a line of the diff (GitHub threads replies to those).
+    pub on_diff: bool,
+    /// GitLab's discussion id, which replies join.
+    pub discussion: Option<String>,
 }
 
 /// Where a pull request stands.
@@ -122,16 +141,39 @@ pub enum PrState {
     Closed,
 }
 
-impl PrState {
-    /// From GitHub's and Gitea's `state` and `merged`, or GitLab's `state`.
-    fn from_json(json: &Value) -> PrState {
-        match (json["state"].as_str(), json["merged"].as_bool()) {
+/// A pull request's state, and who merged or closed it where the forge says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrStatus {
+    pub state: PrState,
+    pub by: Option<String>,
+}
+
+impl PrStatus {
+    /// From GitHub's and Gitea's `state`, `merged` and `merged_by`, or GitLab's `state`,
+    /// `merge_user` / `merged_by` and `closed_by`.
+    fn from_json(json: &Value) -> PrStatus {
+        let state = match (json["state"].as_str(), json["merged"].as_bool()) {
             (Some("open" | "opened" | "locked"), _) => PrState::Open,
             (Some("merged"), _) | (_, Some(true)) => PrState::Merged,
             _ => PrState::Closed,
-        }
+        };
+        let user = |key: &str| {
+            let u = &json[key];
+            u["login"]
+                .as_str()
+                .or(u["username"].as_str())
+                .map(crate::untrusted::name)
+        };
+        let by = match state {
+            PrState::Open => None,
+            PrState::Merged => user("merged_by").or_else(|| user("merge_user")),
+            PrState::Closed => user("closed_by"),
+        };
+        PrStatus { state, by }
     }
+}
 
+impl PrState {
     pub fn word(self) -> &'static str {
         match self {
             PrState::Open => "open",
@@ -172,11 +214,7 @@ struct Api {
 impl Api {
     async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Response, ForgeError> {
         let url = format!("{}{path}", self.target.api_url);
-        let mut headers = vec![("authorization", self.auth.as_str()), ("user-agent", "threadline/0.1")];
-        if self.target.kind == ForgeKind::Github {
-            headers.push(("accept", "application/vnd.github+json"));
-            headers.push(("x-github-api-version", "2022-11-28"));
-        }
+        let headers = self.headers();
         let res = self
             .http
             .call(method, &url, &headers, body)
@@ -212,7 +250,7 @@ impl Api {
         }
     }
 
-    /// Calls and turns the common failures (401, 403, 404) into errors.
+    /// Calls and turns the common failures (401, 403, 404, rate limits) into errors.
     async fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ForgeError> {
         let res = self.call(method, path, body).await?;
         if res.is_success() {
@@ -220,6 +258,32 @@ impl Api {
         } else {
             Err(common_error(&res))
         }
+    }
+
+    /// A conditional GET (see [`JsonClient::get_conditional`]), with the failures of [`Api::ok`].
+    async fn get_cached(&self, path: &str) -> Result<Value, ForgeError> {
+        let url = format!("{}{path}", self.target.api_url);
+        let headers = self.headers();
+        let res = self
+            .http
+            .get_conditional(&url, &headers)
+            .await
+            .map_err(ForgeError::Unreachable)?;
+        tracing::debug!(path, status = res.status, not_modified = res.not_modified, "forge call");
+        if res.is_success() {
+            Ok(res.json)
+        } else {
+            Err(common_error(&res))
+        }
+    }
+
+    fn headers(&self) -> Vec<(&'static str, &str)> {
+        let mut headers = vec![("authorization", self.auth.as_str()), ("user-agent", "threadline/0.1")];
+        if self.target.kind == ForgeKind::Github {
+            headers.push(("accept", "application/vnd.github+json"));
+            headers.push(("x-github-api-version", "2022-11-28"));
+        }
+        headers
     }
 }
 
@@ -253,6 +317,9 @@ fn message_of(json: &Value) -> String {
 }
 
 fn common_error(res: &Response) -> ForgeError {
+    if let Some(wait) = res.rate_limited() {
+        return ForgeError::RateLimited(wait);
+    }
     match res.status {
         401 => ForgeError::Unauthorized,
         403 => ForgeError::Forbidden,
@@ -269,7 +336,7 @@ fn common_error(res: &Response) -> ForgeError {
 fn create_error(res: &Response) -> ForgeError {
     let text = message_of(&res.json).to_lowercase();
     let has = |s: &str| text.contains(s);
-    if matches!(res.status, 401 | 403) {
+    if matches!(res.status, 401 | 403 | 429) {
         return common_error(res);
     }
     if has("already exists") {
@@ -376,8 +443,8 @@ mod tests {
     fn refusals_are_sorted_by_the_forges_words() {
         let res = |status, json| Response {
             status,
-            retry_after: None,
             json,
+            ..Response::default()
         };
         let gh_exists = json!({"message": "Validation Failed", "errors": [{"resource": "PullRequest", "code": "custom",
             "message": "A pull request already exists for acme:tl/x."}]});
