@@ -42,7 +42,9 @@ impl Response {
     /// How long to wait before asking again, when the answer is a rate limit (429, or a
     /// 403 with no requests left): `Retry-After`, else until the reset, else a minute.
     pub fn rate_limited(&self) -> Option<std::time::Duration> {
-        let limited = self.status == 429 || (self.status == 403 && self.rate_remaining == Some(0));
+        // GitHub's secondary limits: a 403 with Retry-After while requests remain.
+        let limited = self.status == 429
+            || (self.status == 403 && (self.rate_remaining == Some(0) || self.retry_after.is_some()));
         if !limited {
             return None;
         }
@@ -183,7 +185,9 @@ impl JsonClient {
             };
             let answer = Response {
                 status,
-                retry_after: header(&["retry-after"]).and_then(|v| v.parse::<f64>().ok()),
+                retry_after: header(&["retry-after"])
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .filter(|v| v.is_finite() && *v >= 0.0),
                 etag: header(&["etag"]).filter(|e| e.len() <= 256),
                 rate_remaining: header(&["x-ratelimit-remaining", "ratelimit-remaining"]).and_then(|v| v.parse().ok()),
                 rate_reset: header(&["x-ratelimit-reset", "ratelimit-reset"]).and_then(|v| v.parse().ok()),

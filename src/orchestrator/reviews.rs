@@ -6,9 +6,7 @@
 //! What reviewers wrote is untrusted: cleaned, bounded, and given to the agent as
 //! context, never obeyed by the daemon.
 
-use axum::http::HeaderMap;
-
-use super::forge::hooks::{self, ForgeEvent, HookError, ReviewComment};
+use super::forge::hooks::{self, ForgeEvent, Headers, HookError, ReviewComment};
 use super::forge::{self, CommentRef, ForgeTarget, PrState};
 use super::{FollowUp, Orchestrator, RunUpdate, SubmitError};
 use crate::config::RepoConfig;
@@ -23,11 +21,13 @@ const REPLY_MARKER: &str = "<!-- threadline:reply -->";
 /// Why a webhook was refused; each has the HTTP status the forge is answered with.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("no repository {0:?} is configured")]
+    // One answer for all three, so the names of repositories cannot be probed; the
+    // daemon's log says which.
+    #[error("no webhook is configured here")]
     UnknownRepo(String),
-    #[error("webhooks are off for repository {0:?}: set [repos.{0}.forge] webhook_secret")]
+    #[error("no webhook is configured here")]
     NotEnabled(String),
-    #[error("repository {0:?} has no forge Threadline knows")]
+    #[error("no webhook is configured here")]
     NoForge(String),
     #[error(transparent)]
     Hook(#[from] HookError),
@@ -64,7 +64,7 @@ impl Orchestrator {
     pub async fn forge_webhook(
         &self,
         repo_name: &str,
-        headers: &HeaderMap,
+        headers: &Headers,
         body: &[u8],
     ) -> Result<HookOutcome, WebhookError> {
         let settings = self
@@ -82,6 +82,21 @@ impl Orchestrator {
             .ok_or_else(|| WebhookError::NoForge(repo_name.to_owned()))?;
         hooks::verify(target.kind, settings.forge.webhook_secret.expose(), headers, body)?;
         let hook = hooks::parse(target.kind, headers, body)?;
+        // An organisation's or group's hook, or a delivery for another repository signed
+        // with a shared secret, is not about this repository's pull requests.
+        match &hook.project {
+            Some(p) if p.eq_ignore_ascii_case(&target.project) => {}
+            Some(_) if hook.event.is_some() => {
+                return Ok(HookOutcome::Ignored(format!(
+                    "the delivery is about another project than {}",
+                    target.project
+                )));
+            }
+            _ if hook.event.is_some() => {
+                return Ok(HookOutcome::Ignored("the delivery names no project".into()));
+            }
+            _ => {}
+        }
         tracing::debug!(repo = repo_name, delivery = ?hook.delivery, event = ?hook.event, "forge webhook");
         let repo_key = self
             .inner
@@ -136,7 +151,7 @@ impl Orchestrator {
     ) -> Result<HookOutcome, WebhookError> {
         let cfg = &settings.forge;
         let ignored = |why: String| Ok(HookOutcome::Ignored(why));
-        if c.body.contains(REPLY_MARKER) {
+        if c.body.trim_start().starts_with(REPLY_MARKER) || c.body.contains(REPLY_MARKER) {
             return ignored("Threadline's own answer".into());
         }
         if cfg.review_from.is_empty() {
@@ -148,7 +163,7 @@ impl Orchestrator {
             return ignored(format!("{} is not in review_from", c.author));
         }
         let mention = cfg.mention.trim();
-        let mentioned = !mention.is_empty() && c.body.to_lowercase().contains(&mention.to_lowercase());
+        let mentioned = !mention.is_empty() && !mentions(&c.body, mention).is_empty();
         if !(mentioned || (cfg.any_review && c.review)) {
             return ignored(format!("the comment does not mention {mention}"));
         }
@@ -283,12 +298,13 @@ impl Orchestrator {
     }
 
     /// What is said on the pull request: the run's outcome and where the thread is.
-    /// Metadata only, as on the chat platforms.
+    /// Metadata only, as on the chat platforms; nothing an agent wrote (an error quoting
+    /// a file name, say) is posted, so no mention, link or quick action can ride along.
     fn answer_text(&self, pipeline: &Pipeline, run: &Run) -> String {
+        let commit = run.head_commit.as_deref().map_or("", |c| untrusted::prefix(c, 10));
         let outcome = match (run.state, run.changed, run.pushed) {
             (RunState::Succeeded, true, true) => format!(
-                "Done: pushed `{}` to `{}`{}.",
-                run.head_commit.as_deref().map_or("", |c| &c[..c.len().min(10)]),
+                "Done: pushed `{commit}` to `{}`{}.",
                 pipeline.branch,
                 run.diffstat
                     .as_ref()
@@ -296,19 +312,19 @@ impl Orchestrator {
                     .unwrap_or_default()
             ),
             (RunState::Succeeded, true, false) => format!(
-                "The agent made changes, but they could not be pushed to `{}`: {}",
-                pipeline.branch,
-                run.push_error.as_deref().unwrap_or("see the thread")
+                "The agent made changes, but they could not be pushed to `{}`; the thread says why.",
+                pipeline.branch
             ),
             (RunState::Succeeded, false, _) => "Done: the agent changed nothing.".to_owned(),
             (state, _, _) => format!(
-                "The run {state}{}. Whatever it changed is on `{}`; retry from the thread.",
-                run.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+                "The run {state}; whatever it changed is on `{}`. The thread says why, and has Retry.",
                 pipeline.branch
             ),
         };
         let place = match (pipeline.origin.surface.as_str(), pipeline.origin.url.as_str()) {
-            (surface, url) if !url.is_empty() => format!("[the {surface} thread]({url})"),
+            (surface, url) if url.starts_with("https://") || url.starts_with("http://") => {
+                format!("[the {surface} thread](<{}>)", url.replace(['<', '>', ' '], ""))
+            }
             ("web", _) => "Threadline's web chat".to_owned(),
             (surface, _) => format!("the {surface} thread"),
         };
@@ -316,29 +332,42 @@ impl Orchestrator {
             "{outcome}\n\nThreadline ran this comment as run {} of pipeline `{}`; the conversation is in {place}.",
             run.seq, pipeline.id
         );
-        format!(
-            "{}\n\n{REPLY_MARKER}",
-            self.inner.redactor.redact(&untrusted::clean(&text))
-        )
+        // The marker first, so no cut of a long answer can lose it.
+        let text = untrusted::prefix(&self.inner.redactor.redact(&untrusted::clean(&text)), 4096).to_owned();
+        format!("{REPLY_MARKER}\n{text}")
     }
 }
 
-/// The comment without the mention that addressed it.
+/// Where `mention` occurs in `body` (ASCII case-insensitively) as a whole word: not
+/// followed by a letter, digit, `-`, `_` or `.` and a letter (`@threadline-ci`,
+/// `@threadline.dev` are other names).
+fn mentions(body: &str, mention: &str) -> Vec<usize> {
+    let (hay, needle) = (body.to_ascii_lowercase(), mention.to_ascii_lowercase());
+    hay.match_indices(&needle)
+        .map(|(at, _)| at)
+        .filter(|at| {
+            let after = &hay[at + needle.len()..];
+            let mut chars = after.chars();
+            match chars.next() {
+                Some(c) if c.is_alphanumeric() || c == '-' || c == '_' => false,
+                Some('.') => !chars.next().is_some_and(|c| c.is_alphanumeric()),
+                _ => true,
+            }
+        })
+        .collect()
+}
+
+/// The comment without the mentions that addressed it (ASCII lower-casing keeps every
+/// byte offset, so cutting `body` at them is safe).
 fn strip_mention(body: &str, mention: &str) -> String {
     if mention.is_empty() {
         return body.to_owned();
     }
-    let lower = body.to_lowercase();
-    let needle = mention.to_lowercase();
-    // Lower-casing can change lengths outside ASCII: cut only when it did not.
-    if lower.len() != body.len() {
-        return body.to_owned();
-    }
     let mut out = String::with_capacity(body.len());
     let mut rest = 0;
-    for (at, _) in lower.match_indices(&needle) {
+    for at in mentions(body, mention) {
         out.push_str(&body[rest..at]);
-        rest = at + needle.len();
+        rest = at + mention.len();
     }
     out.push_str(&body[rest..]);
     out
@@ -380,6 +409,12 @@ mod tests {
             " please rename x"
         );
         assert_eq!(strip_mention("no mention", "@threadline"), "no mention");
-        assert_eq!(strip_mention("İ @threadline x", "@threadline"), "İ @threadline x");
+        assert_eq!(strip_mention("İ @threadline x", "@threadline"), "İ  x");
+        // Letters that change length when lower-cased do not shift the cut.
+        assert_eq!(strip_mention("İ@threadline éΩ", "@threadline"), "İ éΩ");
+        // (Once a panic: offsets of a lower-cased copy that had shifted.)
+        assert_eq!(strip_mention("İ@threadlineéΩ", "@threadline"), "İ@threadlineéΩ");
+        assert!(mentions("ping @threadline-ci and ops@threadline.dev", "@threadline").is_empty());
+        assert_eq!(mentions("@threadline. fix it", "@threadline"), vec![0]);
     }
 }

@@ -790,9 +790,15 @@ impl Store {
         by: Option<&str>,
         at: Millis,
     ) -> Result<bool> {
+        // Who did it is kept when a later report (a poll) cannot say; the time is the
+        // change's, not the report's.
         let changed = sqlx::query(
-            "UPDATE pull_requests SET state = $1, state_at = $2, state_by = $3 \
-             WHERE pipeline_id = $4 AND number = $5 AND (state <> $1 OR COALESCE(state_by, '') <> COALESCE($3, ''))",
+            "UPDATE pull_requests SET \
+               state_by = CASE WHEN state <> $1 THEN $3 ELSE COALESCE($3, state_by) END, \
+               state_at = CASE WHEN state <> $1 THEN $2 ELSE state_at END, \
+               state = $1 \
+             WHERE pipeline_id = $4 AND number = $5 \
+               AND (state <> $1 OR ($3 IS NOT NULL AND COALESCE(state_by, '') <> $3))",
         )
         .bind(state)
         .bind(at)

@@ -71,7 +71,7 @@ async fn signed_webhooks_tell_closes_and_reopens_and_forged_ones_change_nothing(
     assert!(text.starts_with("Opened pull request #1"), "{text}");
     let app = web(&s);
     let closed = json!({"action": "closed", "number": 1, "pull_request": {"number": 1, "merged": false,
-        "merged_by": null}, "sender": {"login": "bob"}});
+        "merged_by": null}, "repository": {"full_name": "acme/hooks"}, "sender": {"login": "bob"}});
 
     // Forged and unsigned deliveries are refused and change nothing.
     let (status, body) = github(&app, "pull_request", "d-1", "not-the-secret", closed.clone()).await;
@@ -79,6 +79,24 @@ async fn signed_webhooks_tell_closes_and_reopens_and_forged_ones_change_nothing(
     assert!(body["error"].as_str().unwrap().contains("signature"), "{body}");
     let (status, _) = deliver(&app, &[("x-github-event", "pull_request".into())], &closed).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        s.store
+            .pull_request(&s.run.pipeline_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_open()
+    );
+
+    // Signed, but about another repository (an organisation's hook): nothing changes.
+    let mut elsewhere = closed.clone();
+    elsewhere["repository"]["full_name"] = json!("acme/other");
+    let (status, body) = github(&app, "pull_request", "d-1b", SECRET, elsewhere).await;
+    assert_eq!(
+        (status, &body["outcome"]),
+        (StatusCode::OK, &json!("ignored")),
+        "{body}"
+    );
     assert!(
         s.store
             .pull_request(&s.run.pipeline_id)
@@ -107,7 +125,7 @@ async fn signed_webhooks_tell_closes_and_reopens_and_forged_ones_change_nothing(
     // Reopened: the pull request is the pipeline's again.
     s.fake.set_open(1, true, "bob");
     let reopened = json!({"action": "reopened", "number": 1, "pull_request": {"number": 1, "merged": false},
-        "sender": {"login": "bob"}});
+        "repository": {"full_name": "acme/hooks"}, "sender": {"login": "bob"}});
     let (status, _) = github(&app, "pull_request", "d-3", SECRET, reopened).await;
     assert_eq!(status, StatusCode::OK);
     let (_, card) = s.core.card(&s.run).await.unwrap();
@@ -137,6 +155,7 @@ async fn gitlab_and_gitea_merges_are_seen_by_webhook_and_by_polling() {
     assert!(text.starts_with("Opened merge request !1"), "{text}");
     let app = web(&s);
     let merged = json!({"object_kind": "merge_request", "user": {"username": "dana"},
+        "project": {"path_with_namespace": "group/app"},
         "object_attributes": {"iid": 1, "action": "merge", "state": "merged"}});
     let wrong = [
         ("x-gitlab-event", "Merge Request Hook".to_owned()),
@@ -229,6 +248,7 @@ fn review_comment(id: i64, who: &str, body: &str) -> Value {
         "comment": {"id": id, "body": body, "path": "one.txt", "line": 1, "original_line": 1,
             "diff_hunk": "@@ -0,0 +1 @@\n+one", "user": {"login": who},
             "html_url": format!("https://forge.example/acme/review/pull/1#discussion_r{id}")},
+        "repository": {"full_name": "acme/review"},
         "sender": {"login": who},
     })
 }
@@ -326,7 +346,7 @@ async fn a_review_comment_from_an_allowed_reviewer_runs_a_follow_up_and_is_answe
     assert_eq!(comments.len(), 1, "{comments:?}");
     let (path, said) = &comments[0];
     assert_eq!(path, "/api/v3/repos/acme/review/pulls/1/comments/72/replies");
-    assert!(said.starts_with("Done: pushed `"), "{said}");
+    assert!(said.contains("\nDone: pushed `"), "{said}");
     assert!(said.contains("https://chat.example/C1/640.1"), "{said}");
     assert!(!said.contains("@threadline"), "{said}");
 

@@ -137,7 +137,7 @@ async fn page(html: &'static str) -> Html<&'static str> {
 
 /// The largest webhook payload read (GitHub's own cap is 25 MB; the events Threadline
 /// acts on are a few kilobytes).
-const HOOK_BODY_LIMIT: usize = 4 * 1024 * 1024;
+const HOOK_BODY_LIMIT: usize = 1024 * 1024;
 
 /// `POST /hooks/NAME`: a webhook from the forge of repository NAME.
 async fn forge_webhook(
@@ -147,6 +147,11 @@ async fn forge_webhook(
     body: axum::body::Bytes,
 ) -> Response {
     use crate::orchestrator::HookOutcome;
+    let headers: crate::orchestrator::forge::hooks::Headers = headers
+        .iter()
+        .take(100)
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
     match state.orch.forge_webhook(&repo, &headers, &body).await {
         Ok(outcome) => {
             let said = match outcome {
@@ -161,7 +166,7 @@ async fn forge_webhook(
             Json(said).into_response()
         }
         Err(e) => {
-            tracing::warn!(repo = %crate::untrusted::name(&repo), error = %e, "a webhook was refused");
+            tracing::warn!(repo = %crate::untrusted::name(&repo), error = ?e, "a webhook was refused");
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
             (status, Json(json!({"error": e.to_string()}))).into_response()
         }

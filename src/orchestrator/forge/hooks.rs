@@ -3,7 +3,7 @@
 //! comment or review on it), with every field bounded and cleaned. A payload is the
 //! forge's, but what people wrote in it is untrusted.
 
-use axum::http::HeaderMap;
+use std::collections::HashMap;
 use hmac::{KeyInit, Mac};
 use serde_json::Value;
 use subtle::ConstantTimeEq;
@@ -16,6 +16,9 @@ pub const MAX_COMMENT_BYTES: usize = 16 * 1024;
 /// The longest diff hunk kept.
 pub const MAX_HUNK_BYTES: usize = 8 * 1024;
 
+/// A request's headers, names lower-cased.
+pub type Headers = HashMap<String, String>;
+
 /// Why a webhook was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HookError {
@@ -27,10 +30,12 @@ pub enum HookError {
     Malformed(&'static str, String),
 }
 
-/// A verified delivery: its id (for the logs) and what it says, if Threadline acts on it.
+/// A verified delivery: its id (for the logs), the project it is about (`OWNER/REPO`,
+/// GitLab's full path), and what it says, if Threadline acts on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hook {
     pub delivery: Option<String>,
+    pub project: Option<String>,
     pub event: Option<ForgeEvent>,
 }
 
@@ -64,8 +69,8 @@ pub struct ReviewComment {
 /// Checks the request's signature against `secret`: GitHub's `X-Hub-Signature-256`,
 /// Gitea's and Forgejo's `X-Gitea-Signature` / `X-Forgejo-Signature` (HMAC-SHA256 of the
 /// body), GitLab's `X-Gitlab-Token` (the secret itself). Compared in constant time.
-pub fn verify(kind: ForgeKind, secret: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), HookError> {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+pub fn verify(kind: ForgeKind, secret: &str, headers: &Headers, body: &[u8]) -> Result<(), HookError> {
+    let header = |name: &str| headers.get(name).map(String::as_str);
     match kind {
         ForgeKind::Gitlab => {
             let given = header("x-gitlab-token").ok_or(HookError::Unsigned)?;
@@ -102,13 +107,8 @@ fn from_hex(hex: &str) -> Option<Vec<u8>> {
 }
 
 /// Reads a verified delivery. Events Threadline does not act on give `event: None`.
-pub fn parse(kind: ForgeKind, headers: &HeaderMap, body: &[u8]) -> Result<Hook, HookError> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| untrusted::prefix(v, 128).to_owned())
-    };
+pub fn parse(kind: ForgeKind, headers: &Headers, body: &[u8]) -> Result<Hook, HookError> {
+    let header = |name: &str| headers.get(name).map(|v| untrusted::prefix(v, 128).to_owned());
     let forge = kind.name();
     let json: Value = serde_json::from_slice(body).map_err(|e| HookError::Malformed(forge, e.to_string()))?;
     let (event, delivery) = match kind {
@@ -126,10 +126,16 @@ pub fn parse(kind: ForgeKind, headers: &HeaderMap, body: &[u8]) -> Result<Hook, 
     let parsed = match kind {
         ForgeKind::Github => github(&event, &json),
         ForgeKind::Gitlab => gitlab(&event, &json),
-        _ => gitea(&event, &json, delivery.as_deref()),
+        _ => gitea(&json, body),
     };
+    let project = match kind {
+        ForgeKind::Gitlab => json["project"]["path_with_namespace"].as_str(),
+        _ => json["repository"]["full_name"].as_str(),
+    }
+    .map(|p| untrusted::prefix(p, 512).to_owned());
     Ok(Hook {
         delivery,
+        project,
         event: parsed,
     })
 }
@@ -168,7 +174,7 @@ fn state_change(action: &str, number: Option<i64>, merged: bool, by: Option<Stri
     Some(ForgeEvent::PullRequest {
         number: number?,
         state,
-        by,
+        by: by.filter(|_| state != PrState::Open),
     })
 }
 
@@ -269,53 +275,57 @@ fn gitlab(event: &str, json: &Value) -> Option<ForgeEvent> {
     }
 }
 
-fn gitea(event: &str, json: &Value, delivery: Option<&str>) -> Option<ForgeEvent> {
+/// Gitea and Forgejo name their events differently across versions (`X-Gitea-Event`
+/// against `X-Gitea-Event-Type`), so what a payload is comes from its shape.
+fn gitea(json: &Value, body: &[u8]) -> Option<ForgeEvent> {
     let action = json["action"].as_str().unwrap_or_default();
     let pr = &json["pull_request"];
-    match event {
-        "pull_request" => {
-            let merged = pr["merged"].as_bool().unwrap_or(false);
-            let by = if merged { user(&pr["merged_by"]) } else { None }.or_else(|| user(&json["sender"]));
-            state_change(action, pr["number"].as_i64(), merged, by)
-        }
-        "issue_comment" | "pull_request_comment"
-            if action == "created" && (json["is_pull"].as_bool() == Some(true) || event == "pull_request_comment") =>
-        {
-            let c = &json["comment"];
-            Some(ForgeEvent::Comment(ReviewComment {
-                number: json["issue"]["number"].as_i64()?,
-                comment: CommentRef {
-                    id: id(&c["id"])?,
-                    on_diff: false,
-                    discussion: None,
-                },
-                author: user(&c["user"])?,
-                body: text(&c["body"], MAX_COMMENT_BYTES)?,
-                path: None,
-                line: None,
-                hunk: None,
-                review: false,
-            }))
-        }
-        // A submitted review: Gitea names none of its ids, so the delivery is the key.
-        "pull_request_review_approved" | "pull_request_review_rejected" | "pull_request_review_comment" => {
-            Some(ForgeEvent::Comment(ReviewComment {
-                number: pr["number"].as_i64().or(json["number"].as_i64())?,
-                comment: CommentRef {
-                    id: format!("review-{}", untrusted::name(delivery?)),
-                    on_diff: false,
-                    discussion: None,
-                },
-                author: user(&json["sender"])?,
-                body: text(&json["review"]["content"], MAX_COMMENT_BYTES)?,
-                path: None,
-                line: None,
-                hunk: None,
-                review: true,
-            }))
-        }
-        _ => None,
+    // A submitted review: Gitea gives it no id, so its key is the signed body's digest.
+    if action == "reviewed" && json["review"].is_object() {
+        use sha2::Digest;
+        let digest: String = sha2::Sha256::digest(body)
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        return Some(ForgeEvent::Comment(ReviewComment {
+            number: pr["number"].as_i64().or(json["number"].as_i64())?,
+            comment: CommentRef {
+                id: format!("review-{digest}"),
+                on_diff: false,
+                discussion: None,
+            },
+            author: user(&json["sender"])?,
+            body: text(&json["review"]["content"], MAX_COMMENT_BYTES)?,
+            path: None,
+            line: None,
+            hunk: None,
+            review: true,
+        }));
     }
+    if action == "created" && json["comment"].is_object() && json["is_pull"].as_bool() == Some(true) {
+        let c = &json["comment"];
+        return Some(ForgeEvent::Comment(ReviewComment {
+            number: json["issue"]["number"].as_i64()?,
+            comment: CommentRef {
+                id: id(&c["id"])?,
+                on_diff: false,
+                discussion: None,
+            },
+            author: user(&c["user"])?,
+            body: text(&c["body"], MAX_COMMENT_BYTES)?,
+            path: None,
+            line: None,
+            hunk: None,
+            review: false,
+        }));
+    }
+    if pr.is_object() {
+        let merged = pr["merged"].as_bool().unwrap_or(false);
+        let by = if merged { user(&pr["merged_by"]) } else { None }.or_else(|| user(&json["sender"]));
+        return state_change(action, pr["number"].as_i64(), merged, by);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -323,12 +333,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, v.parse().unwrap());
-        }
-        h
+    fn headers(pairs: &[(&'static str, &str)]) -> Headers {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn sign(secret: &str, body: &[u8]) -> String {
@@ -352,7 +358,7 @@ mod tests {
             Err(HookError::BadSignature)
         );
         assert_eq!(
-            verify(ForgeKind::Github, "s3cret", &HeaderMap::new(), body),
+            verify(ForgeKind::Github, "s3cret", &Headers::new(), body),
             Err(HookError::Unsigned)
         );
         let odd = headers(&[("x-hub-signature-256", "sha256=abc")]);
@@ -427,7 +433,7 @@ mod tests {
             Some(ForgeEvent::PullRequest {
                 number: 3,
                 state: PrState::Open,
-                by: Some("dana".into())
+                by: None
             })
         );
         // Events Threadline does not act on, and payloads that are not JSON.

@@ -163,6 +163,7 @@ impl PrStatus {
                 .as_str()
                 .or(u["username"].as_str())
                 .map(crate::untrusted::name)
+                .filter(|n| !n.is_empty())
         };
         let by = match state {
             PrState::Open => None,
