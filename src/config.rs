@@ -68,6 +68,8 @@ pub struct Config {
     pub web: WebConfig,
     pub slack: SlackConfig,
     pub discord: DiscordConfig,
+    /// The egress proxy of agents with `network = "allowlist"`.
+    pub egress: EgressConfig,
     /// Repositories prompts may name (`repo=<name>` in chat, the picker in the web chat).
     pub repos: BTreeMap<String, RepoConfig>,
     pub agents: BTreeMap<String, AgentProfile>,
@@ -187,6 +189,65 @@ pub struct RepoConfig {
     pub require_fresh_approval: bool,
     /// Where pull requests are opened.
     pub forge: ForgeConfig,
+    /// The image the repository's agents run in: built once from a setup script or a
+    /// devcontainer, reused by every run until an input changes.
+    pub environment: EnvironmentConfig,
+}
+
+/// A repository's environment: what is installed on top of the agent's image before any
+/// run, which caches persist across runs, and which secrets the setup (only) gets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvironmentConfig {
+    /// A script in the repository, read from the base branch (never from a pipeline's
+    /// branch, which an agent writes). Default: `.threadline/setup.sh` when it exists.
+    pub setup: String,
+    /// A command run with `sh -c` instead of a script (from this file, so trusted).
+    pub command: String,
+    /// Use `.devcontainer/devcontainer.json` from the base branch when it exists: its
+    /// `image` or `build.dockerfile`, `containerEnv`, `postCreateCommand`, `remoteUser`.
+    pub devcontainer: bool,
+    /// Files of the repository whose contents key the image (e.g. `Cargo.lock`): a change
+    /// rebuilds it.
+    pub lock_files: Vec<String>,
+    /// Paths in the container kept in a named volume per repository across runs and
+    /// pipelines (e.g. `/home/agent/.cargo/registry`).
+    pub caches: Vec<String>,
+    /// Secrets for the setup step only, as files in `/run/threadline/secrets/NAME`:
+    /// `"env:VAR"` (Threadline's environment) or `"file:/path"`. Never given to an agent,
+    /// never kept in the image.
+    pub secrets: BTreeMap<String, String>,
+    /// The setup's time limit.
+    pub setup_timeout_secs: u64,
+    /// The setup container's memory limit.
+    pub setup_memory_mb: u64,
+    /// The setup container's network (it usually downloads packages).
+    pub setup_network: String,
+    /// Environment images kept per repository; older ones are removed.
+    pub keep: usize,
+    /// Overrides the agent profile's `network` for this repository's runs.
+    pub network: Option<String>,
+    /// Overrides the agent profile's `allow` (with `network = "allowlist"`).
+    pub allow: Option<Vec<String>>,
+}
+
+impl Default for EnvironmentConfig {
+    fn default() -> Self {
+        EnvironmentConfig {
+            setup: String::new(),
+            command: String::new(),
+            devcontainer: true,
+            lock_files: Vec::new(),
+            caches: Vec::new(),
+            secrets: BTreeMap::new(),
+            setup_timeout_secs: 1800,
+            setup_memory_mb: 4096,
+            setup_network: "bridge".into(),
+            keep: 3,
+            network: None,
+            allow: None,
+        }
+    }
 }
 
 /// The forge of a repository and how its pull requests are opened. Kind, API and
@@ -266,13 +327,18 @@ pub struct AgentProfile {
     pub env: Vec<String>,
     /// Fixed, non-secret environment variables.
     pub env_set: BTreeMap<String, String>,
-    /// `bridge` (the default, so agents reach their model API), `none`, or a network name.
+    /// `allowlist` (only the hosts in `allow`, through Threadline's egress proxy: the
+    /// built-in profiles' default, with their model API's host), `bridge` (anywhere),
+    /// `none`, or a Docker network name.
     /// `host` gives the agent the host's network (its loopback services, the Docker API
     /// if exposed over TCP, the cloud metadata address): refused unless
     /// `allow_host_network` is true.
     pub network: String,
     /// DNS servers the container uses instead of Docker's defaults (addresses).
     pub dns: Vec<String>,
+    /// With `network = "allowlist"`: the hosts the agent may reach (through Threadline's
+    /// egress proxy; `*.example.com` for subdomains). Everything else is refused.
+    pub allow: Vec<String>,
     /// Lets `network = "host"` through validation: an explicit, per-agent opt-in to an
     /// agent that is no longer cut off from the host's network.
     pub allow_host_network: bool,
@@ -404,6 +470,8 @@ impl Default for Config {
                 ),
                 state_dir: "/home/agent".into(),
                 events: EventFormat::Claude,
+                network: "allowlist".into(),
+                allow: strings(&["api.anthropic.com"]),
                 env: strings(&["ANTHROPIC_API_KEY"]),
                 env_set: vars(&[
                     ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
@@ -424,6 +492,8 @@ impl Default for Config {
                 resume_argv: strings(&[&codex[..], &["resume", "--last", "{prompt}"]].concat()),
                 state_dir: "/home/agent".into(),
                 events: EventFormat::Codex,
+                network: "allowlist".into(),
+                allow: strings(&["api.openai.com"]),
                 env: strings(&["OPENAI_API_KEY"]),
                 ..AgentProfile::default()
             },
@@ -461,6 +531,8 @@ impl Default for Config {
                 state_dir: "/home/agent".into(),
                 events: EventFormat::Aider,
                 exclude: strings(&[".aider*"]),
+                network: "allowlist".into(),
+                allow: strings(&["api.openai.com"]),
                 env: strings(&["OPENAI_API_KEY"]),
                 env_set: vars(&[("LITELLM_LOCAL_MODEL_COST_MAP", "True")]),
                 ..AgentProfile::default()
@@ -492,10 +564,23 @@ impl Default for Config {
             web: WebConfig::default(),
             slack: SlackConfig::default(),
             discord: DiscordConfig::default(),
+            egress: EgressConfig::default(),
             repos: BTreeMap::new(),
             agents,
         }
     }
+}
+
+/// The egress proxy: agents with `network = "allowlist"` sit on an internal Docker network
+/// whose only way out is this proxy, run by Threadline on the network's gateway address.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Host names pinned to addresses (`"git.internal" = "10.0.0.5"`), as `curl --resolve`
+    /// does: for hosts without DNS, and so no DNS answer can point an allowed name
+    /// elsewhere. Other names are resolved by the system; an answer in a private,
+    /// loopback or link-local range is refused unless pinned here.
+    pub resolve: BTreeMap<String, String>,
 }
 
 impl Default for GitConfig {
@@ -518,6 +603,7 @@ impl Default for AgentProfile {
             env_set: BTreeMap::new(),
             network: "bridge".into(),
             dns: Vec::new(),
+            allow: Vec::new(),
             allow_host_network: false,
             memory_mb: 4096,
             cpus: 2.0,
@@ -700,6 +786,52 @@ impl Config {
                         .replace("NAME", name),
                 ));
             }
+            let env = &repo.environment;
+            let key = |field: &str| format!("repos.{name}.environment.{field}");
+            for (secret, source) in &env.secrets {
+                if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(invalid(
+                        &key("secrets"),
+                        format!("{secret:?} is not a usable name (letters, digits and _ only)"),
+                    ));
+                }
+                if !(source.starts_with("env:") || source.starts_with("file:/")) {
+                    return Err(invalid(
+                        &key(&format!("secrets.{secret}")),
+                        format!("{source:?} says neither \"env:VARIABLE\" nor \"file:/absolute/path\""),
+                    ));
+                }
+            }
+            for path in &env.caches {
+                if !path.starts_with('/') || path.split('/').any(|c| c == "..") || path.contains(':') {
+                    return Err(invalid(
+                        &key("caches"),
+                        format!("{path:?} is not an absolute path in the container"),
+                    ));
+                }
+            }
+            for file in env
+                .lock_files
+                .iter()
+                .chain(std::iter::once(&env.setup))
+                .filter(|f| !f.is_empty())
+            {
+                if file.starts_with('/') || file.split('/').any(|c| c == ".." || c.is_empty()) {
+                    return Err(invalid(
+                        &key("lock_files"),
+                        format!("{file:?} is not a path inside the repository"),
+                    ));
+                }
+            }
+            if !env.setup.is_empty() && !env.command.is_empty() {
+                return Err(invalid(&key("command"), "set either setup or command, not both".into()));
+            }
+            if env.setup_timeout_secs == 0 {
+                return Err(invalid(&key("setup_timeout_secs"), "must be at least 1".into()));
+            }
+            if env.network.as_deref() == Some("allowlist") || env.allow.is_some() {
+                check_allow(env.allow.as_deref().unwrap_or_default()).map_err(|r| invalid(&key("allow"), r))?;
+            }
             if !repo.forge.review_from.is_empty() && !repo.forge.any_review && repo.forge.mention.trim().is_empty() {
                 return Err(invalid(
                     &format!("repos.{name}.forge.mention"),
@@ -775,6 +907,9 @@ impl Config {
                     return Err(invalid(&key(field), "must be 0 or more".into()));
                 }
             }
+            if agent.network == "allowlist" {
+                check_allow(&agent.allow).map_err(|r| invalid(&key("allow"), r))?;
+            }
             if agent.network.trim().eq_ignore_ascii_case("host") && !agent.allow_host_network {
                 return Err(invalid(
                     &key("network"),
@@ -835,6 +970,14 @@ impl Config {
             .filter(|s| !s.is_empty())
             .map(|s| s.expose().to_owned())
             .collect();
+        // Environment secrets reach setups only; should one leak anyway, it is redacted.
+        for repo in self.repos.values() {
+            for source in repo.environment.secrets.values() {
+                if let Some(Ok(v)) = source.strip_prefix("env:").map(std::env::var) {
+                    values.push(v);
+                }
+            }
+        }
         for agent in self.agents.values() {
             for name in agent.env.iter().filter(|n| agent.is_secret(n)) {
                 if let Ok(v) = std::env::var(name) {
@@ -874,6 +1017,24 @@ impl Config {
         }
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
+}
+
+/// An allowlist: host names, or `*.` and a domain for its subdomains.
+fn check_allow(hosts: &[String]) -> Result<(), String> {
+    for host in hosts {
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        if !valid {
+            return Err(format!(
+                "{host:?} is not a host name (or `*.domain` for its subdomains); ports and schemes do not belong here"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A figment error, with its key as the user wrote it: `agents.probe.image`, not figment's

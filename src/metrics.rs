@@ -17,6 +17,8 @@ const CONTAINER_FAILURES: &str = "threadline_container_failures_total";
 const CHAT_API_ERRORS: &str = "threadline_chat_api_errors_total";
 const AGENT_TOKENS: &str = "threadline_agent_tokens_total";
 const AGENT_COST: &str = "threadline_agent_cost_usd";
+const EGRESS_BLOCKED: &str = "threadline_egress_blocked_total";
+const ENV_BUILDS: &str = "threadline_environment_builds_total";
 
 const BUCKETS_SECONDS: [f64; 10] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
 
@@ -32,6 +34,7 @@ pub struct Metrics {
     cost: Gauge,
     queue_depth: Gauge,
     runs: Vec<(RunState, Gauge)>,
+    egress_blocked: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,6 +87,12 @@ impl Metrics {
             None,
             "US dollars agents reported (or priced), for runs this process saw end.",
         );
+        describe(
+            EGRESS_BLOCKED,
+            None,
+            "Requests of allowlisted agents the egress proxy refused.",
+        );
+        describe(ENV_BUILDS, None, "Repository environments built, by outcome.");
         let md = metadata();
         let runs = RunState::ALL
             .into_iter()
@@ -107,6 +116,11 @@ impl Metrics {
             cost: recorder.register_gauge(&Key::from_static_name(AGENT_COST), &md),
             queue_depth: recorder.register_gauge(&Key::from_static_name(QUEUE_DEPTH), &md),
             runs,
+            egress_blocked: {
+                let c = recorder.register_counter(&Key::from_static_name(EGRESS_BLOCKED), &md);
+                c.increment(0);
+                c
+            },
             recorder,
         }
     }
@@ -131,6 +145,18 @@ impl Metrics {
         if let Some(cost) = run.usage.cost_usd.filter(|c| c.is_finite() && *c > 0.0) {
             self.cost.increment(cost);
         }
+    }
+
+    /// The egress proxy refused a request.
+    pub fn egress_blocked(&self) {
+        self.egress_blocked.increment(1);
+    }
+
+    /// An environment build ended.
+    pub fn environment_built(&self, ok: bool) {
+        let outcome = if ok { "built" } else { "failed" };
+        let key = Key::from_parts(ENV_BUILDS, vec![Label::from_static_parts("outcome", outcome)]);
+        self.recorder.register_counter(&key, &metadata()).increment(1);
     }
 
     fn chat_api_errors(&self, platform: &'static str) -> Counter {

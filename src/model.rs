@@ -181,6 +181,36 @@ pub struct Progress {
     pub detail: Option<String>,
     pub tool_calls: u32,
     pub files_touched: u32,
+    /// Since when (ms) the run's environment is being built, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment_since: Option<Millis>,
+    /// What the egress proxy refused the agent (`network = "allowlist"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<Blocked>,
+}
+
+/// Requests the egress proxy refused one run's agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Blocked {
+    pub count: u64,
+    /// The refused hosts (the first few).
+    pub hosts: std::collections::BTreeSet<String>,
+}
+
+impl Blocked {
+    /// "blocked 3 requests to example.com, evil.test".
+    pub fn describe(&self) -> Option<String> {
+        if self.count == 0 {
+            return None;
+        }
+        let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        Some(format!(
+            "blocked {} request{} to {}",
+            self.count,
+            if self.count == 1 { "" } else { "s" },
+            hosts.join(", ")
+        ))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -102,6 +102,8 @@ pub struct StatusCard {
     pub progress: Option<String>,
     /// Tokens and cost, where the agent reported them.
     pub usage: Option<String>,
+    /// What the egress proxy refused the agent: "blocked 3 requests to example.com".
+    pub blocked: Option<String>,
 }
 
 /// The most of an agent's answer a chat card shows (Slack's sections hold 3,000
@@ -204,13 +206,21 @@ pub fn status_card(
             )
         }),
         mode: run.mode,
-        progress: run
+        progress: match (&run.progress, run.state) {
+            (Some(p), RunState::Preparing) => p
+                .environment_since
+                .map(|since| format!("preparing the environment: {}", format_duration(now_millis() - since))),
+            (Some(p), RunState::Running) => p.describe(detail != Detail::Metadata),
+            _ => None,
+        }
+        .map(|p| redactor.redact(&p)),
+        usage: run.usage.describe(),
+        blocked: run
             .progress
             .as_ref()
-            .filter(|_| run.state == RunState::Running)
-            .and_then(|p| p.describe(detail != Detail::Metadata))
-            .map(|p| redactor.redact(&p)),
-        usage: run.usage.describe(),
+            .and_then(|p| p.blocked.as_ref())
+            .and_then(|b| b.describe())
+            .map(|b| redactor.redact(&crate::untrusted::clean(&b))),
     }
 }
 
@@ -259,6 +269,9 @@ pub fn card_text(card: &StatusCard, m: &impl Markup) -> CardText {
     let mut lines = vec![facts.join(" · ")];
     if let Some(p) = &card.progress {
         lines.push(m.emphasis(&m.escape(p)));
+    }
+    if let Some(b) = &card.blocked {
+        lines.push(format!("{} {}", m.warning(), m.escape(b)));
     }
     if let Some(e) = &card.error {
         lines.push(format!("{} {}", m.warning(), m.escape(e)));

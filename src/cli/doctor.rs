@@ -162,6 +162,29 @@ pub async fn doctor(config: Config) -> ExitCode {
         }
     }
 
+    // Each repository's environment, as its next run would have it.
+    let with_env: Vec<&String> = config.repos.keys().collect();
+    if !with_env.is_empty()
+        && let Ok(orch) = crate::orchestrator::Orchestrator::open(std::sync::Arc::new(config.clone())).await
+    {
+        for name in with_env {
+            match orch.check_environment(name).await {
+                Ok(None) => r.ok(&format!(
+                    "repo {name}: no environment (agents run on their profile's image)"
+                )),
+                Ok(Some((tag, true))) => r.ok(&format!("repo {name}: environment {tag} is built")),
+                Ok(Some((tag, false))) => r.warn(
+                    &format!("repo {name}: environment {tag} is not built yet: the next run builds it"),
+                    &format!("threadline env build {name}"),
+                ),
+                Err(e) => r.fail(
+                    &format!("repo {name}: {e}"),
+                    &format!("fix [repos.{name}.environment] or the repository's setup files"),
+                ),
+            }
+        }
+    }
+
     if r.failures == 0 {
         println!("\nall checks passed");
         ExitCode::SUCCESS

@@ -97,6 +97,10 @@ pub enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Manage repository environments: the images agents run in, built from a setup
+    /// script or a devcontainer on the base branch.
+    #[command(subcommand)]
+    Env(EnvCommand),
     /// Check Docker, git, the configuration, the store and the images; say what to fix.
     Doctor,
     /// Print the configuration in effect (secrets redacted).
@@ -104,6 +108,29 @@ pub enum Command {
         /// Print the built-in defaults instead.
         #[arg(long)]
         default: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnvCommand {
+    /// Build a repository's environment now (from its base branch as the remote has it),
+    /// or say that the one its inputs call for is built already.
+    Build {
+        /// The repository, by its name under [repos].
+        repo: String,
+        /// The agent profile whose image it builds on (default: the repository's).
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// List the environment images.
+    Ls {
+        /// Only this repository's.
+        repo: Option<String>,
+    },
+    /// Remove environment images (those a container uses stay); runs build them again.
+    Rm {
+        /// Only this repository's.
+        repo: Option<String>,
     },
 }
 
@@ -219,6 +246,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor => Ok(doctor::doctor(config).await),
+        Command::Env(command) => env(config, command).await,
         Command::Pipelines { limit, json } => inspect::pipelines(&config, limit, json).await,
         Command::Runs { pipeline, json } => inspect::runs(&config, &pipeline, json).await,
         Command::Logs { run, follow } => inspect::logs(&config, &run, follow).await,
@@ -277,6 +305,60 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let orch = open(config).await?;
             let submitted = orch.retry(&run, &execute::whoami(), None).await?;
             execute::execute_and_watch(orch, submitted, watch.detach).await
+        }
+    }
+}
+
+/// `threadline env build|ls|rm`.
+async fn env(config: Config, command: EnvCommand) -> anyhow::Result<ExitCode> {
+    let orch = open(config).await?;
+    match command {
+        EnvCommand::Build { repo, agent } => {
+            let started = std::time::Instant::now();
+            eprintln!("preparing the environment of {repo}…");
+            match orch.build_environment(&repo, agent.as_deref()).await {
+                Ok(Some(tag)) => {
+                    println!("{tag} ({:.1} s)", started.elapsed().as_secs_f64());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(None) => {
+                    println!(
+                        "{repo} has no environment: no setup script, command, devcontainer or caches; its agents run on their profile's image"
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Ok(ExitCode::from(FAILED))
+                }
+            }
+        }
+        EnvCommand::Ls { repo } => {
+            let images = orch
+                .environment_images(repo.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if images.is_empty() {
+                println!("no environment images");
+            }
+            for i in images {
+                println!(
+                    "{:<20} {:<44} {:>8}  {}",
+                    i.repo,
+                    i.tag,
+                    crate::orchestrator::environment::describe_size(i.size),
+                    crate::model::format_utc(i.created * 1000)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EnvCommand::Rm { repo } => {
+            let (removed, kept) = orch
+                .remove_environments(repo.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("removed {removed} environment image(s); {kept} in use kept");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -45,9 +45,11 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
     if user != me {
         crate::orchestrator::scrub::hand_over(&ws, user)?;
     }
+    // The repository's environment, as the pipeline's runs have it (not built here).
+    let image = orch.existing_environment(&p, &profile, user).await;
     let spec = AgentSpec {
         name: format!("threadline-shell-{}", p.id),
-        image: profile.image.clone(),
+        image: image.image,
         argv: vec!["sh".into()],
         env: Vec::new(),
         user: format!("{}:{}", user.0, user.1),
@@ -60,8 +62,14 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
         memory_bytes: (profile.memory_mb * 1024 * 1024) as i64,
         nano_cpus: (profile.cpus * 1e9) as i64,
         pids_limit: profile.pids_limit,
-        network: profile.network.clone(),
+        // A shell has no egress proxy: an allowlisted agent's shell gets no network.
+        network: if profile.network == "allowlist" {
+            "none".into()
+        } else {
+            profile.network.clone()
+        },
         dns: profile.dns.clone(),
+        volumes: image.volumes,
         read_only_rootfs: profile.read_only_rootfs,
         log_file_bytes: 0,
     };

@@ -24,6 +24,8 @@ pub const CONTEXT_MOUNT: &str = "/threadline";
 pub const OBJECTS_MOUNT: &str = "/threadline/objects";
 pub const LABEL_RUN: &str = "threadline.run";
 pub const LABEL_PIPELINE: &str = "threadline.pipeline";
+/// The port of an allowlisted agent's egress proxy, so a restart listens there again.
+pub const LABEL_EGRESS_PORT: &str = "threadline.egress.port";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -70,6 +72,8 @@ pub struct AgentSpec {
     pub network: String,
     /// DNS servers instead of Docker's defaults.
     pub dns: Vec<String>,
+    /// Named volumes (the repository's caches) and where they are mounted.
+    pub volumes: Vec<(String, String)>,
     pub read_only_rootfs: bool,
     /// The most of its output Docker keeps on disk (two files of this size at most).
     pub log_file_bytes: u64,
@@ -96,6 +100,7 @@ impl AgentSpec {
                 ]
                 .into_iter()
                 .flatten()
+                .chain(self.volumes.iter().map(|(name, target)| volume(name, target)))
                 .collect(),
             ),
             cap_drop: Some(vec!["ALL".into()]),
@@ -178,8 +183,13 @@ impl AgentSpec {
             args.push("--read-only".into());
         }
         for m in hc.mounts.unwrap_or_default() {
+            let kind = if m.typ == Some(MountType::VOLUME) {
+                "volume"
+            } else {
+                "bind"
+            };
             let mut spec = format!(
-                "type=bind,source={},target={}",
+                "type={kind},source={},target={}",
                 m.source.unwrap_or_default(),
                 m.target.unwrap_or_default()
             );
@@ -411,6 +421,346 @@ impl ContainerRuntime {
     }
 }
 
+/// A named volume mounted at `target`.
+fn volume(name: &str, target: &str) -> Mount {
+    Mount {
+        typ: Some(MountType::VOLUME),
+        source: Some(name.to_owned()),
+        target: Some(target.to_owned()),
+        read_only: Some(false),
+        ..Default::default()
+    }
+}
+
+/// The container an environment's setup runs in: the base image, the repository's files
+/// at `/workspace` (a copy, thrown away after), the secrets as read-only files, and the
+/// caches. It runs as root (it installs packages), with every capability dropped but
+/// those package managers need, and is committed into the environment's image.
+pub struct SetupSpec {
+    pub name: String,
+    pub image: String,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub workspace: PathBuf,
+    /// Mounted read-only at [`SETUP_MOUNT`]: the driver, its steps, and `secrets/`.
+    pub run_dir: PathBuf,
+    pub volumes: Vec<(String, String)>,
+    pub labels: HashMap<String, String>,
+    pub memory_bytes: i64,
+    pub nano_cpus: i64,
+    pub network: String,
+    pub log_file_bytes: u64,
+}
+
+/// What an image says about how its containers run, kept by an environment built on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub user: Option<String>,
+    pub working_dir: Option<String>,
+}
+
+/// Where a setup finds its driver, steps and secrets (`secrets/NAME`); not committed.
+pub const SETUP_MOUNT: &str = "/run/threadline";
+
+/// An environment image as `threadline env ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EnvImage {
+    pub id: String,
+    pub tag: String,
+    pub repo: String,
+    pub key: String,
+    pub created: i64,
+    pub size: i64,
+}
+
+pub const LABEL_ENV_REPO: &str = "threadline.env.repo";
+pub const LABEL_ENV_KEY: &str = "threadline.env.key";
+/// Which Threadline installation (its data folder) built an environment.
+pub const LABEL_ENV_HOME: &str = "threadline.env.home";
+
+impl ContainerRuntime {
+    /// The image's id, or None when there is no such image.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, ContainerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(info) => Ok(info.id),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(docker_err("inspect the image")(e)),
+        }
+    }
+
+    /// An image's own entrypoint, command, environment, user and working directory, which
+    /// an environment built on it keeps.
+    pub async fn image_config(&self, image: &str) -> Result<ImageConfig, ContainerError> {
+        let info = self
+            .docker
+            .inspect_image(image)
+            .await
+            .map_err(docker_err("inspect the image"))?;
+        let c = info.config.unwrap_or_default();
+        Ok(ImageConfig {
+            entrypoint: c.entrypoint,
+            cmd: c.cmd,
+            env: c.env.unwrap_or_default(),
+            user: c.user,
+            working_dir: c.working_dir,
+        })
+    }
+
+    /// Creates (does not start) a setup container; one of that name left by a crash is
+    /// removed first.
+    pub async fn create_setup(&self, spec: &SetupSpec) -> Result<String, ContainerError> {
+        self.remove(&spec.name).await?;
+        let mounts = [
+            Some(Mount {
+                typ: Some(MountType::BIND),
+                source: Some(spec.workspace.display().to_string()),
+                target: Some(WORKSPACE_MOUNT.into()),
+                read_only: Some(false),
+                ..Default::default()
+            }),
+            Some(Mount {
+                typ: Some(MountType::BIND),
+                source: Some(spec.run_dir.display().to_string()),
+                target: Some(SETUP_MOUNT.into()),
+                read_only: Some(true),
+                ..Default::default()
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(spec.volumes.iter().map(|(name, target)| volume(name, target)))
+        .collect();
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: Some(spec.argv.clone()),
+            entrypoint: Some(Vec::new()),
+            env: Some(spec.env.clone()),
+            user: Some("0:0".into()),
+            working_dir: Some(WORKSPACE_MOUNT.into()),
+            labels: Some(spec.labels.clone()),
+            tty: Some(false),
+            host_config: Some(HostConfig {
+                mounts: Some(mounts),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                privileged: Some(false),
+                memory: Some(spec.memory_bytes),
+                memory_swap: Some(spec.memory_bytes),
+                nano_cpus: Some(spec.nano_cpus),
+                pids_limit: Some(4096),
+                network_mode: Some(spec.network.clone()),
+                log_config: Some(HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), spec.log_file_bytes.max(1024 * 1024).to_string()),
+                        ("max-file".to_owned(), "2".to_owned()),
+                    ])),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(&spec.name).build();
+        match self.docker.create_container(Some(options), body).await {
+            Ok(created) => Ok(created.id),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Err(ContainerError::ImageMissing {
+                image: spec.image.clone(),
+                hint: build_hint(&spec.image),
+            }),
+            Err(e) => Err(docker_err("create the setup container")(e)),
+        }
+    }
+
+    /// Commits a finished setup container as `tag`, with `config` (the base image's
+    /// entrypoint, command and user, and the environment's variables) and `labels`.
+    pub async fn commit(
+        &self,
+        container: &str,
+        tag: &str,
+        image: ImageConfig,
+        labels: HashMap<String, String>,
+    ) -> Result<String, ContainerError> {
+        let (repo, tag) = tag.rsplit_once(':').unwrap_or((tag, "latest"));
+        let config = bollard::models::ContainerConfig {
+            entrypoint: Some(image.entrypoint.unwrap_or_default()),
+            cmd: Some(image.cmd.unwrap_or_default()),
+            env: Some(image.env),
+            user: Some(image.user.unwrap_or_default()),
+            working_dir: Some(image.working_dir.unwrap_or_default()),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        let options = bollard::query_parameters::CommitContainerOptionsBuilder::new()
+            .container(container)
+            .repo(repo)
+            .tag(tag)
+            .comment("threadline environment")
+            .build();
+        let made = self
+            .docker
+            .commit_container(options, config)
+            .await
+            .map_err(docker_err("commit the environment"))?;
+        Ok(made.id)
+    }
+
+    /// Builds `dockerfile` (a path inside the `context` tar) as `tag`: what came of it and
+    /// the build's output. The classic builder: no registry, so `FROM` must name a local
+    /// image.
+    pub async fn build_dockerfile(
+        &self,
+        context_tar: Vec<u8>,
+        dockerfile: &str,
+        tag: &str,
+    ) -> (Result<(), ContainerError>, String) {
+        let options = bollard::query_parameters::BuildImageOptionsBuilder::new()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .rm(true)
+            .forcerm(true)
+            .build();
+        let mut log = String::new();
+        let mut stream = self
+            .docker
+            .build_image(options, None, Some(bollard::body_full(context_tar.into())));
+        while let Some(item) = stream.next().await {
+            let info = match item {
+                Ok(info) => info,
+                Err(e) => return (Err(docker_err("build the devcontainer's Dockerfile")(e)), log),
+            };
+            if let Some(text) = info.stream
+                && log.len() < 4 * 1024 * 1024
+            {
+                log.push_str(&text);
+            }
+            if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                let failed = ContainerError::Docker {
+                    action: "build the devcontainer's Dockerfile",
+                    detail: e,
+                };
+                return (Err(failed), log);
+            }
+        }
+        (Ok(()), log)
+    }
+
+    /// The environment images of installation `home`, of one repository or all.
+    pub async fn env_images(&self, home: &str, repo: Option<&str>) -> Result<Vec<EnvImage>, ContainerError> {
+        let mut labels = vec![format!("{LABEL_ENV_HOME}={home}")];
+        if let Some(r) = repo {
+            labels.push(format!("{LABEL_ENV_REPO}={r}"));
+        }
+        let filters = HashMap::from([("label", labels)]);
+        let options = bollard::query_parameters::ListImagesOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(docker_err("list the environment images"))?;
+        let mut out: Vec<EnvImage> = images
+            .into_iter()
+            .map(|i| EnvImage {
+                tag: i.repo_tags.first().cloned().unwrap_or_default(),
+                repo: i.labels.get(LABEL_ENV_REPO).cloned().unwrap_or_default(),
+                key: i.labels.get(LABEL_ENV_KEY).cloned().unwrap_or_default(),
+                id: i.id,
+                created: i.created,
+                size: i.size,
+            })
+            .collect();
+        out.sort_by_key(|i| std::cmp::Reverse(i.created));
+        Ok(out)
+    }
+
+    /// Removes an image; one a container still uses stays (false).
+    pub async fn remove_image(&self, image: &str) -> Result<bool, ContainerError> {
+        let options = bollard::query_parameters::RemoveImageOptionsBuilder::new().build();
+        match self.docker.remove_image(image, Some(options), None).await {
+            Ok(_) => Ok(true),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(true),
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(false),
+            Err(e) => Err(docker_err("remove the image")(e)),
+        }
+    }
+
+    /// The internal network of allowlisted agents (made on first use): no route out,
+    /// containers on it cannot reach each other. Returns its gateway, where their proxies
+    /// listen.
+    pub async fn egress_gateway(&self, name: &str) -> Result<std::net::IpAddr, ContainerError> {
+        let inspect = || async {
+            self.docker
+                .inspect_network(name, None::<bollard::query_parameters::InspectNetworkOptions>)
+                .await
+        };
+        let network = match inspect().await {
+            Ok(n) => n,
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {
+                let request = bollard::models::NetworkCreateRequest {
+                    name: name.to_owned(),
+                    driver: Some("bridge".into()),
+                    internal: Some(true),
+                    options: Some(HashMap::from([(
+                        "com.docker.network.bridge.enable_icc".to_owned(),
+                        "false".to_owned(),
+                    )])),
+                    labels: Some(HashMap::from([("threadline".to_owned(), "egress".to_owned())])),
+                    ..Default::default()
+                };
+                match self.docker.create_network(request).await {
+                    Ok(_) | Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {}
+                    Err(e) => return Err(docker_err("create the egress network")(e)),
+                }
+                inspect().await.map_err(docker_err("inspect the egress network"))?
+            }
+            Err(e) => return Err(docker_err("inspect the egress network")(e)),
+        };
+        if network.internal != Some(true) {
+            return Err(ContainerError::Docker {
+                action: "use the egress network",
+                detail: format!("the network {name} exists but is not internal; remove it (docker network rm {name})"),
+            });
+        }
+        network
+            .ipam
+            .and_then(|i| i.config)
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.gateway.and_then(|g| g.parse().ok()))
+            .ok_or_else(|| ContainerError::Docker {
+                action: "use the egress network",
+                detail: format!("the network {name} has no IPv4 gateway"),
+            })
+    }
+
+    /// A container's label.
+    pub async fn container_label(&self, id: &str, label: &str) -> Result<Option<String>, ContainerError> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(info) => Ok(info.config.and_then(|c| c.labels).and_then(|mut l| l.remove(label))),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(docker_err("inspect the container")(e)),
+        }
+    }
+
+    /// A container's address on `network`.
+    pub async fn container_ip(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, ContainerError> {
+        let info = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .map_err(docker_err("inspect the container"))?;
+        Ok(info
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|mut n| n.remove(network))
+            .and_then(|e| e.ip_address)
+            .and_then(|ip| ip.parse().ok()))
+    }
+}
+
 /// How to build an image that is missing: ours come from `docker/`.
 pub fn build_hint(image: &str) -> String {
     let name = image.split(':').next().unwrap_or(image);
@@ -448,6 +798,7 @@ mod tests {
             pids_limit: 64,
             network: "none".into(),
             dns: Vec::new(),
+            volumes: Vec::new(),
             read_only_rootfs: true,
             log_file_bytes: 0,
         };

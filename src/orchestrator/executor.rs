@@ -11,15 +11,17 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::agent_events::{self, AgentState};
-use super::container::{AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_PIPELINE, LABEL_RUN, container_name};
-use super::scrub;
+use super::container::{
+    AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_EGRESS_PORT, LABEL_PIPELINE, LABEL_RUN, container_name,
+};
 use super::workspace::{self, CommitInfo, PushState, SUMMARY_FILE};
 use super::{Inner, RunUpdate, log_path, run_dir};
+use super::{egress, environment, scrub};
 use crate::config::EventFormat;
 use crate::config::{AgentProfile, parse_user};
 use crate::crash::{self, Step};
 use crate::lifecycle::{self, Ending, Limits, SaveOutcome};
-use crate::model::{AttachmentSource, EndReason, Pipeline, Run, RunMode, RunState, Usage, now_millis};
+use crate::model::{AttachmentSource, EndReason, Pipeline, Progress, Run, RunMode, RunState, Usage, now_millis};
 use crate::store::{RunPatch, StoreError};
 use crate::untrusted;
 
@@ -59,6 +61,7 @@ async fn drive(inner: &Arc<Inner>, mut run: Run) -> Result<(), ExecError> {
         match run.state {
             RunState::Preparing => prepare(inner, &pipeline, &run).await?,
             RunState::Running => {
+                readopt_proxy(inner, &pipeline, &run).await;
                 if !follow(inner, &run).await? {
                     return Ok(()); // shutting down: the container keeps running
                 }
@@ -174,7 +177,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
             run.agent
         ))
     })?;
-    let (uid, gid) = agent_user(&profile, inner.me).map_err(failed)?;
+    let (uid, gid) = agent_owner(&profile, inner.me).map_err(failed)?;
     refuse_if_in_use(inner, pipeline, &name).await.map_err(failed)?;
 
     let prepared = {
@@ -196,6 +199,10 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
     let context = write_context(inner, pipeline, run, &profile)
         .await
         .map_err(|e| failed(format!("cannot write the run's context files: {e}")))?;
+    let image = environment_image(inner, pipeline, run, &profile, (uid, gid)).await?;
+    if inner.store.cancel_requested(&run.id).await? {
+        return Err(Unprepared::Cancelled);
+    }
     let ask = run.mode == RunMode::Ask;
     let state = agent_state(inner, pipeline, run, &profile, (uid, gid))
         .await
@@ -220,9 +227,31 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
     if inner.store.cancel_requested(&run.id).await? {
         return Err(Unprepared::Cancelled);
     }
+    let (network, mut env) = (
+        inner
+            .repo_settings(pipeline)
+            .1
+            .environment
+            .network
+            .clone()
+            .unwrap_or_else(|| profile.network.clone()),
+        env,
+    );
+    let proxy = if network == "allowlist" {
+        let proxy = egress_proxy(inner, pipeline, &profile, 0).await.map_err(failed)?;
+        let url = format!("http://{}", proxy.addr);
+        for name in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"] {
+            env.push(format!("{name}={url}"));
+        }
+        env.push("NO_PROXY=localhost,127.0.0.1".into());
+        env.push("no_proxy=localhost,127.0.0.1".into());
+        Some(proxy)
+    } else {
+        None
+    };
     let spec = AgentSpec {
         name: name.clone(),
-        image: profile.image.clone(),
+        image: image.image.clone(),
         argv: if resume { &profile.resume_argv } else { &profile.argv }
             .iter()
             .map(|a| {
@@ -243,22 +272,164 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         labels: HashMap::from([
             (LABEL_RUN.to_owned(), run.id.clone()),
             (LABEL_PIPELINE.to_owned(), pipeline.id.clone()),
-        ]),
+        ])
+        .into_iter()
+        .chain(
+            proxy
+                .as_ref()
+                .map(|p| (LABEL_EGRESS_PORT.to_owned(), p.addr.port().to_string())),
+        )
+        .collect(),
         memory_bytes: (profile.memory_mb * 1024 * 1024) as i64,
         nano_cpus: (profile.cpus * 1e9) as i64,
         pids_limit: profile.pids_limit,
-        network: profile.network.clone(),
+        network: if proxy.is_some() {
+            egress::NETWORK.to_owned()
+        } else {
+            network
+        },
         dns: profile.dns.clone(),
+        volumes: image.volumes.clone(),
         read_only_rootfs: profile.read_only_rootfs,
         // Docker's copy in JSON, several times the size of the text Threadline keeps.
         log_file_bytes: inner.config.max_log_bytes.saturating_mul(4),
     };
+    if let Some(proxy) = &proxy {
+        inner.egress.lock().unwrap().insert(run.id.clone(), proxy.clone());
+    }
     let started = inner.runtime.start_agent(&spec).await;
     inner.metrics.container_started(started.is_ok());
-    let id = started.map_err(failed)?;
+    let id = match started {
+        Ok(id) => id,
+        Err(e) => {
+            inner.egress.lock().unwrap().remove(&run.id);
+            return Err(failed(e));
+        }
+    };
+    if let Some(proxy) = &proxy {
+        // Only the agent's own address may use its proxy.
+        match inner.runtime.container_ip(&id, egress::NETWORK).await {
+            Ok(Some(ip)) => proxy.set_client(ip),
+            other => tracing::warn!(run_id = %run.id, ?other, "the agent has no address on the egress network"),
+        }
+    }
     crash::point(Step::ContainerStarted);
     mark_running(inner, run, id, prepared.note.as_deref().unwrap_or("")).await?;
     Ok(())
+}
+
+/// The image the run's agent starts from: its profile's, or its repository's environment,
+/// built now when it is missing (the card says so while it is).
+async fn environment_image(
+    inner: &Arc<Inner>,
+    pipeline: &Pipeline,
+    run: &Run,
+    profile: &AgentProfile,
+    owner: (u32, u32),
+) -> Result<environment::RunImage, Unprepared> {
+    let building = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shown = tokio::spawn(show_environment_build(inner.clone(), run.id.clone(), building.clone()));
+    let image = inner
+        .run_image(pipeline, profile, owner, || {
+            building.store(true, std::sync::atomic::Ordering::Relaxed)
+        })
+        .await;
+    shown.abort();
+    if building.load(std::sync::atomic::Ordering::Relaxed) {
+        let patch = RunPatch {
+            progress: Some(Progress::default()),
+            ..Default::default()
+        };
+        inner.store.update_run(&run.id, &patch).await?;
+    }
+    image.map_err(failed)
+}
+
+/// While an environment is built for a run: its card says so, with the time it has taken.
+async fn show_environment_build(inner: Arc<Inner>, run_id: String, building: Arc<std::sync::atomic::AtomicBool>) {
+    let mut since = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !building.load(std::sync::atomic::Ordering::Relaxed) {
+            continue;
+        }
+        if since.is_none() {
+            let at = now_millis();
+            since = Some(at);
+            let patch = RunPatch {
+                progress: Some(Progress {
+                    environment_since: Some(at),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            if inner.store.update_run(&run_id, &patch).await.is_err() {
+                continue;
+            }
+        }
+        let _ = inner.publish_stored(&run_id).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// An allowlisted agent found running after a restart gets its proxy back, on the port
+/// its environment names (its label says which).
+async fn readopt_proxy(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) {
+    if inner.egress.lock().unwrap().contains_key(&run.id) {
+        return;
+    }
+    let id = run.container_id.clone().unwrap_or_else(|| container_name(&run.id));
+    let Ok(Some(port)) = inner.runtime.container_label(&id, LABEL_EGRESS_PORT).await else {
+        return;
+    };
+    let Some(profile) = inner.config.agent(&run.agent).cloned() else {
+        return;
+    };
+    let port: u16 = port.parse().unwrap_or(0);
+    match egress_proxy(inner, pipeline, &profile, port).await {
+        Ok(proxy) => {
+            if let Ok(Some(ip)) = inner.runtime.container_ip(&id, egress::NETWORK).await {
+                proxy.set_client(ip);
+            }
+            inner.egress.lock().unwrap().insert(run.id.clone(), proxy);
+        }
+        Err(e) => tracing::warn!(run_id = %run.id, error = %e, "cannot give the adopted agent its egress proxy back"),
+    }
+}
+
+/// An egress proxy for one run, on the internal network's gateway.
+async fn egress_proxy(
+    inner: &Arc<Inner>,
+    pipeline: &Pipeline,
+    profile: &AgentProfile,
+    port: u16,
+) -> Result<Arc<egress::RunProxy>, String> {
+    let gateway = inner
+        .runtime
+        .egress_gateway(egress::NETWORK)
+        .await
+        .map_err(|e| e.to_string())?;
+    let allow = inner
+        .repo_settings(pipeline)
+        .1
+        .environment
+        .allow
+        .clone()
+        .unwrap_or_else(|| profile.allow.clone());
+    let metrics = inner.metrics.clone();
+    let pipeline_id = pipeline.id.clone();
+    let proxy = egress::RunProxy::start(
+        gateway,
+        port,
+        egress::Allowlist::new(&allow, &inner.config.egress.resolve),
+        move |host| {
+            metrics.egress_blocked();
+            tracing::info!(pipeline = %pipeline_id, host, "egress refused");
+        },
+    )
+    .await
+    .map_err(|e| format!("cannot start the egress proxy on {gateway}: {e}"))?;
+    Ok(Arc::new(proxy))
 }
 
 /// Records the run's container and moves it to `running`.
@@ -358,6 +529,18 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
     } else {
         reason
     };
+    // The proxy's last count stays with the run; the proxy goes with its agent.
+    let progress = match blocked(inner, &run.id) {
+        Some(b) => {
+            let latest = inner.store.run(&run.id).await?.and_then(|r| r.progress);
+            Some(Progress {
+                blocked: Some(b),
+                ..latest.unwrap_or_default()
+            })
+        }
+        None => None,
+    };
+    inner.egress.lock().unwrap().remove(&run.id);
     inner
         .store
         .update_run(
@@ -365,6 +548,7 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
             &RunPatch {
                 exit_code,
                 end_reason: Some(reason),
+                progress,
                 ..Default::default()
             },
         )
@@ -567,9 +751,11 @@ async fn report(inner: &Inner, run_id: &str, agent: &AgentState, reporting: &Rep
     if let Some(total) = agent.reported_cost() {
         usage.cost_usd = Some((total - reporting.session_before).max(0.0));
     }
+    let mut progress = agent.progress().clone();
+    progress.blocked = blocked(inner, run_id);
     let patch = RunPatch {
         usage: Some(usage),
-        progress: Some(agent.progress().clone()),
+        progress: Some(progress),
         summary: agent.answer().map(|a| inner.redactor.redact(a)),
         session_cost_usd: agent.reported_cost(),
         ..Default::default()
@@ -581,6 +767,12 @@ async fn report(inner: &Inner, run_id: &str, agent: &AgentState, reporting: &Rep
         Err(e) => tracing::warn!(run_id, error = %e, "cannot store the agent's progress"),
     }
     let _ = reporting.usage_tx.send(usage);
+}
+
+/// What the run's egress proxy refused so far, if it has one.
+fn blocked(inner: &Inner, run_id: &str) -> Option<egress::Blocked> {
+    let proxy = inner.egress.lock().unwrap().get(run_id).cloned()?;
+    Some(proxy.blocked()).filter(|b| b.count > 0)
 }
 
 async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), ExecError> {
@@ -765,7 +957,7 @@ async fn hand_over(path: PathBuf, uid: u32, gid: u32) -> std::io::Result<()> {
 
 /// The uid:gid an agent runs as: the profile's, else the daemon's own, else (when the
 /// daemon is root) 1000:1000. Never root.
-fn agent_user(profile: &AgentProfile, me: (u32, u32)) -> Result<(u32, u32), String> {
+pub(super) fn agent_owner(profile: &AgentProfile, me: (u32, u32)) -> Result<(u32, u32), String> {
     let ids = if profile.user.is_empty() {
         if me.0 == 0 { (1000, 1000) } else { me }
     } else {
@@ -1246,12 +1438,12 @@ mod tests {
     #[test]
     fn agents_never_run_as_root() {
         let p = AgentProfile::default();
-        assert_eq!(agent_user(&p, (0, 0)).unwrap(), (1000, 1000));
-        assert_eq!(agent_user(&p, (1234, 99)).unwrap(), (1234, 99));
+        assert_eq!(agent_owner(&p, (0, 0)).unwrap(), (1000, 1000));
+        assert_eq!(agent_owner(&p, (1234, 99)).unwrap(), (1234, 99));
         let fixed = AgentProfile {
             user: "2000:2000".into(),
             ..AgentProfile::default()
         };
-        assert!(agent_user(&fixed, (1234, 99)).is_err());
+        assert!(agent_owner(&fixed, (1234, 99)).is_err());
     }
 }

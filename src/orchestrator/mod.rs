@@ -4,6 +4,8 @@
 
 pub mod agent_events;
 pub mod container;
+pub mod egress;
+pub mod environment;
 mod executor;
 pub mod forge;
 pub mod ports;
@@ -207,6 +209,12 @@ pub(crate) struct Inner {
     /// Forges (by API root) that answered with a rate limit, and until when they are
     /// left alone by the pull request poll.
     forge_backoff: Mutex<HashMap<String, std::time::Instant>>,
+    /// One environment build per key at a time; the others wait for it.
+    env_builds: environment::EnvBuilds,
+    /// This installation's id, in its environments' names and labels.
+    env_home: String,
+    /// The egress proxies of running allowlisted agents, by run.
+    egress: Mutex<HashMap<String, Arc<egress::RunProxy>>>,
     /// The configured repositories as pipelines record them (canonical path or URL),
     /// with their `[repos]` names.
     repo_keys: Vec<(String, String)>,
@@ -237,6 +245,7 @@ impl Orchestrator {
         git: Arc<dyn Workspaces>,
     ) -> Self {
         let (events, _) = broadcast::channel(1024);
+        let env_home = environment::home_id(&config.data_dir);
         let redactor = Redactor::new(config.secret_values());
         let repo_keys = config
             .repos
@@ -266,6 +275,9 @@ impl Orchestrator {
                 http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
                 forge_backoff: Mutex::new(HashMap::new()),
+                env_builds: Default::default(),
+                env_home,
+                egress: Mutex::new(HashMap::new()),
                 repo_keys,
                 metrics: Arc::new(crate::metrics::Metrics::new()),
             }),
@@ -728,6 +740,19 @@ pub fn log_path(data_dir: &Path, run_id: &str) -> PathBuf {
 }
 
 impl Inner {
+    /// The `[repos]` entry a pipeline came from, by name; for a repository named only on
+    /// the command line, `NAME` (for messages that say where to configure it) and the
+    /// defaults.
+    pub(crate) fn repo_settings(&self, pipeline: &Pipeline) -> (&str, &crate::config::RepoConfig) {
+        static UNCONFIGURED: std::sync::LazyLock<crate::config::RepoConfig> =
+            std::sync::LazyLock::new(crate::config::RepoConfig::default);
+        self.repo_keys
+            .iter()
+            .find(|(key, _)| *key == pipeline.repo)
+            .and_then(|(_, name)| self.config.repos.get_key_value(name))
+            .map_or(("NAME", &*UNCONFIGURED), |(n, r)| (n.as_str(), r))
+    }
+
     /// Tells every watcher (chat status messages, the web's live stream) a run as it is.
     fn publish(&self, run: Run) {
         let _ = self.events.send(RunUpdate::State(Box::new(run)));

@@ -4,14 +4,17 @@
 //! Kubernetes) would implement them without touching the orchestrator, and the tests'
 //! recording fakes let the lifecycle run in milliseconds without Docker.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
-use super::container::{AgentSpec, ContainerError, ContainerRuntime, ContainerStatus};
-use super::workspace::{CommitInfo, Git, GitError, Prepared, PullRequestCheck, PushState, Saved};
+use super::container::{
+    AgentSpec, ContainerError, ContainerRuntime, ContainerStatus, EnvImage, ImageConfig, SetupSpec,
+};
+use super::workspace::{BaseFiles, CommitInfo, Git, GitError, Prepared, PullRequestCheck, PushState, Saved};
 use crate::model::Pipeline;
 
 /// Where agents run.
@@ -33,6 +36,59 @@ pub trait Containers: Send + Sync + 'static {
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ContainerError>;
     async fn remove(&self, id: &str) -> Result<(), ContainerError>;
+
+    // Environments and the egress network: runtimes without them refuse.
+
+    /// The image's id, or None when it is missing.
+    async fn image_id(&self, _image: &str) -> Result<Option<String>, ContainerError> {
+        Err(unsupported("inspect images"))
+    }
+    async fn image_config(&self, _image: &str) -> Result<ImageConfig, ContainerError> {
+        Err(unsupported("inspect images"))
+    }
+    async fn create_setup(&self, _spec: &SetupSpec) -> Result<String, ContainerError> {
+        Err(unsupported("run an environment's setup"))
+    }
+    async fn commit(
+        &self,
+        _container: &str,
+        _tag: &str,
+        _config: ImageConfig,
+        _labels: HashMap<String, String>,
+    ) -> Result<String, ContainerError> {
+        Err(unsupported("commit an environment"))
+    }
+    /// Builds `dockerfile` of the context as `tag`: what came of it, and the build's output.
+    async fn build_dockerfile(
+        &self,
+        _context_tar: Vec<u8>,
+        _dockerfile: &str,
+        _tag: &str,
+    ) -> (Result<(), ContainerError>, String) {
+        (Err(unsupported("build a Dockerfile")), String::new())
+    }
+    async fn env_images(&self, _home: &str, _repo: Option<&str>) -> Result<Vec<EnvImage>, ContainerError> {
+        Ok(Vec::new())
+    }
+    async fn remove_image(&self, _image: &str) -> Result<bool, ContainerError> {
+        Err(unsupported("remove images"))
+    }
+    async fn egress_gateway(&self, _network: &str) -> Result<std::net::IpAddr, ContainerError> {
+        Err(unsupported("make the egress network"))
+    }
+    async fn container_ip(&self, _id: &str, _network: &str) -> Result<Option<std::net::IpAddr>, ContainerError> {
+        Ok(None)
+    }
+    async fn container_label(&self, _id: &str, _label: &str) -> Result<Option<String>, ContainerError> {
+        Ok(None)
+    }
+}
+
+fn unsupported(action: &'static str) -> ContainerError {
+    ContainerError::Docker {
+        action,
+        detail: "this container runtime cannot".into(),
+    }
 }
 
 /// Where a pipeline's work is kept: blocking calls (run them on a blocking thread).
@@ -51,6 +107,23 @@ pub trait Workspaces: Send + Sync + 'static {
     fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError>;
     fn push(&self, pipeline: &Pipeline) -> Result<(), GitError>;
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError>;
+    /// `paths` on the base branch as the mirror has it (see [`Git::base_files`]).
+    fn base_files(
+        &self,
+        _remote_url: &str,
+        _base: &str,
+        paths: &[String],
+    ) -> Result<BaseFiles, GitError> {
+        Ok((String::new(), vec![None; paths.len()]))
+    }
+    /// The base branch's tree written to `dest` (see [`Git::export_base`]).
+    fn export_base(&self, _remote_url: &str, _base: &str, _dest: &std::path::Path) -> Result<(), GitError> {
+        Ok(())
+    }
+    /// Brings the mirror up to date with the remote.
+    fn sync_mirror(&self, _remote_url: &str) -> Result<(), GitError> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -81,6 +154,47 @@ impl Containers for ContainerRuntime {
     }
     async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         ContainerRuntime::remove(self, id).await
+    }
+    async fn image_id(&self, image: &str) -> Result<Option<String>, ContainerError> {
+        ContainerRuntime::image_id(self, image).await
+    }
+    async fn image_config(&self, image: &str) -> Result<ImageConfig, ContainerError> {
+        ContainerRuntime::image_config(self, image).await
+    }
+    async fn create_setup(&self, spec: &SetupSpec) -> Result<String, ContainerError> {
+        ContainerRuntime::create_setup(self, spec).await
+    }
+    async fn commit(
+        &self,
+        container: &str,
+        tag: &str,
+        config: ImageConfig,
+        labels: HashMap<String, String>,
+    ) -> Result<String, ContainerError> {
+        ContainerRuntime::commit(self, container, tag, config, labels).await
+    }
+    async fn build_dockerfile(
+        &self,
+        context_tar: Vec<u8>,
+        dockerfile: &str,
+        tag: &str,
+    ) -> (Result<(), ContainerError>, String) {
+        ContainerRuntime::build_dockerfile(self, context_tar, dockerfile, tag).await
+    }
+    async fn env_images(&self, home: &str, repo: Option<&str>) -> Result<Vec<EnvImage>, ContainerError> {
+        ContainerRuntime::env_images(self, home, repo).await
+    }
+    async fn remove_image(&self, image: &str) -> Result<bool, ContainerError> {
+        ContainerRuntime::remove_image(self, image).await
+    }
+    async fn egress_gateway(&self, network: &str) -> Result<std::net::IpAddr, ContainerError> {
+        ContainerRuntime::egress_gateway(self, network).await
+    }
+    async fn container_ip(&self, id: &str, network: &str) -> Result<Option<std::net::IpAddr>, ContainerError> {
+        ContainerRuntime::container_ip(self, id, network).await
+    }
+    async fn container_label(&self, id: &str, label: &str) -> Result<Option<String>, ContainerError> {
+        ContainerRuntime::container_label(self, id, label).await
     }
 }
 
@@ -114,5 +228,19 @@ impl Workspaces for Git {
     }
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError> {
         Git::check_pull_request(self, pipeline)
+    }
+    fn base_files(
+        &self,
+        remote_url: &str,
+        base: &str,
+        paths: &[String],
+    ) -> Result<BaseFiles, GitError> {
+        Git::base_files(self, remote_url, base, paths)
+    }
+    fn export_base(&self, remote_url: &str, base: &str, dest: &std::path::Path) -> Result<(), GitError> {
+        Git::export_base(self, remote_url, base, dest)
+    }
+    fn sync_mirror(&self, remote_url: &str) -> Result<(), GitError> {
+        Git::sync_mirror(self, remote_url).map(drop)
     }
 }

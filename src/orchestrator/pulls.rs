@@ -3,7 +3,6 @@
 //! pipeline however often Open PR is pressed.
 
 use std::fmt::Write as _;
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use super::forge::{self, ForgeError, ForgeKind, ForgeTarget, NewPullRequest, PrState};
@@ -174,13 +173,7 @@ impl Orchestrator {
     /// the command line, `NAME` (for messages that say where to configure it) and the
     /// defaults.
     pub fn repo_settings(&self, pipeline: &Pipeline) -> (&str, &RepoConfig) {
-        static UNCONFIGURED: LazyLock<RepoConfig> = LazyLock::new(RepoConfig::default);
-        self.inner
-            .repo_keys
-            .iter()
-            .find(|(key, _)| *key == pipeline.repo)
-            .and_then(|(_, name)| self.inner.config.repos.get_key_value(name))
-            .map_or(("NAME", &*UNCONFIGURED), |(n, r)| (n.as_str(), r))
+        self.inner.repo_settings(pipeline)
     }
 
     /// The forge of a pipeline's repository.

@@ -10,6 +10,7 @@ mod conversation;
 mod core;
 mod crash;
 mod discord;
+mod environments;
 mod fake_discord;
 mod fake_forge;
 mod fake_models;

@@ -550,6 +550,7 @@ mod tests {
             note: None,
             mode: crate::config::RunMode::Change,
             progress: None,
+            blocked: None,
             usage: None,
         }
     }

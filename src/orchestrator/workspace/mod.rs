@@ -23,6 +23,8 @@ use git2::{
     Signature,
 };
 
+mod base;
+pub use base::BaseFiles;
 mod import;
 mod lock;
 

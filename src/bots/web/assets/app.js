@@ -63,6 +63,7 @@ function renderCard(card, logs) {
     card.error ? el("div", { class: "err" }, card.error) : null,
     card.note ? el("div", { class: "note" }, card.note) : null,
     card.progress ? el("div", { class: "progress" }, card.progress) : null,
+    card.blocked ? el("div", { class: "error" }, card.blocked) : null,
     card.summary ? el("div", { class: "summary" }, el("div", { class: "summary-label" }, "The agent's answer"), card.summary) : null,
     lines && lines.length ? el("pre", { class: "log" }, lines.join("\n")) : null,
     card.buttons.length ? buttons : null);
