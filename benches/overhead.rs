@@ -8,6 +8,9 @@
 //!    the same limit, with the acknowledgment latency of new prompts meanwhile.
 //! 4. Resident memory idle and at 50 pipelines.
 //! 5. Workspace preparation in a 20,000-file repository against `git clone --local`.
+//! 6. A repository environment whose setup takes 30 s (BENCH_SETUP_SECS): the first run
+//!    pays it; later runs of new pipelines against runs without an environment.
+//! 7. The egress proxy: an HTTP exchange through it against the same exchange direct.
 
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]
@@ -60,6 +63,128 @@ async fn main() {
     if wanted("5") {
         large_repo(reps.min(5)).await;
     }
+    if wanted("6") {
+        environments(reps).await;
+    }
+    if wanted("7") {
+        egress_proxy(reps.max(200)).await;
+    }
+}
+
+/// Section 6: a 30-second setup paid once; later runs against runs with no environment.
+async fn environments(reps: usize) {
+    let setup_secs: u64 = std::env::var("BENCH_SETUP_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let with_env = {
+        let mut env = TestEnv::new();
+        env.add_demo_repo();
+        let seed = env.dir.path().join("env-seed");
+        git(env.dir.path(), &["clone", "-q", &env.origin_url(), seed.to_str().unwrap()]);
+        std::fs::create_dir_all(seed.join(".threadline")).unwrap();
+        std::fs::write(
+            seed.join(".threadline/setup.sh"),
+            format!("sleep {setup_secs}\nmkdir -p /opt\necho ready > /opt/ready\n"),
+        )
+        .unwrap();
+        git(&seed, &["add", "-A"]);
+        git(&seed, &["-c", "user.name=b", "-c", "user.email=b@e", "commit", "-q", "-m", "setup"]);
+        git(&seed, &["push", "-q", "origin", "main"]);
+        env
+    };
+    let without = TestEnv::new();
+    let (orch_env, orch_bare) = (with_env.orchestrator().await, without.orchestrator().await);
+    let to_running = |orch: Orchestrator, id: String| async move {
+        let run = harness::finished(orch.store(), &id).await;
+        assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+        let events = orch.store().events(&id).await.unwrap();
+        let at = |s: RunState| events.iter().find(|e| e.state == s).unwrap().at as f64;
+        at(RunState::Running) - at(RunState::Queued)
+    };
+    let first = with_env.start(&orch_env, "cat /opt/ready > r.txt").await;
+    let first_ms = to_running(orch_env.clone(), first.run.id.clone()).await;
+    let (mut env_ms, mut bare_ms) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let a = with_env.start(&orch_env, "cat /opt/ready > r.txt").await;
+        env_ms.push(to_running(orch_env.clone(), a.run.id.clone()).await);
+        let b = without.start(&orch_bare, "echo ready > r.txt").await;
+        bare_ms.push(to_running(orch_bare.clone(), b.run.id.clone()).await);
+    }
+    println!("## 6. A repository environment with a {setup_secs} s setup (ms, prompt accepted → agent running)\n");
+    println!("| series | median | p95 |");
+    println!("|---|---:|---:|");
+    println!("| first run (builds the environment) | {first_ms:.0} | |");
+    row("later runs, each a new pipeline, with the environment", &env_ms);
+    row("runs without an environment", &bare_ms);
+    let ratio = median(&env_ms) / median(&bare_ms);
+    println!(
+        "\nwith / without: **{ratio:.2}×** at the median (target ≤ 1.1× and under 1 s: {})\n",
+        verdict(ratio <= 1.1 && median(&env_ms) < 1000.0)
+    );
+    orch_env.shutdown().await;
+    orch_bare.shutdown().await;
+    let _ = orch_env.remove_environments(None).await;
+}
+
+/// Section 7: one HTTP exchange (connect, request, answer) through the egress proxy
+/// against the same exchange straight to the server, both on loopback.
+async fn egress_proxy(reps: usize) {
+    use threadline::orchestrator::egress::{Allowlist, RunProxy};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = server.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            });
+        }
+    });
+    let pins = [("bench.test".to_owned(), "127.0.0.1".to_owned())].into();
+    let proxy = RunProxy::start(
+        "127.0.0.1".parse().unwrap(),
+        0,
+        Allowlist::new(&["bench.test".to_owned()], &pins),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    proxy.set_client("127.0.0.1".parse().unwrap());
+    async fn exchange(to: std::net::SocketAddr, request: &str) -> f64 {
+        let t = Instant::now();
+        let mut conn = tokio::net::TcpStream::connect(to).await.unwrap();
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.ends_with(b"ok"), "{}", String::from_utf8_lossy(&answer));
+        ms(t.elapsed())
+    }
+    let direct_to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        direct.push(exchange(direct_to, "GET / HTTP/1.0\r\n\r\n").await);
+        proxied.push(
+            exchange(
+                proxy.addr,
+                &format!("GET http://bench.test:{port}/ HTTP/1.0\r\nHost: bench.test\r\n\r\n"),
+            )
+            .await,
+        );
+    }
+    println!("## 7. The egress proxy, one HTTP exchange on loopback (ms)\n");
+    println!("| series | median | p95 |");
+    println!("|---|---:|---:|");
+    row("direct", &direct);
+    row("through the proxy", &proxied);
+    let added = median(&proxied) - median(&direct);
+    println!(
+        "\nthe proxy adds **{added:.2} ms** per connection at the median (target < 5 ms: {})\n",
+        verdict(added < 5.0)
+    );
 }
 
 /// Sections 1 and 2: one run at a time against the floor.
@@ -444,7 +569,8 @@ fn pct(v: &[f64], p: f64) -> f64 {
 }
 
 fn row(what: &str, v: &[f64]) {
-    println!("| {what} | {:.0} | {:.0} |", median(v), pct(v, 95.0));
+    let digits = if median(v) < 10.0 { 2 } else { 0 };
+    println!("| {what} | {:.*} | {:.*} |", digits, median(v), digits, pct(v, 95.0));
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -254,3 +254,45 @@ async fn aider_commits_answers_remembers_and_calls_only_its_model() {
     outside.assert_nothing_else_was_called();
     orch.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_code_reaches_its_model_through_the_shipped_egress_allowlist() {
+    // The shipped profile as it is (network = "allowlist", allow = ["api.anthropic.com"]);
+    // api.anthropic.com is pinned to the fake model on loopback, reached only through
+    // Threadline's egress proxy.
+    assert!(image_exists(CLAUDE_IMAGE), "run `bash tests/agent-images/build.sh`");
+    let fake = FakeAnthropic::start(Script::claude_writes_hello()).await;
+    let port = fake.base_url.rsplit(':').next().unwrap().to_owned();
+    let mut env = TestEnv::new();
+    let mut profile = Config::default().agents["claude"].clone();
+    assert_eq!(
+        (profile.network.as_str(), profile.allow.clone()),
+        ("allowlist", vec!["api.anthropic.com".to_owned()])
+    );
+    profile.image = CLAUDE_IMAGE.into();
+    profile.timeout_secs = 300;
+    profile.env.clear();
+    profile
+        .env_set
+        .insert("ANTHROPIC_BASE_URL".into(), format!("http://api.anthropic.com:{port}"));
+    profile
+        .env_set
+        .insert("ANTHROPIC_API_KEY".into(), "sk-ant-fake-key".into());
+    env.config.agents.insert("claude".into(), profile);
+    env.config.egress.resolve = [("api.anthropic.com".to_owned(), "127.0.0.1".to_owned())].into();
+    let orch = env.orchestrator().await;
+    let first = start(&env, &orch, "claude", "Create hello.txt saying hello.").await;
+    let run = finished(orch.store(), &first.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}\n{}", run.error, run.log_tail);
+    assert_eq!(
+        env.origin_file(&first.pipeline.branch, "hello.txt").as_deref(),
+        Some("hello from the fake model\n")
+    );
+    assert!(!fake.messages().is_empty());
+    assert_eq!(
+        run.progress.and_then(|p| p.blocked),
+        None,
+        "Claude Code tried hosts besides its model"
+    );
+    orch.shutdown().await;
+}
