@@ -81,7 +81,10 @@ async fn environments(reps: usize) {
         let mut env = TestEnv::new();
         env.add_demo_repo();
         let seed = env.dir.path().join("env-seed");
-        git(env.dir.path(), &["clone", "-q", &env.origin_url(), seed.to_str().unwrap()]);
+        git(
+            env.dir.path(),
+            &["clone", "-q", &env.origin_url(), seed.to_str().unwrap()],
+        );
         std::fs::create_dir_all(seed.join(".threadline")).unwrap();
         std::fs::write(
             seed.join(".threadline/setup.sh"),
@@ -89,7 +92,19 @@ async fn environments(reps: usize) {
         )
         .unwrap();
         git(&seed, &["add", "-A"]);
-        git(&seed, &["-c", "user.name=b", "-c", "user.email=b@e", "commit", "-q", "-m", "setup"]);
+        git(
+            &seed,
+            &[
+                "-c",
+                "user.name=b",
+                "-c",
+                "user.email=b@e",
+                "commit",
+                "-q",
+                "-m",
+                "setup",
+            ],
+        );
         git(&seed, &["push", "-q", "origin", "main"]);
         env
     };

@@ -108,12 +108,7 @@ pub trait Workspaces: Send + Sync + 'static {
     fn push(&self, pipeline: &Pipeline) -> Result<(), GitError>;
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError>;
     /// `paths` on the base branch as the mirror has it (see [`Git::base_files`]).
-    fn base_files(
-        &self,
-        _remote_url: &str,
-        _base: &str,
-        paths: &[String],
-    ) -> Result<BaseFiles, GitError> {
+    fn base_files(&self, _remote_url: &str, _base: &str, paths: &[String]) -> Result<BaseFiles, GitError> {
         Ok((String::new(), vec![None; paths.len()]))
     }
     /// The base branch's tree written to `dest` (see [`Git::export_base`]).
@@ -229,12 +224,7 @@ impl Workspaces for Git {
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError> {
         Git::check_pull_request(self, pipeline)
     }
-    fn base_files(
-        &self,
-        remote_url: &str,
-        base: &str,
-        paths: &[String],
-    ) -> Result<BaseFiles, GitError> {
+    fn base_files(&self, remote_url: &str, base: &str, paths: &[String]) -> Result<BaseFiles, GitError> {
         Git::base_files(self, remote_url, base, paths)
     }
     fn export_base(&self, remote_url: &str, base: &str, dest: &std::path::Path) -> Result<(), GitError> {

@@ -3,9 +3,9 @@
 //! comment or review on it), with every field bounded and cleaned. A payload is the
 //! forge's, but what people wrote in it is untrusted.
 
-use std::collections::HashMap;
 use hmac::{KeyInit, Mac};
 use serde_json::Value;
+use std::collections::HashMap;
 use subtle::ConstantTimeEq;
 
 use super::{CommentRef, ForgeKind, PrState};

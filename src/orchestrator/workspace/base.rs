@@ -24,12 +24,7 @@ pub const MAX_EXPORT: u64 = 2 * 1024 * 1024 * 1024;
 impl Git {
     /// The contents of `paths` on `base` in the mirror of `remote_url` (None: no such
     /// regular file, or larger than [`MAX_NAMED_FILE`]), and the commit they were read at.
-    pub fn base_files(
-        &self,
-        remote_url: &str,
-        base: &str,
-        paths: &[String],
-    ) -> Result<BaseFiles, GitError> {
+    pub fn base_files(&self, remote_url: &str, base: &str, paths: &[String]) -> Result<BaseFiles, GitError> {
         let repo = Repository::open_bare(self.mirror_path(remote_url))?;
         let commit = repo.find_reference(&format!("refs/heads/{base}"))?.peel_to_commit()?;
         let tree = commit.tree()?;
