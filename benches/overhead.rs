@@ -164,7 +164,7 @@ async fn egress_proxy(reps: usize) {
         "127.0.0.1".parse().unwrap(),
         0,
         Allowlist::new(&["bench.test".to_owned()], &pins),
-        |_| {},
+        |_, _| {},
     )
     .await
     .unwrap();

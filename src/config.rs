@@ -826,6 +826,34 @@ impl Config {
             if !env.setup.is_empty() && !env.command.is_empty() {
                 return Err(invalid(&key("command"), "set either setup or command, not both".into()));
             }
+            for (field, network) in [
+                ("network", env.network.as_deref()),
+                ("setup_network", Some(env.setup_network.as_str())),
+            ] {
+                let network = network.unwrap_or_default().trim().to_ascii_lowercase();
+                if network == "host" || network.starts_with("container:") {
+                    return Err(invalid(
+                        &key(field),
+                        format!(
+                            "is {network:?}, which shares another namespace's network; use \"bridge\", \"none\", \"allowlist\" or a Docker network"
+                        ),
+                    ));
+                }
+            }
+            if env.setup_memory_mb < 64 {
+                return Err(invalid(&key("setup_memory_mb"), "must be at least 64".into()));
+            }
+            if let Some(base) = &repo.base_branch
+                && base.starts_with(&self.branch_prefix)
+            {
+                return Err(invalid(
+                    &format!("repos.{name}.base_branch"),
+                    format!(
+                        "{base:?} is below branch_prefix {:?}, where agents push; pick a branch people own",
+                        self.branch_prefix
+                    ),
+                ));
+            }
             if env.setup_timeout_secs == 0 {
                 return Err(invalid(&key("setup_timeout_secs"), "must be at least 1".into()));
             }

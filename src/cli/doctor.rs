@@ -138,7 +138,21 @@ pub async fn doctor(config: Config) -> ExitCode {
         Err(e) => r.fail(&format!("docker: {e}"), "start Docker, or set DOCKER_HOST"),
         Ok(runtime) => {
             match runtime.version().await {
-                Ok(v) => r.ok(&format!("docker engine {v}")),
+                Ok(v) => {
+                    r.ok(&format!("docker engine {v}"));
+                    // Before 26 (and 25.0.4, 23.0.11) Docker's DNS on internal networks
+                    // forwards outside lookups: a way out for allowlisted agents.
+                    let major: u32 = v.split('.').next().and_then(|m| m.trim().parse().ok()).unwrap_or(0);
+                    let allowlisted = config.agents.values().any(|a| a.network == "allowlist");
+                    if allowlisted && major < 26 {
+                        r.warn(
+                            &format!(
+                                "docker {v}: its DNS on internal networks can forward lookups outside (CVE-2024-29018), a way out for agents on the egress allowlist"
+                            ),
+                            "upgrade the Docker engine to 26 or later",
+                        );
+                    }
+                }
                 Err(e) => r.fail(&format!("docker: {e}"), "start Docker, or set DOCKER_HOST"),
             }
             for (name, agent) in &config.agents {

@@ -63,10 +63,11 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
         nano_cpus: (profile.cpus * 1e9) as i64,
         pids_limit: profile.pids_limit,
         // A shell has no egress proxy: an allowlisted agent's shell gets no network.
-        network: if profile.network == "allowlist" {
-            "none".into()
-        } else {
-            profile.network.clone()
+        network: match orch.repo_settings(&p).1.environment.network.clone() {
+            Some(n) if n != "allowlist" => n,
+            Some(_) => "none".into(),
+            None if profile.network == "allowlist" => "none".into(),
+            None => profile.network.clone(),
         },
         dns: profile.dns.clone(),
         volumes: image.volumes,

@@ -441,9 +441,9 @@ pub struct SetupSpec {
     pub image: String,
     pub argv: Vec<String>,
     pub env: Vec<String>,
-    pub workspace: PathBuf,
+    pub workspace: Option<PathBuf>,
     /// Mounted read-only at [`SETUP_MOUNT`]: the driver, its steps, and `secrets/`.
-    pub run_dir: PathBuf,
+    pub run_dir: Option<PathBuf>,
     pub volumes: Vec<(String, String)>,
     pub labels: HashMap<String, String>,
     pub memory_bytes: i64,
@@ -480,6 +480,8 @@ pub const LABEL_ENV_REPO: &str = "threadline.env.repo";
 pub const LABEL_ENV_KEY: &str = "threadline.env.key";
 /// Which Threadline installation (its data folder) built an environment.
 pub const LABEL_ENV_HOME: &str = "threadline.env.home";
+/// On setup containers (not images), so stale ones can be found.
+pub const LABEL_ENV_SETUP: &str = "threadline.env.setup";
 
 impl ContainerRuntime {
     /// The image's id, or None when there is no such image.
@@ -514,16 +516,16 @@ impl ContainerRuntime {
     pub async fn create_setup(&self, spec: &SetupSpec) -> Result<String, ContainerError> {
         self.remove(&spec.name).await?;
         let mounts = [
-            Some(Mount {
+            spec.workspace.as_ref().map(|dir| Mount {
                 typ: Some(MountType::BIND),
-                source: Some(spec.workspace.display().to_string()),
+                source: Some(dir.display().to_string()),
                 target: Some(WORKSPACE_MOUNT.into()),
                 read_only: Some(false),
                 ..Default::default()
             }),
-            Some(Mount {
+            spec.run_dir.as_ref().map(|dir| Mount {
                 typ: Some(MountType::BIND),
-                source: Some(spec.run_dir.display().to_string()),
+                source: Some(dir.display().to_string()),
                 target: Some(SETUP_MOUNT.into()),
                 read_only: Some(true),
                 ..Default::default()
@@ -544,6 +546,14 @@ impl ContainerRuntime {
             tty: Some(false),
             host_config: Some(HostConfig {
                 mounts: Some(mounts),
+                // Root, but only with what package managers need: no raw sockets (no
+                // spoofing on the bridge), no device nodes, no file capabilities.
+                cap_drop: Some(vec!["ALL".into()]),
+                cap_add: Some(
+                    ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL"]
+                        .map(String::from)
+                        .to_vec(),
+                ),
                 security_opt: Some(vec!["no-new-privileges:true".into()]),
                 privileged: Some(false),
                 memory: Some(spec.memory_bytes),
@@ -734,6 +744,34 @@ impl ContainerRuntime {
                 action: "use the egress network",
                 detail: format!("the network {name} has no IPv4 gateway"),
             })
+    }
+
+    /// Removes the setup containers of installation `home` created more than
+    /// `older_than_secs` ago (a process died during their build); how many.
+    pub async fn remove_stale_setups(&self, home: &str, older_than_secs: u64) -> Result<usize, ContainerError> {
+        let filters = HashMap::from([(
+            "label",
+            vec![format!("{LABEL_ENV_HOME}={home}"), format!("{LABEL_ENV_SETUP}=1")],
+        )]);
+        let options = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(docker_err("list the setup containers"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut removed = 0;
+        for c in found {
+            if now - c.created.unwrap_or(now) > older_than_secs as i64
+                && let Some(id) = c.id
+            {
+                self.remove(&id).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// A container's label.

@@ -26,6 +26,10 @@ const MAX_HEAD: usize = 16 * 1024;
 /// The most distinct refused hosts remembered per run.
 const MAX_HOSTS: usize = 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an agent may take to send a whole request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections one run's proxy serves at once; more wait for a free one.
+const MAX_CONNECTIONS: usize = 64;
 
 pub use crate::model::Blocked;
 
@@ -82,16 +86,25 @@ fn public(ip: IpAddr) -> bool {
                 || v4.is_unspecified()
                 || v4.is_broadcast()
                 || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || o[0] >= 240
                 || (o[0] == 100 && (64..128).contains(&o[1]))
-                || o[0] == 0)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19)))
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
+            // NAT64 (64:ff9b::/96) reaches the IPv4 address in its last 32 bits.
+            let nat64 = (s[0], s[1], s[2], s[3], s[4], s[5]) == (0x64, 0xff9b, 0, 0, 0, 0);
+            let embedded = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0], s[1]) == (0x2001, 0xdb8)
+                || (nat64 && !public(IpAddr::V4(embedded)))
                 || v6.to_ipv4_mapped().is_some_and(|v4| !public(IpAddr::V4(v4))))
         }
     }
@@ -112,7 +125,7 @@ impl RunProxy {
         gateway: IpAddr,
         port: u16,
         allow: Allowlist,
-        refused: impl Fn(&str) + Send + Sync + 'static,
+        refused: impl Fn(&str, bool) + Send + Sync + 'static,
     ) -> std::io::Result<RunProxy> {
         let listener = TcpListener::bind((gateway, port)).await?;
         let addr = listener.local_addr()?;
@@ -126,18 +139,33 @@ impl RunProxy {
             refused: Box::new(refused),
         });
         let stopped = stop.clone();
+        // Bounded: one agent holding connections open cannot take the daemon's file
+        // descriptors (each tunnel holds two).
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         tokio::spawn(async move {
             loop {
+                let slot = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    },
+                };
                 let (conn, from) = tokio::select! {
                     _ = stopped.cancelled() => return,
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
-                        Err(_) => continue,
+                        Err(_) => {
+                            // Out of descriptors, say: no busy loop.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                     },
                 };
                 let shared = shared.clone();
                 let stopped = stopped.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     tokio::select! {
                         _ = stopped.cancelled() => {}
                         _ = serve(shared, conn, from) => {}
@@ -170,11 +198,14 @@ impl Drop for RunProxy {
     }
 }
 
+/// Called with each refused host, and whether it is that host's first refusal.
+type Refused = Box<dyn Fn(&str, bool) + Send + Sync>;
+
 struct Shared {
     allow: Allowlist,
     expected: watch::Receiver<Option<IpAddr>>,
     blocked: Arc<Mutex<Blocked>>,
-    refused: Box<dyn Fn(&str) + Send + Sync>,
+    refused: Refused,
 }
 
 async fn serve(shared: Arc<Shared>, mut conn: TcpStream, from: SocketAddr) {
@@ -187,7 +218,8 @@ async fn serve(shared: Arc<Shared>, mut conn: TcpStream, from: SocketAddr) {
     if !own {
         return;
     }
-    let Ok(Some((head, rest))) = read_head(&mut conn).await else {
+    let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut conn)).await;
+    let Ok(Ok(Some((head, rest)))) = head else {
         let _ = answer(&mut conn, "400 Bad Request", "not an HTTP proxy request\n").await;
         return;
     };
@@ -196,16 +228,16 @@ async fn serve(shared: Arc<Shared>, mut conn: TcpStream, from: SocketAddr) {
         return;
     };
     if !shared.allow.allows(&request.host) {
-        {
+        let first_of_host = {
             let mut blocked = shared.blocked.lock().unwrap();
             blocked.count += 1;
-            if blocked.hosts.len() < MAX_HOSTS {
-                blocked
+            blocked.hosts.len() < MAX_HOSTS
+                && blocked
                     .hosts
-                    .insert(crate::untrusted::prefix(&request.host, 253).to_owned());
-            }
-        }
-        (shared.refused)(&request.host);
+                    .insert(crate::untrusted::prefix(&request.host, 253).to_owned())
+        };
+        // Counted every time; told (logged) once per host.
+        (shared.refused)(&request.host, first_of_host);
         let body = format!(
             "Threadline's egress allowlist does not include {}; ask the operator to add it to `allow`\n",
             request.host
@@ -259,9 +291,7 @@ async fn read_head(conn: &mut TcpStream) -> std::io::Result<Option<(String, Vec<
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut chunk))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        let n = conn.read(&mut chunk).await?;
         if n == 0 {
             return Ok(None);
         }
@@ -404,8 +434,14 @@ mod tests {
             "172.18.0.1",
             "169.254.169.254",
             "100.64.0.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "192.0.2.1",
             "::1",
             "fd00::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2001:db8::1",
         ] {
             assert!(!public(private.parse().unwrap()), "{private}");
         }

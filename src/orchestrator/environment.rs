@@ -20,7 +20,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::Inner;
-use super::container::{ImageConfig, LABEL_ENV_HOME, LABEL_ENV_KEY, LABEL_ENV_REPO, SetupSpec};
+use super::container::{ImageConfig, LABEL_ENV_HOME, LABEL_ENV_KEY, LABEL_ENV_REPO, LABEL_ENV_SETUP, SetupSpec};
 use crate::config::{AgentProfile, EnvironmentConfig};
 use crate::model::Pipeline;
 use crate::untrusted;
@@ -77,6 +77,8 @@ pub struct Plan {
     pub memory_mb: u64,
     pub network: String,
     pub keep: usize,
+    /// The base branch's commit the inputs were read at: the setup gets that tree.
+    pub commit: String,
 }
 
 /// What a devcontainer.json says that Threadline uses.
@@ -238,6 +240,10 @@ fn strip_jsonc(text: &str) -> String {
 
 /// The files of the base branch an environment is made from.
 pub struct Inputs {
+    /// The base branch's commit every file here was read at (and the setup is given).
+    pub commit: String,
+    /// The repository's remote, so two repositories never share an image.
+    pub remote: String,
     /// The configured or found setup script: its path and contents.
     pub script: Option<(String, Vec<u8>)>,
     pub devcontainer: Option<Devcontainer>,
@@ -264,13 +270,6 @@ pub fn plan(
         .iter()
         .map(|path| (cache_volume(home, repo, path), path.clone()))
         .collect();
-    if !caches.is_empty() {
-        let paths: Vec<String> = caches.iter().map(|(_, p)| quote(p)).collect();
-        steps.push(Step {
-            name: "the caches".into(),
-            script: format!("mkdir -p {0} && chown {1}:{2} {0}", paths.join(" "), owner.0, owner.1),
-        });
-    }
     if let Some((path, _)) = &inputs.script {
         steps.push(Step {
             name: format!("`{path}`"),
@@ -293,7 +292,7 @@ pub fn plan(
         (None, Some(image)) => Base::Image(image.clone()),
         (None, None) => Base::Image(agent_image.to_owned()),
     };
-    if inputs.devcontainer.is_none() && steps.is_empty() {
+    if inputs.devcontainer.is_none() && steps.is_empty() && caches.is_empty() {
         return None;
     }
     let mut h = Sha256::new();
@@ -303,6 +302,7 @@ pub fn plan(
         h.update(bytes);
     };
     part("v1", b"");
+    part("remote", inputs.remote.as_bytes());
     match &base {
         Base::Image(image) if image == agent_image => part("agent image", agent_image_id.as_bytes()),
         Base::Image(image) => part("devcontainer image", image.as_bytes()),
@@ -333,6 +333,10 @@ pub fn plan(
     for name in cfg.secrets.keys() {
         part("secret", name.as_bytes());
     }
+    for (_, path) in &caches {
+        part("cache", path.as_bytes());
+    }
+    part("owner", format!("{}:{}", owner.0, owner.1).as_bytes());
     let key: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
     Some(Plan {
         repo: repo.to_owned(),
@@ -350,6 +354,7 @@ pub fn plan(
         memory_mb: cfg.setup_memory_mb,
         network: cfg.setup_network.clone(),
         keep: cfg.keep.max(1),
+        commit: inputs.commit.clone(),
     })
 }
 
@@ -441,6 +446,8 @@ impl Inner {
         let volumes = plan.caches.clone();
         let have = |tag: String| async move { matches!(self.runtime.image_id(&tag).await, Ok(Some(_))) };
         if !have(plan.tag.clone()).await {
+            // The card says so from here, whether this run builds or waits for a build.
+            building();
             let lock = self
                 .env_builds
                 .lock()
@@ -448,10 +455,19 @@ impl Inner {
                 .entry(plan.key.clone())
                 .or_default()
                 .clone();
-            let _one_build = lock.lock().await;
+            let one_build = lock.lock_owned().await;
             if !have(plan.tag.clone()).await {
-                building();
-                self.build_environment(pipeline, &plan).await?;
+                // Its own task: a run that is cancelled while it waits does not cut the
+                // build short (later runs use it); shutdown stops it.
+                let (me, pipeline, built) = (self.clone(), pipeline.clone(), plan.clone());
+                let task = self.tracker.spawn(async move {
+                    let _one_build = one_build;
+                    me.build_environment(&pipeline, &built).await
+                });
+                task.await.map_err(|e| EnvError::Other {
+                    repo: plan.repo.clone(),
+                    detail: format!("the build stopped: {e}"),
+                })??;
             }
         }
         Ok(RunImage {
@@ -477,16 +493,18 @@ impl Inner {
         };
         let mut paths = vec![script_path.clone(), DEVCONTAINER.to_owned()];
         paths.extend(cfg.lock_files.iter().cloned());
-        let read = |paths: Vec<String>| {
+        let read = |paths: Vec<String>, base: String| {
             let git = self.git.clone();
-            let (remote, base) = (pipeline.remote_url.clone(), pipeline.base_branch.clone());
+            let remote = pipeline.remote_url.clone();
             async move {
                 tokio::task::spawn_blocking(move || git.base_files(&remote, &base, &paths))
                     .await
                     .expect("reading the base branch does not panic")
             }
         };
-        let (_, mut files) = read(paths).await.map_err(|e| input(e.to_string()))?;
+        let (commit, mut files) = read(paths, pipeline.base_branch.clone())
+            .await
+            .map_err(|e| input(e.to_string()))?;
         let lock_files: Vec<(String, Option<Vec<u8>>)> =
             cfg.lock_files.iter().cloned().zip(files.split_off(2)).collect();
         let devcontainer_text = files.pop().flatten().filter(|_| cfg.devcontainer);
@@ -506,7 +524,9 @@ impl Inner {
         };
         let dockerfile = match devcontainer.as_ref().and_then(|d| d.dockerfile.clone()) {
             Some((path, _)) => {
-                let (_, mut found) = read(vec![path.clone()]).await.map_err(|e| input(e.to_string()))?;
+                let (_, mut found) = read(vec![path.clone()], commit.clone())
+                    .await
+                    .map_err(|e| input(e.to_string()))?;
                 Some(found.pop().flatten().ok_or_else(|| {
                     input(format!(
                         "the devcontainer's Dockerfile {path:?} is not on `{}`",
@@ -520,6 +540,8 @@ impl Inner {
             return Ok(None);
         }
         let inputs = Inputs {
+            commit,
+            remote: pipeline.remote_url.clone(),
             script: script.map(|text| (script_path, text)),
             devcontainer,
             dockerfile,
@@ -562,7 +584,10 @@ impl Inner {
     pub(super) async fn build_environment(&self, pipeline: &Pipeline, plan: &Plan) -> Result<(), EnvError> {
         let started = Instant::now();
         let dir = self.config.data_dir.join("environments").join(slug(&plan.repo));
-        let work = dir.join(format!("{}.work", plan.key));
+        // Unique per build: another process building the same key meanwhile (a
+        // `threadline run`, an `env build`) uses a folder and container of its own.
+        let build_id = uuid::Uuid::new_v4().simple().to_string();
+        let work = dir.join(format!("{}.{}.work", plan.key, &build_id[..8]));
         let log_path = dir.join(format!("{}.log", plan.key));
         let other = |detail: String| EnvError::Other {
             repo: plan.repo.clone(),
@@ -572,7 +597,9 @@ impl Inner {
             .await
             .map_err(|e| other(format!("cannot create {}: {e}", dir.display())))?;
         let _ = tokio::fs::remove_dir_all(&work).await;
-        let result = self.build_in(pipeline, plan, &work, &log_path, started).await;
+        let result = self
+            .build_in(pipeline, plan, &work, &log_path, started, &build_id[..8])
+            .await;
         let _ = tokio::fs::remove_dir_all(&work).await;
         self.metrics.environment_built(result.is_ok());
         if result.is_ok() {
@@ -589,6 +616,7 @@ impl Inner {
         work: &Path,
         log_path: &Path,
         started: Instant,
+        build_id: &str,
     ) -> Result<(), EnvError> {
         let other = |detail: String| EnvError::Other {
             repo: plan.repo.clone(),
@@ -600,7 +628,7 @@ impl Inner {
         std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| other(e.to_string()))?;
         {
             let git = self.git.clone();
-            let (remote, base, dest) = (pipeline.remote_url.clone(), pipeline.base_branch.clone(), src.clone());
+            let (remote, base, dest) = (pipeline.remote_url.clone(), plan.commit.clone(), src.clone());
             tokio::task::spawn_blocking(move || git.export_base(&remote, &base, &dest))
                 .await
                 .expect("exporting the base branch does not panic")
@@ -619,9 +647,19 @@ impl Inner {
         }
         let redactor = crate::redact::Redactor::new(values);
         let mut log = std::fs::File::create(log_path).map_err(|e| other(format!("cannot write the log: {e}")))?;
+        let cap = self.config.max_log_bytes;
+        let mut written: u64 = 0;
         let mut write_log = |text: &str| {
+            if written >= cap {
+                return;
+            }
             let shown = self.redactor.redact(&redactor.redact(&untrusted::clean(text)));
+            let shown = untrusted::prefix(&shown, (cap - written) as usize);
+            written += shown.len() as u64;
             let _ = log.write_all(shown.as_bytes());
+            if written >= cap {
+                let _ = log.write_all(b"\n[the log is cut here: max_log_bytes]\n");
+            }
         };
 
         let base = match &plan.base {
@@ -637,7 +675,18 @@ impl Inner {
                 write_log(&format!("{STEP_MARK} the devcontainer's Dockerfile {dockerfile}\n"));
                 let tar = context_tar(&src, context, dockerfile).map_err(other)?;
                 let inside = relative(dockerfile, context);
-                let (built, output) = self.runtime.build_dockerfile(tar, &inside, &tag).await;
+                let building = self.runtime.build_dockerfile(tar, &inside, &tag);
+                let (built, output) = match tokio::time::timeout(plan.timeout, building).await {
+                    Ok(done) => done,
+                    Err(_) => {
+                        return Err(EnvError::TimedOut {
+                            repo: plan.repo.clone(),
+                            secs: plan.timeout.as_secs(),
+                            step: format!("the devcontainer's Dockerfile `{dockerfile}`"),
+                            log: log_path.display().to_string(),
+                        });
+                    }
+                };
                 write_log(&output);
                 if let Err(e) = built {
                     return Err(EnvError::Step {
@@ -659,7 +708,9 @@ impl Inner {
             .map_err(|e| other(e.to_string()))?;
 
         // The driver: each step announced, the first failure ends it with its status.
-        let mut driver = String::from("set -e\n");
+        // The setup's own variables live in the driver, not the container's environment,
+        // so the commit does not keep them.
+        let mut driver = format!("set -e\nexport THREADLINE_SECRETS={RUN_MOUNT}/secrets HOME=/root\n");
         std::fs::create_dir_all(run_dir.join("steps")).map_err(|e| other(e.to_string()))?;
         for (i, step) in plan.steps.iter().enumerate() {
             let file = format!("steps/{i}.sh");
@@ -670,23 +721,24 @@ impl Inner {
             ));
         }
         write_private(&run_dir.join("setup.sh"), driver.as_bytes()).map_err(|e| other(e.to_string()))?;
-        let mut env: Vec<String> = plan.container_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.push(format!("THREADLINE_SECRETS={RUN_MOUNT}/secrets"));
-        env.push("HOME=/root".into());
-        let name = format!("threadline-env-{}-{}-{}", slug(&plan.repo), plan.home, plan.key);
+        let env: Vec<String> = plan.container_env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let name = format!(
+            "threadline-env-{}-{}-{}-{build_id}",
+            slug(&plan.repo),
+            plan.home,
+            plan.key
+        );
+        self.init_caches(plan, &base, &name).await?;
         let spec = SetupSpec {
             name: name.clone(),
             image: base.clone(),
             argv: vec!["sh".into(), format!("{RUN_MOUNT}/setup.sh")],
             env,
-            workspace: src.clone(),
-            run_dir: run_dir.clone(),
-            volumes: plan.caches.clone(),
-            labels: HashMap::from([
-                (LABEL_ENV_REPO.to_owned(), plan.repo.clone()),
-                (LABEL_ENV_HOME.to_owned(), plan.home.clone()),
-                (LABEL_ENV_KEY.to_owned(), plan.key.clone()),
-            ]),
+            workspace: Some(src.clone()),
+            run_dir: Some(run_dir.clone()),
+            // Never the caches: agents write those, and the setup has the secrets.
+            volumes: Vec::new(),
+            labels: setup_labels(plan),
             memory_bytes: (plan.memory_mb * 1024 * 1024) as i64,
             nano_cpus: 2_000_000_000,
             network: plan.network.clone(),
@@ -702,20 +754,36 @@ impl Inner {
             let mut output = String::new();
             let mut logs = self.runtime.logs(&id);
             let followed = tokio::time::timeout(plan.timeout, async {
-                while let Some(chunk) = logs.next().await {
-                    let Ok(chunk) = chunk else { break };
+                loop {
+                    let chunk = tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(EnvError::Other {
+                            repo: plan.repo.clone(),
+                            detail: "Threadline stopped during the build; the next run builds it again".into(),
+                        }),
+                        chunk = logs.next() => chunk,
+                    };
+                    let Some(Ok(chunk)) = chunk else { break };
                     let text = String::from_utf8_lossy(&chunk).into_owned();
                     write_log(&text);
                     output.push_str(&text);
                     if output.len() > 256 * 1024 {
-                        output.drain(..output.len() - 128 * 1024);
+                        // The latest 128 KB, cut on a character boundary.
+                        let mut cut = output.len() - 128 * 1024;
+                        while !output.is_char_boundary(cut) {
+                            cut += 1;
+                        }
+                        output.drain(..cut);
                     }
                 }
-                self.runtime.wait(&id).await
+                Ok(self.runtime.wait(&id).await)
             })
             .await;
-            let step = last_step(&output);
+            let step = self.redactor.redact(&redactor.redact(&last_step(&output)));
             let code = match followed {
+                Ok(Err(stopped)) => {
+                    let _ = self.runtime.stop(&id, Duration::from_secs(1)).await;
+                    return Err(stopped);
+                }
                 Err(_) => {
                     let _ = self.runtime.stop(&id, Duration::from_secs(1)).await;
                     return Err(EnvError::TimedOut {
@@ -725,7 +793,7 @@ impl Inner {
                         log: log_path.display().to_string(),
                     });
                 }
-                Ok(waited) => waited.map_err(|e| other(e.to_string()))?.unwrap_or(-1),
+                Ok(Ok(waited)) => waited.map_err(|e| other(e.to_string()))?.unwrap_or(-1),
             };
             if code != 0 {
                 return Err(EnvError::Step {
@@ -748,11 +816,12 @@ impl Inner {
             if let Some(user) = &plan.remote_user {
                 config.user = Some(user.clone());
             }
-            let labels = HashMap::from([
+            let mut labels = HashMap::from([
                 (LABEL_ENV_REPO.to_owned(), plan.repo.clone()),
                 (LABEL_ENV_HOME.to_owned(), plan.home.clone()),
                 (LABEL_ENV_KEY.to_owned(), plan.key.clone()),
             ]);
+            labels.insert("threadline.env.commit".into(), plan.commit.clone());
             self.runtime
                 .commit(&id, &plan.tag, config, labels)
                 .await
@@ -762,6 +831,95 @@ impl Inner {
         .await;
         let _ = self.runtime.remove(&id).await;
         outcome
+    }
+
+    /// Makes the cache volumes' folders and hands them to the agent's user, in a container
+    /// of their own: no secrets, no network, nothing but the caches mounted.
+    async fn init_caches(&self, plan: &Plan, base: &str, name: &str) -> Result<(), EnvError> {
+        if plan.caches.is_empty() {
+            return Ok(());
+        }
+        let other = |detail: String| EnvError::Other {
+            repo: plan.repo.clone(),
+            detail: format!("cannot prepare the caches: {detail}"),
+        };
+        let paths: Vec<String> = plan.caches.iter().map(|(_, p)| quote(p)).collect();
+        let spec = SetupSpec {
+            name: format!("{name}-caches"),
+            image: base.to_owned(),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "mkdir -p {0} && chown {1}:{2} {0}",
+                    paths.join(" "),
+                    plan.owner.0,
+                    plan.owner.1
+                ),
+            ],
+            env: Vec::new(),
+            workspace: None,
+            run_dir: None,
+            volumes: plan.caches.clone(),
+            labels: setup_labels(plan),
+            memory_bytes: 256 * 1024 * 1024,
+            nano_cpus: 1_000_000_000,
+            network: "none".into(),
+            log_file_bytes: 1024 * 1024,
+        };
+        let id = self
+            .runtime
+            .create_setup(&spec)
+            .await
+            .map_err(|e| other(e.to_string()))?;
+        let done = async {
+            self.runtime.start(&id).await.map_err(|e| other(e.to_string()))?;
+            match tokio::time::timeout(Duration::from_secs(120), self.runtime.wait(&id)).await {
+                Ok(Ok(Some(0))) => Ok(()),
+                Ok(Ok(code)) => Err(other(format!("mkdir and chown ended with {code:?}"))),
+                Ok(Err(e)) => Err(other(e.to_string())),
+                Err(_) => Err(other("it took longer than 2 minutes".into())),
+            }
+        }
+        .await;
+        let _ = self.runtime.remove(&id).await;
+        done
+    }
+
+    /// Setup containers older than the longest setup allows, and their work folders,
+    /// left by a process that died during a build (they may hold secrets): removed at
+    /// start.
+    pub(super) async fn remove_stale_setups(&self) {
+        let longest = self
+            .config
+            .repos
+            .values()
+            .map(|r| r.environment.setup_timeout_secs)
+            .max()
+            .unwrap_or(0)
+            + 300;
+        match self.runtime.remove_stale_setups(&self.env_home, longest).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "setup containers a stopped build left"),
+            Err(e) => tracing::debug!(error = %e, "cannot look for stale setup containers"),
+        }
+        let root = self.config.data_dir.join("environments");
+        let Ok(repos) = std::fs::read_dir(&root) else {
+            return;
+        };
+        let stale = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() > longest))
+        };
+        for repo in repos.flatten() {
+            for entry in std::fs::read_dir(repo.path()).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|x| x == "work") && stale(&path) {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
+        }
     }
 
     /// Removes the repository's environment images beyond the newest `keep` (never
@@ -906,6 +1064,16 @@ impl super::Orchestrator {
     }
 }
 
+/// The labels of a setup container: whose it is, so stale ones can be found.
+fn setup_labels(plan: &Plan) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_ENV_REPO.to_owned(), plan.repo.clone()),
+        (LABEL_ENV_HOME.to_owned(), plan.home.clone()),
+        (LABEL_ENV_KEY.to_owned(), plan.key.clone()),
+        (LABEL_ENV_SETUP.to_owned(), "1".to_owned()),
+    ])
+}
+
 /// A secret's value from `env:VAR` or `file:/path`.
 fn read_secret(source: &str) -> Result<String, String> {
     if let Some(var) = source.strip_prefix("env:") {
@@ -1037,6 +1205,8 @@ mod tests {
             ..Default::default()
         };
         let inputs = |script: &str, lock: Option<&str>| Inputs {
+            commit: "c".into(),
+            remote: "/srv/app.git".into(),
             script: Some((SETUP_SCRIPT.into(), script.as_bytes().to_vec())),
             devcontainer: None,
             dockerfile: None,
@@ -1050,6 +1220,8 @@ mod tests {
         assert_ne!(a, key(&inputs("apt-get install jq", None), "sha256:1"));
         assert_ne!(a, key(&inputs("apt-get install jq", Some("v1")), "sha256:2"));
         let none = Inputs {
+            commit: "c".into(),
+            remote: "/srv/app.git".into(),
             script: None,
             devcontainer: None,
             dockerfile: None,

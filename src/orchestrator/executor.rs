@@ -59,7 +59,12 @@ async fn drive(inner: &Arc<Inner>, mut run: Run) -> Result<(), ExecError> {
     loop {
         let before = run.state;
         match run.state {
-            RunState::Preparing => prepare(inner, &pipeline, &run).await?,
+            RunState::Preparing => {
+                prepare(inner, &pipeline, &run).await?;
+                if inner.shutdown.is_cancelled() {
+                    return Ok(()); // left `preparing`: the next start prepares it again
+                }
+            }
             RunState::Running => {
                 readopt_proxy(inner, &pipeline, &run).await;
                 if !follow(inner, &run).await? {
@@ -108,6 +113,8 @@ enum Unprepared {
     Cancelled,
     /// The store failed: the run stays `preparing` for the next start.
     Store(StoreError),
+    /// Threadline is stopping: the run stays `preparing` for the next start.
+    Interrupted,
 }
 
 impl From<StoreError> for Unprepared {
@@ -126,6 +133,7 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
     let (to, detail) = match start(inner, pipeline, run).await {
         Ok(()) => return Ok(()),
         Err(Unprepared::Store(e)) => return Err(e.into()),
+        Err(Unprepared::Interrupted) => return Ok(()),
         Err(Unprepared::Cancelled) => (RunState::Cancelled, "cancelled before the agent started".to_owned()),
         Err(Unprepared::Failed(message)) => {
             let message = inner.redactor.redact(&message);
@@ -329,11 +337,27 @@ async fn environment_image(
 ) -> Result<environment::RunImage, Unprepared> {
     let building = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shown = tokio::spawn(show_environment_build(inner.clone(), run.id.clone(), building.clone()));
-    let image = inner
-        .run_image(pipeline, profile, owner, || {
-            building.store(true, std::sync::atomic::Ordering::Relaxed)
-        })
-        .await;
+    let wait = inner.run_image(pipeline, profile, owner, || {
+        building.store(true, std::sync::atomic::Ordering::Relaxed)
+    });
+    tokio::pin!(wait);
+    // A build takes minutes: a cancel ends the run's wait (the build goes on for the
+    // runs after it), and shutdown leaves the run to the next start.
+    let mut poll = tokio::time::interval(CANCEL_POLL);
+    let image = loop {
+        tokio::select! {
+            image = &mut wait => break Some(image),
+            _ = poll.tick() => {
+                if inner.store.cancel_requested(&run.id).await? {
+                    break None;
+                }
+            }
+            _ = inner.shutdown.cancelled() => {
+                shown.abort();
+                return Err(Unprepared::Interrupted);
+            }
+        }
+    };
     shown.abort();
     if building.load(std::sync::atomic::Ordering::Relaxed) {
         let patch = RunPatch {
@@ -342,7 +366,10 @@ async fn environment_image(
         };
         inner.store.update_run(&run.id, &patch).await?;
     }
-    image.map_err(failed)
+    match image {
+        Some(image) => image.map_err(failed),
+        None => Err(Unprepared::Cancelled),
+    }
 }
 
 /// While an environment is built for a run: its card says so, with the time it has taken.
@@ -385,15 +412,24 @@ async fn readopt_proxy(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) {
     let Some(profile) = inner.config.agent(&run.agent).cloned() else {
         return;
     };
-    let port: u16 = port.parse().unwrap_or(0);
-    match egress_proxy(inner, pipeline, &profile, port).await {
+    let adopted = match port.parse::<u16>() {
+        Ok(port) if port != 0 => egress_proxy(inner, pipeline, &profile, port).await,
+        _ => Err(format!("its proxy port label {port:?} is not a port")),
+    };
+    match adopted {
         Ok(proxy) => {
             if let Ok(Some(ip)) = inner.runtime.container_ip(&id, egress::NETWORK).await {
                 proxy.set_client(ip);
             }
             inner.egress.lock().unwrap().insert(run.id.clone(), proxy);
         }
-        Err(e) => tracing::warn!(run_id = %run.id, error = %e, "cannot give the adopted agent its egress proxy back"),
+        Err(e) => {
+            // Fail closed: an agent whose proxy port anyone could take over is stopped
+            // (its work is saved as for any stop).
+            tracing::warn!(run_id = %run.id, error = %e, "cannot give the adopted agent its egress proxy back: stopping it");
+            let grace = Duration::from_secs(profile.stop_grace_secs);
+            stop(inner, &id, grace).await;
+        }
     }
 }
 
@@ -422,9 +458,11 @@ async fn egress_proxy(
         gateway,
         port,
         egress::Allowlist::new(&allow, &inner.config.egress.resolve),
-        move |host| {
+        move |host, first| {
             metrics.egress_blocked();
-            tracing::info!(pipeline = %pipeline_id, host, "egress refused");
+            if first {
+                tracing::info!(pipeline = %pipeline_id, host = %crate::untrusted::prefix(host, 253), "egress refused");
+            }
         },
     )
     .await

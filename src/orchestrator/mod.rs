@@ -163,6 +163,10 @@ pub enum SubmitError {
     UnknownAgent { name: String, known: Vec<String> },
     #[error("no pipeline {0:?}")]
     UnknownPipeline(String),
+    #[error(
+        "the base branch {base:?} is below {prefix:?}, where Threadline's agents push; start from a branch people own (e.g. main)"
+    )]
+    BaseIsPipelineBranch { base: String, prefix: String },
     #[error("no run {0:?}")]
     UnknownRun(String),
     #[error("run {id} is {state}; only a failed, timed out or cancelled run can be retried")]
@@ -349,6 +353,14 @@ impl Orchestrator {
                 .await
                 .expect("resolve_repo does not panic")?
         };
+        let base_branch = req.base_branch.unwrap_or_else(|| config.default_base_branch.clone());
+        // A base is what environments are set up from: never a branch agents push to.
+        if base_branch.starts_with(&config.branch_prefix) {
+            return Err(SubmitError::BaseIsPipelineBranch {
+                base: base_branch,
+                prefix: config.branch_prefix.clone(),
+            });
+        }
         let id = new_pipeline_id();
         // Branch names and titles are pushed and shown: never made from a secret.
         let shown = self.inner.redactor.redact(&prompt);
@@ -358,7 +370,7 @@ impl Orchestrator {
             repo: source.repo,
             remote_url: source.remote_url,
             local_only: source.local_only,
-            base_branch: req.base_branch.unwrap_or_else(|| config.default_base_branch.clone()),
+            base_branch,
             agent: agent.clone(),
             title: shown.lines().next().unwrap_or_default().chars().take(120).collect(),
             origin: req.origin,

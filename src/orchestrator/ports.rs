@@ -82,6 +82,9 @@ pub trait Containers: Send + Sync + 'static {
     async fn container_label(&self, _id: &str, _label: &str) -> Result<Option<String>, ContainerError> {
         Ok(None)
     }
+    async fn remove_stale_setups(&self, _home: &str, _older_than_secs: u64) -> Result<usize, ContainerError> {
+        Ok(0)
+    }
 }
 
 fn unsupported(action: &'static str) -> ContainerError {
@@ -190,6 +193,9 @@ impl Containers for ContainerRuntime {
     }
     async fn container_label(&self, id: &str, label: &str) -> Result<Option<String>, ContainerError> {
         ContainerRuntime::container_label(self, id, label).await
+    }
+    async fn remove_stale_setups(&self, home: &str, older_than_secs: u64) -> Result<usize, ContainerError> {
+        ContainerRuntime::remove_stale_setups(self, home, older_than_secs).await
     }
 }
 

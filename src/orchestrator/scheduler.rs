@@ -55,6 +55,7 @@ impl Orchestrator {
             )
             .await?;
         recover(inner, &scope).await?;
+        inner.remove_stale_setups().await;
         let me = inner.clone();
         inner.tracker.spawn(heartbeat_loop(me));
         let me = inner.clone();

@@ -126,16 +126,18 @@ async fn a_setup_script_is_built_once_shared_by_pipelines_and_keeps_its_secret()
     );
     env.config.max_concurrent_runs = 1;
     // A package from Debian's repository, the secret checked by its digest (the canary
-    // itself is never in the repository), a marker, and a warmed cache.
+    // itself is never in the repository), a marker; the caches (which agents write) are
+    // not mounted in the setup, which has the secrets.
     let setup = format!(
         "set -e\napt-get update -qq\napt-get install -y -qq jq >/dev/null\n\
          test \"$(printf %s \"$(cat \"$THREADLINE_SECRETS/CANARY\")\" | sha256sum | cut -d' ' -f1)\" = {digest}\n\
-         echo setup-saw-the-secret\ncat /proc/sys/kernel/random/uuid > /opt/built-id\necho warm > /cache/warm\n"
+         echo setup-saw-the-secret\ncat /proc/sys/kernel/random/uuid > /opt/built-id\n\
+         test ! -e /cache/mine && echo the-setup-has-no-caches\n"
     );
     push_to_main(&env, &[(".threadline/setup.sh", &setup), ("deps.lock", "v1\n")]);
     let orch = env.orchestrator().await;
     let script = "jq --version > jq.txt; cat /opt/built-id > built.txt; env > env.txt; \
-                  cat /cache/warm > cache.txt; ls /run/threadline/secrets > secrets.txt 2>&1; echo mine > /cache/mine; \
+                  ls /run/threadline/secrets > secrets.txt 2>&1; echo mine > /cache/mine; \
                   echo the agent ran";
 
     // The first run builds; its card said so while it did.
@@ -156,7 +158,6 @@ async fn a_setup_script_is_built_once_shared_by_pipelines_and_keeps_its_secret()
     let branch = &first.pipeline.branch;
     let file = |branch: &str, name: &str| env.origin_file(branch, name).unwrap_or_default();
     assert!(file(branch, "jq.txt").starts_with("jq-"), "{}", file(branch, "jq.txt"));
-    assert_eq!(file(branch, "cache.txt"), "warm\n");
     assert!(
         file(branch, "secrets.txt").contains("No such file"),
         "{}",
@@ -187,6 +188,7 @@ async fn a_setup_script_is_built_once_shared_by_pipelines_and_keeps_its_secret()
     assert_eq!(logs.len(), 1);
     let build_log = std::fs::read_to_string(logs[0].path()).unwrap();
     assert!(build_log.contains("setup-saw-the-secret"), "{build_log}");
+    assert!(build_log.contains("the-setup-has-no-caches"), "{build_log}");
     assert!(!build_log.contains(&canary));
     assert!(!file(branch, "env.txt").contains(&canary));
     assert!(!file(branch, "env.txt").is_empty());
@@ -441,4 +443,46 @@ nslookup example.com > dns.txt 2>&1; echo "dns=$?" >> dns.txt
     let metrics = orch.metrics().render(&[]);
     assert!(metrics.contains("threadline_egress_blocked_total 2"), "{metrics}");
     orch.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_during_its_environment_build_ends_at_once() {
+    let env = env_with(IMAGE, EnvironmentConfig::default());
+    push_to_main(&env, &[(".threadline/setup.sh", "sleep 20\n")]);
+    let orch = env.orchestrator().await;
+    let started = env.start(&orch, "true").await;
+    loop {
+        let run = orch.store().run(&started.run.id).await.unwrap().unwrap();
+        if run.progress.is_some_and(|p| p.environment_since.is_some()) {
+            break;
+        }
+        assert!(!run.state.is_terminal(), "{:?}", run.error);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let asked = std::time::Instant::now();
+    orch.cancel(&started.run.id).await.unwrap();
+    let run = finished(orch.store(), &started.run.id).await;
+    assert_eq!(run.state, RunState::Cancelled);
+    assert!(asked.elapsed().as_secs() < 5, "the cancel waited for the build");
+    // A base branch below branch_prefix (where agents push) is refused.
+    let refused = orch
+        .submit_pipeline(threadline::orchestrator::NewPipeline {
+            repo: env.origin_url(),
+            base_branch: Some("threadline/p-abc".into()),
+            agent: None,
+            prompt: "true".into(),
+            requested_by: "tester".into(),
+            origin: threadline::model::Origin::cli(),
+            idempotency_key: None,
+            mode: Default::default(),
+            attachments: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("where Threadline's agents push"),
+        "{refused}"
+    );
+    orch.shutdown().await;
+    orch.remove_environments(Some("demo")).await.unwrap();
 }

@@ -60,6 +60,7 @@ impl From<SubmitError> for ApiError {
             | SubmitError::ControlCharacter { .. }
             | SubmitError::UnknownAgent { .. }
             | SubmitError::Attachments(_)
+            | SubmitError::BaseIsPipelineBranch { .. }
             | SubmitError::Repo(_) => StatusCode::UNPROCESSABLE_ENTITY,
             SubmitError::UnknownPipeline(_) | SubmitError::UnknownRun(_) => StatusCode::NOT_FOUND,
             SubmitError::NotRetryable { .. } => StatusCode::CONFLICT,

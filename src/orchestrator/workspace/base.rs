@@ -21,12 +21,23 @@ pub const MAX_NAMED_FILE: usize = 16 * 1024 * 1024;
 /// The most a base tree export writes.
 pub const MAX_EXPORT: u64 = 2 * 1024 * 1024 * 1024;
 
+/// `base`: a branch of the mirror, or a commit id (what an earlier read was at).
+fn commit_at<'r>(repo: &'r Repository, base: &str) -> Result<git2::Commit<'r>, GitError> {
+    if base.len() == 40
+        && base.bytes().all(|b| b.is_ascii_hexdigit())
+        && let Ok(oid) = git2::Oid::from_str(base)
+    {
+        return Ok(repo.find_commit(oid)?);
+    }
+    Ok(repo.find_reference(&format!("refs/heads/{base}"))?.peel_to_commit()?)
+}
+
 impl Git {
     /// The contents of `paths` on `base` in the mirror of `remote_url` (None: no such
     /// regular file, or larger than [`MAX_NAMED_FILE`]), and the commit they were read at.
     pub fn base_files(&self, remote_url: &str, base: &str, paths: &[String]) -> Result<BaseFiles, GitError> {
         let repo = Repository::open_bare(self.mirror_path(remote_url))?;
-        let commit = repo.find_reference(&format!("refs/heads/{base}"))?.peel_to_commit()?;
+        let commit = commit_at(&repo, base)?;
         let tree = commit.tree()?;
         let files = paths
             .iter()
@@ -47,7 +58,7 @@ impl Git {
     /// folders only, links and submodules left out, at most [`MAX_EXPORT`] bytes.
     pub fn export_base(&self, remote_url: &str, base: &str, dest: &Path) -> Result<(), GitError> {
         let repo = Repository::open_bare(self.mirror_path(remote_url))?;
-        let tree = repo.find_reference(&format!("refs/heads/{base}"))?.peel_to_tree()?;
+        let tree = commit_at(&repo, base)?.tree()?;
         fs::create_dir(dest).map_err(io_err("cannot create", dest))?;
         let mut written: u64 = 0;
         let mut failure: Option<GitError> = None;
