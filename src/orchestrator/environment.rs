@@ -455,14 +455,30 @@ impl Inner {
                 .entry(plan.key.clone())
                 .or_default()
                 .clone();
+            let waiting_since = Instant::now();
             let one_build = lock.lock_owned().await;
+            // A build of this key that failed while this run waited for it fails it at
+            // once, instead of each waiting run trying again for as long.
+            if let Some(failed) = self.env_failure_since(&plan.key, waiting_since) {
+                return Err(EnvError::Other {
+                    repo: plan.repo.clone(),
+                    detail: format!("{failed} (the build this run waited for; retry to build again)"),
+                });
+            }
             if !have(plan.tag.clone()).await {
                 // Its own task: a run that is cancelled while it waits does not cut the
                 // build short (later runs use it); shutdown stops it.
                 let (me, pipeline, built) = (self.clone(), pipeline.clone(), plan.clone());
                 let task = self.tracker.spawn(async move {
                     let _one_build = one_build;
-                    me.build_environment(&pipeline, &built).await
+                    let result = me.build_environment(&pipeline, &built).await;
+                    if let Err(e) = &result {
+                        me.env_failures
+                            .lock()
+                            .unwrap()
+                            .insert(built.key.clone(), (Instant::now(), e.to_string()));
+                    }
+                    result
                 });
                 task.await.map_err(|e| EnvError::Other {
                     repo: plan.repo.clone(),
@@ -474,6 +490,14 @@ impl Inner {
             image: plan.tag,
             volumes,
         })
+    }
+
+    /// Why a build of `key` failed after `since` (while a run waited for it); a run that
+    /// comes later (a retry) builds again.
+    fn env_failure_since(&self, key: &str, since: Instant) -> Option<String> {
+        let mut failures = self.env_failures.lock().unwrap();
+        failures.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(3600));
+        failures.get(key).filter(|(at, _)| *at > since).map(|(_, e)| e.clone())
     }
 
     /// Reads the base branch's inputs and plans the repository's environment.

@@ -215,6 +215,8 @@ pub(crate) struct Inner {
     forge_backoff: Mutex<HashMap<String, std::time::Instant>>,
     /// One environment build per key at a time; the others wait for it.
     env_builds: environment::EnvBuilds,
+    /// Builds that failed lately, by key: when, and why.
+    env_failures: Mutex<HashMap<String, (std::time::Instant, String)>>,
     /// This installation's id, in its environments' names and labels.
     env_home: String,
     /// The egress proxies of running allowlisted agents, by run.
@@ -280,6 +282,7 @@ impl Orchestrator {
                 pr_locks: Mutex::new(HashMap::new()),
                 forge_backoff: Mutex::new(HashMap::new()),
                 env_builds: Default::default(),
+                env_failures: Mutex::new(HashMap::new()),
                 env_home,
                 egress: Mutex::new(HashMap::new()),
                 repo_keys,

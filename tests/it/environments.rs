@@ -263,9 +263,18 @@ async fn concurrent_first_runs_build_once_and_a_failing_setup_names_its_step() {
             "echo step one\necho something broke >&2\nexit 3\n",
         )],
     );
-    let failing = env.start(&orch, "true").await;
+    // Two runs at once: one build fails, and the run that waited for it fails with it
+    // rather than trying again.
+    let (failing, waiting) = tokio::join!(env.start(&orch, "true"), env.start(&orch, "true"));
     let run = finished(orch.store(), &failing.run.id).await;
     assert_eq!(run.state, RunState::Failed);
+    let other = finished(orch.store(), &waiting.run.id).await;
+    assert_eq!(other.state, RunState::Failed);
+    let metrics = orch.metrics().render(&[]);
+    assert!(
+        metrics.contains("threadline_environment_builds_total{outcome=\"failed\"} 1"),
+        "{metrics}"
+    );
     let error = run.error.unwrap();
     assert!(error.contains("failed at `.threadline/setup.sh` (exit 3)"), "{error}");
     assert!(error.contains("something broke"), "{error}");
@@ -442,6 +451,21 @@ nslookup example.com > dns.txt 2>&1; echo "dns=$?" >> dns.txt
     );
     let metrics = orch.metrics().render(&[]);
     assert!(metrics.contains("threadline_egress_blocked_total 2"), "{metrics}");
+    let runs = orch.store().runs(&started.pipeline.id).await.unwrap();
+    let run = runs.last().unwrap();
+    let card = threadline::bots::render::card_in_context(
+        &started.pipeline,
+        run,
+        &runs,
+        threadline::bots::render::Detail::Metadata,
+        &Default::default(),
+        orch.redactor(),
+    );
+    assert_eq!(
+        card.blocked.as_deref(),
+        Some("blocked 2 requests to evil.test, unlisted.test"),
+        "the card (chat and dashboard) says what was refused"
+    );
     orch.shutdown().await;
 }
 
