@@ -8,51 +8,68 @@ use sqlx::AnyPool;
 use sqlx::error::BoxDynError;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 
-const SQLITE: &[(i64, &str, &str)] = &[
-    (1, "init", include_str!("migrations/sqlite/0001_init.sql")),
-    (
-        2,
-        "chat messages",
-        include_str!("migrations/sqlite/0002_chat_messages.sql"),
-    ),
-    (3, "origin url", include_str!("migrations/sqlite/0003_origin_url.sql")),
-    (
-        4,
-        "pull requests",
-        include_str!("migrations/sqlite/0004_pull_requests.sql"),
-    ),
-    (
-        5,
-        "conversation",
-        include_str!("migrations/sqlite/0005_conversation.sql"),
-    ),
-    (
-        6,
-        "agent sessions",
-        include_str!("migrations/sqlite/0006_agent_sessions.sql"),
-    ),
-    (7, "attachments", include_str!("migrations/sqlite/0007_attachments.sql")),
-    (
-        8,
-        "thread files",
-        include_str!("migrations/sqlite/0008_thread_files.sql"),
-    ),
-    (
-        9,
-        "pull request state",
-        include_str!("migrations/sqlite/0009_pull_request_state.sql"),
-    ),
-    (
-        10,
-        "approved commit",
-        include_str!("migrations/sqlite/0010_approved_commit.sql"),
-    ),
-    (
-        11,
-        "forge reviews",
-        include_str!("migrations/sqlite/0011_forge_reviews.sql"),
-    ),
-];
+/// The migrations of one backend's folder, in order: the same names and versions for
+/// both, so a database of either has the same schema after the same migrations.
+macro_rules! migrations {
+    ($dir:literal) => {
+        &[
+            (1, "init", include_str!(concat!("migrations/", $dir, "/0001_init.sql"))),
+            (
+                2,
+                "chat messages",
+                include_str!(concat!("migrations/", $dir, "/0002_chat_messages.sql")),
+            ),
+            (
+                3,
+                "origin url",
+                include_str!(concat!("migrations/", $dir, "/0003_origin_url.sql")),
+            ),
+            (
+                4,
+                "pull requests",
+                include_str!(concat!("migrations/", $dir, "/0004_pull_requests.sql")),
+            ),
+            (
+                5,
+                "conversation",
+                include_str!(concat!("migrations/", $dir, "/0005_conversation.sql")),
+            ),
+            (
+                6,
+                "agent sessions",
+                include_str!(concat!("migrations/", $dir, "/0006_agent_sessions.sql")),
+            ),
+            (
+                7,
+                "attachments",
+                include_str!(concat!("migrations/", $dir, "/0007_attachments.sql")),
+            ),
+            (
+                8,
+                "thread files",
+                include_str!(concat!("migrations/", $dir, "/0008_thread_files.sql")),
+            ),
+            (
+                9,
+                "pull request state",
+                include_str!(concat!("migrations/", $dir, "/0009_pull_request_state.sql")),
+            ),
+            (
+                10,
+                "approved commit",
+                include_str!(concat!("migrations/", $dir, "/0010_approved_commit.sql")),
+            ),
+            (
+                11,
+                "forge reviews",
+                include_str!(concat!("migrations/", $dir, "/0011_forge_reviews.sql")),
+            ),
+        ]
+    };
+}
+
+const SQLITE: &[(i64, &str, &str)] = migrations!("sqlite");
+const POSTGRES: &[(i64, &str, &str)] = migrations!("postgres");
 
 #[derive(Debug)]
 struct Embedded(&'static [(i64, &'static str, &'static str)]);
@@ -80,9 +97,10 @@ impl MigrationSource<'static> for Embedded {
 pub async fn run(pool: &AnyPool, backend: &str) -> Result<(), sqlx::migrate::MigrateError> {
     let migrations = match backend {
         "sqlite" => SQLITE,
+        "postgres" | "postgresql" => POSTGRES,
         other => {
             return Err(sqlx::migrate::MigrateError::Source(
-                format!("no migrations for the {other:?} backend yet (supported: sqlite)").into(),
+                format!("no migrations for the {other:?} backend (supported: sqlite, postgres)").into(),
             ));
         }
     };

@@ -76,6 +76,14 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+impl StoreError {
+    /// A unique constraint refused a write another transaction made first (two runs of
+    /// one pipeline numbered at once on PostgreSQL, where writers run concurrently).
+    fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Sql(SqlError(sqlx::Error::Database(e))) if e.is_unique_violation())
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// What inserting a run produced: the run, and whether it is new or was found again
@@ -267,20 +275,33 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Appends a run to a pipeline (a follow-up or a retry).
+    /// Appends a run to a pipeline (a follow-up or a retry). Two at once may both pick
+    /// the next number (PostgreSQL runs writers concurrently): the loser numbers again.
     pub async fn insert_run(&self, pipeline_id: &str, run: &NewRun) -> Result<Inserted> {
-        if let Some(found) = self.run_for_idempotency_key(run.idempotency_key.as_deref()).await? {
-            return Ok(Inserted {
-                run: found,
-                created: false,
-            });
+        let mut attempt = 0;
+        loop {
+            if let Some(found) = self.run_for_idempotency_key(run.idempotency_key.as_deref()).await? {
+                return Ok(Inserted {
+                    run: found,
+                    created: false,
+                });
+            }
+            let mut tx = self.pool.begin().await?;
+            match insert_run_in(&mut tx, pipeline_id, run).await {
+                Ok(inserted) => {
+                    if inserted.created {
+                        tx.commit().await?;
+                    }
+                    return Ok(inserted);
+                }
+                Err(e) if e.is_conflict() && attempt < 20 => {
+                    drop(tx);
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let mut tx = self.pool.begin().await?;
-        let inserted = insert_run_in(&mut tx, pipeline_id, run).await?;
-        if inserted.created {
-            tx.commit().await?;
-        }
-        Ok(inserted)
     }
 
     pub async fn run_for_idempotency_key(&self, key: Option<&str>) -> Result<Option<Run>> {

@@ -68,6 +68,35 @@ pub struct TestEnv {
     pub config: Config,
 }
 
+/// A fresh PostgreSQL database when TEST_POSTGRES_URL names a server.
+fn test_database() -> Option<String> {
+    let admin = std::env::var("TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())?;
+    let name = format!("tl_{}", uuid::Uuid::new_v4().simple());
+    let out = Command::new("psql")
+        .arg(&admin)
+        .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
+        .output()
+        .expect("psql (the PostgreSQL client)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (server, _) = admin.rsplit_once('/').expect("a URL ending in /DATABASE");
+    Some(format!("{server}/{name}"))
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = std::env::var("TEST_POSTGRES_URL")
+            .ok()
+            .zip(self.config.database_url.rsplit_once('/').map(|(_, n)| n.to_owned()))
+            .filter(|(_, n)| n.starts_with("tl_"))
+        {
+            let _ = Command::new("psql")
+                .arg(&admin)
+                .args(["-q", "-c", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")])
+                .output();
+        }
+    }
+}
+
 impl TestEnv {
     /// A bare origin with `main` holding a README and a .gitignore.
     pub fn new() -> TestEnv {
@@ -95,6 +124,11 @@ impl TestEnv {
             ..Config::default()
         };
         config.agents.insert("sh".into(), sh_agent());
+        // TEST_POSTGRES_URL (an admin URL) runs the suite on PostgreSQL: a fresh
+        // database per environment, dropped with it.
+        if let Some(db) = test_database() {
+            config.database_url = db;
+        }
         // The daemon's listeners on free ports.
         config.web.listen = "127.0.0.1:0".into();
         config.slack.events_listen = "127.0.0.1:0".into();
@@ -270,8 +304,8 @@ pub fn write_cli_config(env: &TestEnv, extra: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "data_dir = {:?}\ndefault_agent = \"sh\"\n{extra}\n[agents.sh]\nimage = {:?}\nargv = {:?}\nnetwork = \"none\"\nstop_grace_secs = 1\n",
-            env.config.data_dir, agent.image, agent.argv
+            "data_dir = {:?}\ndatabase_url = {:?}\ndefault_agent = \"sh\"\n{extra}\n[agents.sh]\nimage = {:?}\nargv = {:?}\nnetwork = \"none\"\nstop_grace_secs = 1\n",
+            env.config.data_dir, env.config.database_url, agent.image, agent.argv
         ),
     )
     .unwrap();
