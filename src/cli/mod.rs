@@ -101,6 +101,17 @@ pub enum Command {
     /// script or a devcontainer on the base branch.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Copy everything this installation stored (pipelines, runs, pull requests,
+    /// approvals, thread context) into another, empty database, e.g. from the SQLite default
+    /// to PostgreSQL; then point `database_url` at it. Stop `serve` first.
+    MigrateStore {
+        /// The destination, e.g. postgres://user:password@host/threadline (migrated first).
+        #[arg(long)]
+        to: String,
+        /// The source (default: the configured store).
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// Check Docker, git, the configuration, the store and the images; say what to fix.
     Doctor,
     /// Print the configuration in effect (secrets redacted).
@@ -247,6 +258,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor => Ok(doctor::doctor(config).await),
         Command::Env(command) => env(config, command).await,
+        Command::MigrateStore { to, from } => {
+            let from = from.unwrap_or_else(|| config.database_url());
+            let counts = crate::orchestrator::copy_store(&from, &to).await?;
+            for (table, n) in counts {
+                println!("{table:<16} {n:>8}");
+            }
+            println!(
+                "copied; now set database_url to the destination ({}) and start Threadline again",
+                hide_password(&to)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Pipelines { limit, json } => inspect::pipelines(&config, limit, json).await,
         Command::Runs { pipeline, json } => inspect::runs(&config, &pipeline, json).await,
         Command::Logs { run, follow } => inspect::logs(&config, &run, follow).await,
@@ -360,5 +383,16 @@ async fn env(config: Config, command: EnvCommand) -> anyhow::Result<ExitCode> {
             println!("removed {removed} environment image(s); {kept} in use kept");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// A database URL with its password left out, for printing.
+fn hide_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user_end = url[scheme + 3..at].find(':').map_or(at, |i| scheme + 3 + i);
+            format!("{}{}", &url[..user_end], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }

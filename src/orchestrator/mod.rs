@@ -40,7 +40,7 @@ pub const MAX_THREAD_MESSAGE_BYTES: usize = 4096;
 pub use container::{ContainerError, ContainerRuntime};
 pub use ports::{Containers, Workspaces};
 pub use pulls::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
-pub use queries::Queries;
+pub use queries::{Queries, copy_store};
 pub use reviews::{HookOutcome, WebhookError};
 pub use scheduler::Scope;
 pub use workspace::{Git, GitError};

@@ -98,3 +98,11 @@ impl Queries {
         self.store.set_chat_message(run_id, surface, channel, message_id).await
     }
 }
+
+/// Copies the store at `from` into the empty one at `to` (migrating it first), for
+/// `threadline migrate-store`: each table's row count.
+pub async fn copy_store(from: &str, to: &str) -> Result<Vec<(&'static str, u64)>> {
+    let source = Store::open(from).await?;
+    let destination = Store::open(to).await?;
+    source.copy_into(&destination).await
+}

@@ -69,10 +69,22 @@ macro_rules! migrations {
 }
 
 const SQLITE: &[(i64, &str, &str)] = migrations!("sqlite");
-const POSTGRES: &[(i64, &str, &str)] = migrations!("postgres");
+/// PostgreSQL's differ from SQLite's only where the dialects do: those files are in
+/// `migrations/postgres/` and replace SQLite's of the same version.
+const POSTGRES_OWN: &[(i64, &str)] = &[(1, include_str!("migrations/postgres/0001_init.sql"))];
+
+fn postgres() -> Vec<(i64, &'static str, &'static str)> {
+    SQLITE
+        .iter()
+        .map(|&(version, name, sql)| {
+            let own = POSTGRES_OWN.iter().find(|(v, _)| *v == version);
+            (version, name, own.map_or(sql, |(_, sql)| *sql))
+        })
+        .collect()
+}
 
 #[derive(Debug)]
-struct Embedded(&'static [(i64, &'static str, &'static str)]);
+struct Embedded(Vec<(i64, &'static str, &'static str)>);
 
 impl MigrationSource<'static> for Embedded {
     fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, BoxDynError>> {
@@ -96,8 +108,8 @@ impl MigrationSource<'static> for Embedded {
 
 pub async fn run(pool: &AnyPool, backend: &str) -> Result<(), sqlx::migrate::MigrateError> {
     let migrations = match backend {
-        "sqlite" => SQLITE,
-        "postgres" | "postgresql" => POSTGRES,
+        "sqlite" => SQLITE.to_vec(),
+        "postgres" | "postgresql" => postgres(),
         other => {
             return Err(sqlx::migrate::MigrateError::Source(
                 format!("no migrations for the {other:?} backend (supported: sqlite, postgres)").into(),

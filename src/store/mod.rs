@@ -2,6 +2,7 @@
 //! leases. **All SQL lives here.** It runs on `sqlx::any`, so a PostgreSQL backend is a
 //! driver and a migrations folder away; callers see only domain types.
 
+mod copy;
 mod migrations;
 
 use std::path::Path;
@@ -175,6 +176,14 @@ pub const MAX_THREAD_MESSAGES: i64 = 200;
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    backend: Backend,
+}
+
+/// Which database a store is on, where the two differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
 }
 
 const RUN_COLUMNS: &str = "id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, \
@@ -233,7 +242,8 @@ impl Store {
             None => None,
         };
         migrations::run(&pool, &backend).await?;
-        Ok(Store { pool })
+        let backend = if is_sqlite { Backend::Sqlite } else { Backend::Postgres };
+        Ok(Store { pool, backend })
     }
 
     // ---- pipelines and runs -------------------------------------------------------
@@ -503,13 +513,25 @@ impl Store {
             ""
         };
         let mut tx = self.pool.begin().await?;
+        // SQLite runs one writer at a time. PostgreSQL runs them at once: claims take a
+        // transaction-scoped advisory lock, so each sees the ones before it (the limit
+        // holds, no two claimers pick the same run and come away empty), and the candidate
+        // is locked with SKIP LOCKED so a row another transaction holds is passed over.
+        let skip_locked = if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock(7243001)")
+                .execute(&mut *tx)
+                .await?;
+            "FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        };
         let claimed: Option<String> = sqlx::query_scalar(&format!(
             "UPDATE runs SET state = '{preparing}', owner = $1, started_at = $3 \
              WHERE state = '{queued}' AND id = ( \
                  SELECT r.id FROM runs r WHERE r.state = '{queued}' {scope} \
                  AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.pipeline_id = r.pipeline_id AND a.state IN {active}) \
                  AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.pipeline_id = r.pipeline_id AND q.state = '{queued}' AND q.seq < r.seq) \
-                 ORDER BY r.created_at, r.seq LIMIT 1) \
+                 ORDER BY r.created_at, r.seq LIMIT 1 {skip_locked}) \
              AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {active}) < $2 \
              RETURNING id",
             preparing = RunState::Preparing.as_str(),

@@ -69,7 +69,7 @@ pub struct TestEnv {
 }
 
 /// A fresh PostgreSQL database when TEST_POSTGRES_URL names a server.
-fn test_database() -> Option<String> {
+pub fn test_database() -> Option<String> {
     let admin = std::env::var("TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())?;
     let name = format!("tl_{}", uuid::Uuid::new_v4().simple());
     let out = Command::new("psql")

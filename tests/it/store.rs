@@ -22,7 +22,9 @@ fn new_run(key: Option<String>) -> NewRun {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_neither_fail_nor_double_up() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    // On PostgreSQL too when the suite runs there (writers run concurrently there).
+    let url = crate::harness::test_database()
+        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()));
     let a = Store::open(&url).await.unwrap();
     let b = Store::open(&url).await.unwrap();
     for p in ["p1", "p2", "p3"] {
@@ -75,4 +77,81 @@ async fn concurrent_writers_neither_fail_nor_double_up() {
     assert_eq!(active.len(), 2);
     let pipelines: std::collections::HashSet<_> = active.iter().map(|r| r.pipeline_id.clone()).collect();
     assert_eq!(pipelines.len(), 2, "one run per pipeline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_copies_an_installation_into_an_empty_database() {
+    // A SQLite installation with a finished pipeline, its pull request and an approval.
+    let mut env = crate::harness::TestEnv::new();
+    env.config.database_url = String::new();
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "echo one > one.txt").await;
+    crate::harness::finished(orch.store(), &sub.run.id).await;
+    let store = orch.store().clone();
+    store
+        .set_pull_request(&threadline::model::PullRequestRecord {
+            pipeline_id: sub.pipeline.id.clone(),
+            forge: "github".into(),
+            number: 7,
+            url: "https://forge.example/pull/7".into(),
+            found: false,
+            opened_by: "slack:U1".into(),
+            created_at: 1,
+            state: "open".into(),
+            state_at: None,
+            state_by: None,
+        })
+        .await
+        .unwrap();
+    orch.shutdown().await;
+    let source = env.config.database_url();
+
+    // Into PostgreSQL when the suite has a server, else into another SQLite file.
+    let dir = tempfile::tempdir().unwrap();
+    let destination = crate::harness::test_database()
+        .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", dir.path().join("moved.db").display()));
+    let config = crate::harness::write_cli_config(&env, "");
+    let out = crate::harness::cli(&config, &["migrate-store", "--from", &source, "--to", &destination])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("runs"), "{said}");
+    assert!(!said.contains(":postgres@"), "the password is shown: {said}");
+
+    let (before, after) = (
+        Store::open(&source).await.unwrap(),
+        Store::open(&destination).await.unwrap(),
+    );
+    // Field for field (their Debug forms: runs hold floats).
+    let same = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    let (runs, events) = (
+        before.runs(&sub.pipeline.id).await.unwrap(),
+        before.events(&sub.run.id).await.unwrap(),
+    );
+    assert!(runs.len() == 1 && events.len() >= 4, "{runs:?} {events:?}");
+    same(&after.runs(&sub.pipeline.id).await.unwrap(), &runs);
+    same(&after.events(&sub.run.id).await.unwrap(), &events);
+    assert_eq!(after.pull_request(&sub.pipeline.id).await.unwrap().unwrap().number, 7);
+    same(
+        &after.pipeline(&sub.pipeline.id).await.unwrap(),
+        &before.pipeline(&sub.pipeline.id).await.unwrap(),
+    );
+    // The moved store takes new work (its sequences continue), and a second copy into
+    // it is refused.
+    after.insert_run(&sub.pipeline.id, &new_run(None)).await.unwrap();
+    after
+        .transition(
+            &format!("{}-2", sub.pipeline.id),
+            RunState::Queued,
+            RunState::Cancelled,
+            "moved",
+        )
+        .await
+        .unwrap();
+    let again = crate::harness::cli(&config, &["migrate-store", "--from", &source, "--to", &destination])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds 1 pipeline"));
 }

@@ -162,6 +162,30 @@ fn id(v: &Value) -> Option<String> {
     }
 }
 
+/// A comment or review on the pull request itself (no file, line or hunk).
+fn on_pull_request(
+    number: Option<i64>,
+    id: Option<String>,
+    author: &Value,
+    body: &Value,
+    review: bool,
+) -> Option<ForgeEvent> {
+    Some(ForgeEvent::Comment(ReviewComment {
+        number: number?,
+        comment: CommentRef {
+            id: id?,
+            on_diff: false,
+            discussion: None,
+        },
+        author: user(author)?,
+        body: text(body, MAX_COMMENT_BYTES)?,
+        path: None,
+        line: None,
+        hunk: None,
+        review,
+    }))
+}
+
 /// A state change for `merged`/`closed`/`reopened` actions.
 fn state_change(action: &str, number: Option<i64>, merged: bool, by: Option<String>) -> Option<ForgeEvent> {
     let state = match action {
@@ -206,38 +230,19 @@ fn github(event: &str, json: &Value) -> Option<ForgeEvent> {
         }
         "pull_request_review" if action == "submitted" => {
             let r = &json["review"];
-            Some(ForgeEvent::Comment(ReviewComment {
-                number: pr["number"].as_i64()?,
-                comment: CommentRef {
-                    id: format!("review-{}", id(&r["id"])?),
-                    on_diff: false,
-                    discussion: None,
-                },
-                author: user(&r["user"])?,
-                body: text(&r["body"], MAX_COMMENT_BYTES)?,
-                path: None,
-                line: None,
-                hunk: None,
-                review: true,
-            }))
+            let id = id(&r["id"]).map(|i| format!("review-{i}"));
+            on_pull_request(pr["number"].as_i64(), id, &r["user"], &r["body"], true)
         }
         // A comment on the pull request's conversation (an issue comment on a PR).
         "issue_comment" if action == "created" && json["issue"]["pull_request"].is_object() => {
             let c = &json["comment"];
-            Some(ForgeEvent::Comment(ReviewComment {
-                number: json["issue"]["number"].as_i64()?,
-                comment: CommentRef {
-                    id: id(&c["id"])?,
-                    on_diff: false,
-                    discussion: None,
-                },
-                author: user(&c["user"])?,
-                body: text(&c["body"], MAX_COMMENT_BYTES)?,
-                path: None,
-                line: None,
-                hunk: None,
-                review: false,
-            }))
+            on_pull_request(
+                json["issue"]["number"].as_i64(),
+                id(&c["id"]),
+                &c["user"],
+                &c["body"],
+                false,
+            )
         }
         _ => None,
     }
@@ -288,37 +293,24 @@ fn gitea(json: &Value, body: &[u8]) -> Option<ForgeEvent> {
             .take(16)
             .map(|b| format!("{b:02x}"))
             .collect();
-        return Some(ForgeEvent::Comment(ReviewComment {
-            number: pr["number"].as_i64().or(json["number"].as_i64())?,
-            comment: CommentRef {
-                id: format!("review-{digest}"),
-                on_diff: false,
-                discussion: None,
-            },
-            author: user(&json["sender"])?,
-            body: text(&json["review"]["content"], MAX_COMMENT_BYTES)?,
-            path: None,
-            line: None,
-            hunk: None,
-            review: true,
-        }));
+        let number = pr["number"].as_i64().or(json["number"].as_i64());
+        return on_pull_request(
+            number,
+            Some(format!("review-{digest}")),
+            &json["sender"],
+            &json["review"]["content"],
+            true,
+        );
     }
     if action == "created" && json["comment"].is_object() && json["is_pull"].as_bool() == Some(true) {
         let c = &json["comment"];
-        return Some(ForgeEvent::Comment(ReviewComment {
-            number: json["issue"]["number"].as_i64()?,
-            comment: CommentRef {
-                id: id(&c["id"])?,
-                on_diff: false,
-                discussion: None,
-            },
-            author: user(&c["user"])?,
-            body: text(&c["body"], MAX_COMMENT_BYTES)?,
-            path: None,
-            line: None,
-            hunk: None,
-            review: false,
-        }));
+        return on_pull_request(
+            json["issue"]["number"].as_i64(),
+            id(&c["id"]),
+            &c["user"],
+            &c["body"],
+            false,
+        );
     }
     if pr.is_object() {
         let merged = pr["merged"].as_bool().unwrap_or(false);
