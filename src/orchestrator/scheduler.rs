@@ -60,6 +60,14 @@ impl Orchestrator {
         inner.tracker.spawn(heartbeat_loop(me));
         let me = inner.clone();
         inner.tracker.spawn(scheduler_loop(me, scope));
+        // PostgreSQL tells every process when runs are queued or end.
+        let me = inner.clone();
+        inner.tracker.spawn(async move {
+            let wake = me.clone();
+            me.store
+                .on_run_changes(move || wake.wake.notify_one(), me.shutdown.clone())
+                .await;
+        });
         if inner.config.pr_poll_secs > 0 {
             let me = self.clone();
             inner.tracker.spawn(async move { me.watch_pull_requests().await });
@@ -99,9 +107,19 @@ async fn scheduler_loop(inner: Arc<Inner>, scope: Scope) {
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
             _ = inner.wake.notified() => {}
-            // Other processes queue and finish runs, and die.
-            _ = tokio::time::sleep(RECOVERY_EVERY.min(Duration::from_millis(500))) => {}
+            // Other processes queue and finish runs, and die. On PostgreSQL they say so
+            // (LISTEN/NOTIFY); the poll is then only a backstop.
+            _ = tokio::time::sleep(poll_every(&inner)) => {}
         }
+    }
+}
+
+/// How often the scheduler looks on its own: on PostgreSQL only to check the other
+/// processes' leases (new and ended runs are told), on SQLite for those too.
+fn poll_every(inner: &Inner) -> Duration {
+    match inner.store.backend() {
+        crate::store::Backend::Postgres => RECOVERY_EVERY,
+        crate::store::Backend::Sqlite => RECOVERY_EVERY.min(Duration::from_millis(500)),
     }
 }
 

@@ -177,7 +177,13 @@ pub const MAX_THREAD_MESSAGES: i64 = 200;
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// For PostgreSQL's LISTEN connection.
+    url: std::sync::Arc<str>,
 }
+
+/// The PostgreSQL channel a run's arrival or end is told on, so every process claims at
+/// once instead of at its next poll.
+const RUNS_CHANNEL: &str = "threadline_runs";
 
 /// Which database a store is on, where the two differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +249,60 @@ impl Store {
         };
         migrations::run(&pool, &backend).await?;
         let backend = if is_sqlite { Backend::Sqlite } else { Backend::Postgres };
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            url: url.into(),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// On PostgreSQL: calls `wake` whenever any process queues a run or ends one (the
+    /// moments a claim may succeed), until `stop`. The connection is remade when it
+    /// drops. On SQLite there is nothing to listen to: returns at once.
+    pub async fn on_run_changes(&self, wake: impl Fn() + Send + 'static, stop: tokio_util::sync::CancellationToken) {
+        if self.backend != Backend::Postgres {
+            return;
+        }
+        loop {
+            let listener = async {
+                let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+                listener.listen(RUNS_CHANNEL).await?;
+                // Whatever happened while not listening.
+                wake();
+                loop {
+                    listener.recv().await?;
+                    wake();
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), sqlx::Error>(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ended = listener => {
+                    if let Err(e) = ended {
+                        tracing::warn!(error = %e, "lost the database's notifications; listening again");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Tells the other processes (PostgreSQL) that runs changed, when `tx` commits.
+    async fn notify_in(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query(&format!("NOTIFY {RUNS_CHANNEL}"))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 
     // ---- pipelines and runs -------------------------------------------------------
@@ -279,6 +338,7 @@ impl Store {
         .await?;
         let inserted = insert_run_in(&mut tx, &pipeline.id, run).await?;
         if inserted.created {
+            self.notify_in(&mut tx).await?;
             tx.commit().await?;
         }
         // A concurrent redelivery won the key: the pipeline insert is rolled back with it.
@@ -300,6 +360,7 @@ impl Store {
             match insert_run_in(&mut tx, pipeline_id, run).await {
                 Ok(inserted) => {
                     if inserted.created {
+                        self.notify_in(&mut tx).await?;
                         tx.commit().await?;
                     }
                     return Ok(inserted);
@@ -574,6 +635,10 @@ impl Store {
             == 1;
         if done {
             insert_event(&mut tx, run_id, to, now, detail).await?;
+            // An end frees a slot and lets the pipeline's next run start.
+            if to.is_terminal() {
+                self.notify_in(&mut tx).await?;
+            }
             tx.commit().await?;
         }
         Ok(done)

@@ -155,3 +155,55 @@ async fn migrate_store_copies_an_installation_into_an_empty_database() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds 1 pipeline"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tells_every_process_when_runs_are_queued() {
+    let Some(url) = crate::harness::test_database() else {
+        // SQLite has no notifications: the listener returns at once (the scheduler polls).
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        let returned = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            store.on_run_changes(|| {}, tokio_util::sync::CancellationToken::new()),
+        )
+        .await;
+        assert!(returned.is_ok());
+        return;
+    };
+    let (listening, other) = (Store::open(&url).await.unwrap(), Store::open(&url).await.unwrap());
+    let (tx, mut woken) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            listening
+                .on_run_changes(
+                    move || {
+                        let _ = tx.send(());
+                    },
+                    stop,
+                )
+                .await
+        }
+    });
+    async fn wait(woken: &mut tokio::sync::mpsc::UnboundedReceiver<()>) -> Option<()> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), woken.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+    assert!(wait(&mut woken).await.is_some(), "the first wake, once listening");
+    // Another process queues a run: this one is told.
+    other.insert_pipeline(&pipeline("n1"), &new_run(None)).await.unwrap();
+    assert!(wait(&mut woken).await.is_some(), "not told of the new run");
+    // And when a run ends.
+    other
+        .transition("n1-1", RunState::Queued, RunState::Cancelled, "test")
+        .await
+        .unwrap();
+    assert!(wait(&mut woken).await.is_some(), "not told of the ended run");
+    stop.cancel();
+    task.await.unwrap();
+}
