@@ -57,6 +57,17 @@ async fn github(app: &axum::Router, event: &str, delivery: &str, secret: &str, p
     deliver(app, &headers, &payload).await
 }
 
+/// Whether the story's pipeline's pull request is open, as the store has it.
+async fn pr_is_open(story: &Story) -> bool {
+    story
+        .store
+        .pull_request(&story.run.pipeline_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .is_open()
+}
+
 fn web(story: &Story) -> axum::Router {
     router(WebState::new(story.orch.clone(), "127.0.0.1:8080".parse().unwrap()))
 }
@@ -79,14 +90,7 @@ async fn signed_webhooks_tell_closes_and_reopens_and_forged_ones_change_nothing(
     assert!(body["error"].as_str().unwrap().contains("signature"), "{body}");
     let (status, _) = deliver(&app, &[("x-github-event", "pull_request".into())], &closed).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(
-        s.store
-            .pull_request(&s.run.pipeline_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_open()
-    );
+    assert!(pr_is_open(&s).await);
 
     // Signed, but about another repository (an organisation's hook): nothing changes.
     let mut elsewhere = closed.clone();
@@ -97,14 +101,7 @@ async fn signed_webhooks_tell_closes_and_reopens_and_forged_ones_change_nothing(
         (StatusCode::OK, &json!("ignored")),
         "{body}"
     );
-    assert!(
-        s.store
-            .pull_request(&s.run.pipeline_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_open()
-    );
+    assert!(pr_is_open(&s).await);
 
     // Signed: the card tells the close, and who did it, without a click or a poll.
     s.fake.set_open(1, false, "bob");
@@ -162,14 +159,7 @@ async fn gitlab_and_gitea_merges_are_seen_by_webhook_and_by_polling() {
         ("x-gitlab-token", "guess".to_owned()),
     ];
     assert_eq!(deliver(&app, &wrong, &merged).await.0, StatusCode::UNAUTHORIZED);
-    assert!(
-        s.store
-            .pull_request(&s.run.pipeline_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_open()
-    );
+    assert!(pr_is_open(&s).await);
     let right = [
         ("x-gitlab-event", "Merge Request Hook".to_owned()),
         ("x-gitlab-token", SECRET.to_owned()),
@@ -188,14 +178,7 @@ async fn gitlab_and_gitea_merges_are_seen_by_webhook_and_by_polling() {
     let text = reply_text(s.core.on_click(click("t1", &s.run, "U3")).await);
     assert!(text.starts_with("Opened pull request #1"), "{text}");
     s.orch.check_pull_requests().await.unwrap();
-    assert!(
-        s.store
-            .pull_request(&s.run.pipeline_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_open()
-    );
+    assert!(pr_is_open(&s).await);
     s.fake.merge_pr("team/tool", 1, "erin");
     s.orch.check_pull_requests().await.unwrap();
     let (_, card) = s.core.card(&s.run).await.unwrap();
@@ -229,14 +212,7 @@ async fn polling_asks_conditionally_and_backs_off_on_a_rate_limit() {
         s.orch.check_pull_requests().await.unwrap();
     }
     assert_eq!(s.fake.calls(&format!("GET {path}")), 3, "no call before the reset");
-    assert!(
-        s.store
-            .pull_request(&s.run.pipeline_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_open()
-    );
+    assert!(pr_is_open(&s).await);
     s.orch.shutdown().await;
 }
 
