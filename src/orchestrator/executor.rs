@@ -40,11 +40,38 @@ enum ExecError {
     Raced { id: String, state: RunState },
 }
 
-/// Drives `run` to a terminal state (or until shutdown detaches it).
+/// Drives `run` to a terminal state (or until shutdown detaches it). When the database
+/// fails on the way (a lost connection, a server restarting), the run is picked up again
+/// from its stored state once the database answers: every step can be entered twice, as
+/// after a crash, and the agent's container keeps running meanwhile.
 pub(super) async fn execute(inner: Arc<Inner>, run: Run) {
     let run_id = run.id.clone();
-    if let Err(e) = drive(&inner, run).await {
-        tracing::error!(run_id = %run_id, error = %e, "run stopped unexpectedly; the next start resumes it");
+    let mut run = Some(run);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let attempt = match run.take() {
+            Some(run) => drive(&inner, run).await,
+            None => match inner.store.run(&run_id).await {
+                Ok(Some(stored)) => drive(&inner, stored).await,
+                Ok(None) => Err(ExecError::NoPipeline(run_id.clone())),
+                Err(e) => Err(e.into()),
+            },
+        };
+        match attempt {
+            Ok(()) => break,
+            Err(ExecError::Store(e)) if !inner.shutdown.is_cancelled() => {
+                tracing::warn!(run_id = %run_id, error = %e, retry_in_ms = backoff.as_millis() as u64, "the database failed during the run; trying again");
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => {
+                tracing::error!(run_id = %run_id, error = %e, "run stopped unexpectedly; the next start resumes it");
+                break;
+            }
+        }
     }
     inner.executing.lock().unwrap().remove(&run_id);
     inner.wake.notify_one();

@@ -207,3 +207,80 @@ async fn postgres_tells_every_process_when_runs_are_queued() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A TCP forwarder the test can cut: every connection through it dropped, and new ones
+/// refused, until healed. A network partition between Threadline and its database.
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cuttable {
+    async fn start(target: std::net::SocketAddr) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let (is_cut, cuts) = (cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let mut cuts = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {} // the partition: both ends dropped
+                    }
+                });
+            }
+        });
+        Cuttable { addr, cut, generation }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_survives_losing_its_database_for_a_while() {
+    // On PostgreSQL (a server over the network); SQLite is a local file.
+    let Some(url) = crate::harness::test_database() else {
+        return;
+    };
+    let rest = url.split_once("@").unwrap().1;
+    let (host_port, db) = rest.split_once('/').unwrap();
+    let target: std::net::SocketAddr = tokio::net::lookup_host(host_port).await.unwrap().next().unwrap();
+    let proxy = Cuttable::start(target).await;
+    let mut env = crate::harness::TestEnv::new();
+    env.config.database_url = format!("{}@{}/{db}", url.split_once('@').unwrap().0, proxy.addr);
+    let orch = env.orchestrator().await;
+    let sub = env.start(&orch, "sleep 4; echo survived > s.txt").await;
+    crate::harness::wait_for(orch.store(), &sub.run.id, "running", |r| r.state == RunState::Running).await;
+    // Cut off while the agent works, and past its end; then healed.
+    proxy.cut();
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    proxy.heal();
+    let run = crate::harness::finished(orch.store(), &sub.run.id).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    assert!(run.pushed);
+    assert_eq!(
+        env.origin_file(&sub.pipeline.branch, "s.txt").as_deref(),
+        Some("survived\n")
+    );
+    orch.shutdown().await;
+}
