@@ -11,6 +11,9 @@
 //! 6. A repository environment whose setup takes 30 s (BENCH_SETUP_SECS): the first run
 //!    pays it; later runs of new pipelines against runs without an environment.
 //! 7. The egress proxy: an HTTP exchange through it against the same exchange direct.
+//! 8. Scale-out on PostgreSQL (TEST_POSTGRES_URL, an admin URL): claims per second with
+//!    1,000 queued runs and 10 workers against the same on SQLite; one run on PostgreSQL
+//!    against one on SQLite; prompt acknowledgment with 3 workers and 50 runs going.
 
 #[path = "../tests/it/harness.rs"]
 #[allow(dead_code)]
@@ -69,6 +72,172 @@ async fn main() {
     if wanted("7") {
         egress_proxy(reps.max(200)).await;
     }
+    if wanted("8") {
+        scale_out(reps).await;
+    }
+}
+
+/// Section 8: the queue and the store on PostgreSQL, against SQLite where both apply.
+async fn scale_out(reps: usize) {
+    println!("## 8. Scale-out: PostgreSQL\n");
+    let Some(pg) = harness::test_database() else {
+        println!("skipped: set TEST_POSTGRES_URL to a PostgreSQL admin URL\n");
+        return;
+    };
+    let sqlite_env = {
+        let mut env = TestEnv::new();
+        env.config.database_url = String::new();
+        env
+    };
+    let mut pg_env = TestEnv::new();
+    pg_env.config.database_url = pg.clone();
+
+    // 8a. The queue alone: 1,000 queued runs, 10 claimers each with its own connection
+    // pool (as 10 worker processes), each run claimed and ended at once (a trivial agent
+    // as the queue sees it).
+    println!("| store | runs | claimers | seconds | claims/s |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut rates = Vec::new();
+    for (name, url) in [("SQLite", sqlite_env.config.database_url()), ("PostgreSQL", pg.clone())] {
+        let rate = queue_throughput(&url, 1000, 10).await;
+        rates.push(rate);
+        println!("| {name} | 1000 | 10 | {:.2} | {rate:.0} |", 1000.0 / rate);
+    }
+    println!(
+        "\nclaims per second on PostgreSQL: **{:.0}** (target ≥ 300: {}); SQLite {:.0}\n",
+        rates[1],
+        verdict(rates[1] >= 300.0),
+        rates[0]
+    );
+
+    // 8b. One run, end to end, on each store, interleaved.
+    let (lite, post) = (sqlite_env.orchestrator().await, pg_env.orchestrator().await);
+    let (mut on_lite, mut on_pg) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        for (orch, env, series) in [(&lite, &sqlite_env, &mut on_lite), (&post, &pg_env, &mut on_pg)] {
+            let sub = env.start(orch, &format!("echo {i} > bench.txt")).await;
+            let mut p = Phases::default();
+            p.add(orch, &sub.run.id).await;
+            series.push(p.total[0]);
+        }
+    }
+    lite.shutdown().await;
+    post.shutdown().await;
+    println!("| one run with a trivial agent (ms) | median | p95 |");
+    println!("|---|---:|---:|");
+    row("SQLite", &on_lite);
+    row("PostgreSQL", &on_pg);
+    let ratio = median(&on_pg) / median(&on_lite);
+    println!(
+        "\nPostgreSQL / SQLite: **{ratio:.2}×** ({:+.0} ms) (target ≤ 1.2×: {})\n",
+        median(&on_pg) - median(&on_lite),
+        verdict(ratio <= 1.2)
+    );
+
+    // 8c. Acknowledgment with 3 workers and 50 runs going, on a front end of its own.
+    let front = pg_env
+        .in_process("front", &[], threadline::orchestrator::Role::FrontEnd)
+        .await;
+    let mut workers = Vec::new();
+    for w in ["w1", "w2", "w3"] {
+        workers.push(pg_env.in_process(w, &[], threadline::orchestrator::Role::Worker).await);
+    }
+    let probe = pg_env.start(&front, "true").await;
+    harness::finished(front.store(), &probe.run.id).await;
+    let started = Instant::now();
+    let mut acks = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        ids.push(
+            pg_env
+                .start(&front, &format!("echo {i} > bench.txt; sleep 1"))
+                .await
+                .run
+                .id,
+        );
+        acks.push(ms(t.elapsed()));
+    }
+    let store = front.store().clone();
+    loop {
+        let t = Instant::now();
+        let ack = front
+            .submit_follow_up(follow_up(&probe.pipeline.id, "true"))
+            .await
+            .unwrap();
+        acks.push(ms(t.elapsed()));
+        front.cancel(&ack.run.id).await.unwrap();
+        if all_done(&store, &ids).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in &ids {
+        let run = store.run(id).await.unwrap().unwrap();
+        assert_eq!(run.state, RunState::Succeeded, "{id}: {:?}", run.error);
+    }
+    println!(
+        "| 3 workers, 50 runs | {:.1} s | ack median {:.1} ms | ack p99 {:.1} ms |\n|---|---:|---:|---:|",
+        started.elapsed().as_secs_f64(),
+        median(&acks),
+        pct(&acks, 99.0)
+    );
+    println!(
+        "\nacknowledgment p99 with 3 workers and 50 runs going: **{:.1} ms** (target < 200 ms: {})\n",
+        pct(&acks, 99.0),
+        verdict(pct(&acks, 99.0) < 200.0)
+    );
+    for w in workers {
+        w.shutdown().await;
+    }
+    front.shutdown().await;
+}
+
+/// Claims per second: `runs` queued runs taken by `claimers` concurrent claimers, each
+/// with its own pool, and each run ended as soon as it is claimed.
+async fn queue_throughput(url: &str, runs: usize, claimers: usize) -> f64 {
+    let store = Store::open(url).await.unwrap();
+    for i in 0..runs {
+        let run = harness::new_run("true", None);
+        store
+            .insert_pipeline(&harness::pipeline_on(&format!("{i:08x}"), "/r"), &run)
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..claimers {
+        let store = Store::open(url).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (instance, worker) = (format!("bench-{c}"), format!("home-{c}"));
+            let claimer = threadline::store::Claimer {
+                instance: &instance,
+                worker_id: &worker,
+                labels: &[],
+                limit: 100,
+            };
+            let mut n = 0;
+            while let Some(run) = store.claim_next(&claimer, None).await.unwrap() {
+                store
+                    .transition_owned(&instance, &run.id, RunState::Preparing, RunState::Saving, "")
+                    .await
+                    .unwrap();
+                store
+                    .transition_owned(&instance, &run.id, RunState::Saving, RunState::Succeeded, "")
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut claimed = 0;
+    for t in tasks {
+        claimed += t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(claimed, runs, "every run claimed once");
+    runs as f64 / secs
 }
 
 /// Section 6: a 30-second setup paid once; later runs against runs with no environment.

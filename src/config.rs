@@ -45,7 +45,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Database URL; empty means a SQLite file in `data_dir`.
     pub database_url: String,
-    /// Runs executing at once across all pipelines (each pipeline runs one at a time).
+    /// Runs this worker executes at once across all pipelines (each pipeline runs one at
+    /// a time). With several workers on one database, each has its own.
     pub max_concurrent_runs: u32,
     /// Prefix of every pipeline branch; pipelines only ever push below it.
     pub branch_prefix: String,
@@ -70,9 +71,50 @@ pub struct Config {
     pub discord: DiscordConfig,
     /// The egress proxy of agents with `network = "allowlist"`.
     pub egress: EgressConfig,
+    /// This process as a worker: its name and labels.
+    pub worker: WorkerConfig,
     /// Repositories prompts may name (`repo=<name>` in chat, the picker in the web chat).
     pub repos: BTreeMap<String, RepoConfig>,
     pub agents: BTreeMap<String, AgentProfile>,
+}
+
+/// A worker: a process that executes runs on the Docker engine of its host
+/// (`threadline worker`, or the one inside `threadline serve`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Shown to people (cards, `threadline workers`). Default: the host's name.
+    pub name: String,
+    /// What this worker offers (`gpu`, `arm64`): it takes only runs whose agent and
+    /// repository require no label it lacks. Lowercase letters, digits, `-`, `_`, `.`.
+    pub labels: Vec<String>,
+}
+
+/// The most labels one worker may have.
+pub const MAX_WORKER_LABELS: usize = 8;
+
+/// Checks a label list (a worker's, or what a profile or repository requires).
+fn check_labels(labels: &[String]) -> Result<(), String> {
+    for l in labels {
+        if l.is_empty()
+            || l.len() > 40
+            || !l
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(format!(
+                "{l:?} is not a label: use 1 to 40 lowercase letters, digits, '-', '_' or '.'"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The labels a run needs: the union of its agent's and its repository's, sorted and
+/// joined by commas (how the store keeps them).
+pub fn required_labels<'a>(lists: impl IntoIterator<Item = &'a [String]>) -> String {
+    let set: std::collections::BTreeSet<&str> = lists.into_iter().flatten().map(String::as_str).collect();
+    set.into_iter().collect::<Vec<_>>().join(",")
 }
 
 /// The built-in web chat, dashboard, JSON API and metrics.
@@ -189,6 +231,8 @@ pub struct RepoConfig {
     pub require_fresh_approval: bool,
     /// Where pull requests are opened.
     pub forge: ForgeConfig,
+    /// Labels a worker must have to run this repository's agents (`gpu`).
+    pub requires: Vec<String>,
     /// The image the repository's agents run in: built once from a setup script or a
     /// devcontainer, reused by every run until an input changes.
     pub environment: EnvironmentConfig,
@@ -336,6 +380,8 @@ pub struct AgentProfile {
     pub network: String,
     /// DNS servers the container uses instead of Docker's defaults (addresses).
     pub dns: Vec<String>,
+    /// Labels a worker must have to run this agent (`gpu`, `arm64`).
+    pub requires: Vec<String>,
     /// With `network = "allowlist"`: the hosts the agent may reach (through Threadline's
     /// egress proxy; `*.example.com` for subdomains). Everything else is refused.
     pub allow: Vec<String>,
@@ -565,6 +611,7 @@ impl Default for Config {
             slack: SlackConfig::default(),
             discord: DiscordConfig::default(),
             egress: EgressConfig::default(),
+            worker: WorkerConfig::default(),
             repos: BTreeMap::new(),
             agents,
         }
@@ -603,6 +650,7 @@ impl Default for AgentProfile {
             env_set: BTreeMap::new(),
             network: "bridge".into(),
             dns: Vec::new(),
+            requires: Vec::new(),
             allow: Vec::new(),
             allow_host_network: false,
             memory_mb: 4096,
@@ -705,6 +753,22 @@ impl Config {
         }
         if self.save_timeout_secs == 0 {
             return Err(invalid("save_timeout_secs", "must be at least 1".into()));
+        }
+        check_labels(&self.worker.labels).map_err(|r| invalid("worker.labels", r))?;
+        if self.worker.labels.len() > MAX_WORKER_LABELS {
+            return Err(invalid(
+                "worker.labels",
+                format!(
+                    "has {} labels; a worker may have at most {MAX_WORKER_LABELS}",
+                    self.worker.labels.len()
+                ),
+            ));
+        }
+        for (name, a) in &self.agents {
+            check_labels(&a.requires).map_err(|r| invalid(&format!("agents.{name}.requires"), r))?;
+        }
+        for (name, r) in &self.repos {
+            check_labels(&r.requires).map_err(|why| invalid(&format!("repos.{name}.requires"), why))?;
         }
         if self.max_prompt_bytes == 0 {
             return Err(invalid("max_prompt_bytes", "must be at least 1".into()));

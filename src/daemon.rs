@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SlackMode};
-use crate::orchestrator::{Orchestrator, Scope, StoreError};
+use crate::orchestrator::{Orchestrator, Role, Scope, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -78,7 +78,17 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
-    orch.start(Scope::All).await?;
+    serve_as(orch, listeners, Role::Both, shutdown).await
+}
+
+/// [`serve`] in a role: with a worker of its own (`Both`) or front ends alone.
+pub async fn serve_as(
+    orch: Orchestrator,
+    listeners: Listeners,
+    role: Role,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    orch.start_as(Scope::All, role).await?;
     let stop = CancellationToken::new();
     let server = listeners.web.map(|listener| {
         let addr = listener.local_addr().expect("a bound listener has an address");

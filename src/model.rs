@@ -187,6 +187,10 @@ pub struct Progress {
     /// What the egress proxy refused the agent (`network = "allowlist"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<Blocked>,
+    /// Why a queued run that is next in its pipeline does not start: the worker it needs
+    /// is gone, or no live worker has the labels it needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// Requests the egress proxy refused one run's agent.
@@ -450,8 +454,11 @@ pub struct Attachment {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum AttachmentSource {
-    /// A file Threadline keeps (a web upload), by path.
+    /// A file Threadline keeps on the disk of the process that took it, by path
+    /// (uploads before they were kept in the database).
     File { path: String },
+    /// A file kept in the database (a web or API upload), by key: any worker reads it.
+    Stored { key: String },
     /// A chat platform's URL, fetched when the run is prepared; `auth` names whose
     /// credentials go with it (`slack`: the bot token) or `none`.
     Url { url: String, auth: String },

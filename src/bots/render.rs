@@ -211,6 +211,7 @@ pub fn status_card(
                 .environment_since
                 .map(|since| format!("preparing the environment: {}", format_duration(now_millis() - since))),
             (Some(p), RunState::Running) => p.describe(detail != Detail::Metadata),
+            (Some(p), RunState::Queued) => p.waiting.clone(),
             _ => None,
         }
         .map(|p| redactor.redact(&p)),

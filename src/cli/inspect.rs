@@ -8,6 +8,47 @@ use crate::config::Config;
 use crate::model::{Run, RunMode, format_duration, now_millis};
 use crate::orchestrator::Queries;
 
+/// `threadline workers`
+pub(super) async fn workers(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let store = Queries::open(&config.database_url()).await?;
+    let list = store.instances().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        println!(
+            "no Threadline process holds a lease on this database; start `threadline serve` or `threadline worker`"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<10} {:<20} {:>7} {:>4}  {:<12} LEASE",
+        "NAME", "ROLE", "HOST", "PID", "RUNS", "LABELS"
+    );
+    for i in list {
+        let lease = if i.silent_ms > crate::orchestrator::LEASE_MILLIS {
+            format!("expired {} ago", format_duration(i.silent_ms))
+        } else {
+            format!("renewed {:.1} s ago", i.silent_ms as f64 / 1000.0)
+        };
+        println!(
+            "{:<20} {:<10} {:<20} {:>7} {:>4}  {:<12} {lease}",
+            i.worker_name,
+            if i.worker_id.is_empty() { "front end" } else { "worker" },
+            i.hostname,
+            i.pid,
+            i.active_runs,
+            if i.labels.is_empty() {
+                "-".to_owned()
+            } else {
+                i.labels.join(",")
+            },
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `threadline pipelines`
 pub(super) async fn pipelines(config: &Config, limit: i64, json: bool) -> anyhow::Result<ExitCode> {
     let store = Queries::open(&config.database_url()).await?;
@@ -129,8 +170,20 @@ pub(super) async fn logs(config: &Config, run: &str, follow: bool) -> anyhow::Re
         match std::fs::read_to_string(&path) {
             // Written cleaned; cleaned again for logs older than that.
             Ok(text) => print!("{}", crate::untrusted::clean(&text)),
-            Err(_) if !run.log_tail.is_empty() => println!("{}", run.log_tail),
-            Err(_) => eprintln!("run {} has no log yet (it is {})", run.id, run.state),
+            Err(_) => {
+                // Executed on another host: its whole log is there; the tail is stored.
+                if let Some((name, host)) = store.worker_of_run(&run.id).await? {
+                    eprintln!(
+                        "run {} is on worker {name} (host {host}): its whole log is in that worker's data_dir; the stored tail follows",
+                        run.id
+                    );
+                }
+                if run.log_tail.is_empty() {
+                    eprintln!("run {} has no log yet (it is {})", run.id, run.state);
+                } else {
+                    println!("{}", run.log_tail);
+                }
+            }
         }
         Ok(ExitCode::SUCCESS)
     }

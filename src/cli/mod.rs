@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Config;
 use crate::model::{Origin, RunMode};
-use crate::orchestrator::{FollowUp, NewAttachment, NewPipeline, Orchestrator, SubmitError};
+use crate::orchestrator::{FollowUp, NewAttachment, NewPipeline, Orchestrator, Role, SubmitError};
 
 mod doctor;
 mod execute;
@@ -96,6 +96,32 @@ pub enum Command {
         /// Where the web chat listens (overrides web.listen). Off loopback it needs web.token.
         #[arg(long)]
         listen: Option<String>,
+        /// Execute no runs here: only the front ends (chat, web, API). Runs are executed
+        /// by `threadline worker` processes sharing the same PostgreSQL database.
+        #[arg(long)]
+        no_worker: bool,
+    },
+    /// Execute runs on this host's Docker engine, sharing the configured database (PostgreSQL)
+    /// with other workers and with `serve`; touches no chat platform. Takes the runs its
+    /// labels allow, up to max_concurrent_runs at once, and takes over the runs of workers
+    /// whose lease expired. Ctrl-C or SIGTERM stops taking runs; running agents keep going:
+    /// the next start here adopts them, or after 30 s another worker takes them over.
+    Worker {
+        /// This worker's name, shown to people (overrides worker.name; default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// A label runs may require, e.g. gpu (repeatable; overrides worker.labels).
+        #[arg(long = "label", value_name = "LABEL")]
+        labels: Vec<String>,
+        /// Runs executed here at once (overrides max_concurrent_runs).
+        #[arg(long)]
+        max_runs: Option<u32>,
+    },
+    /// List the processes sharing the database: workers (name, host, labels, runs) and
+    /// front ends, with how long since each renewed its lease.
+    Workers {
+        #[arg(long)]
+        json: bool,
     },
     /// Manage repository environments: the images agents run in, built from a setup
     /// script or a devcontainer on the base branch.
@@ -278,6 +304,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             until_idle,
             repos,
             listen,
+            no_worker,
         } => {
             let mut config = config;
             serve::add_repos(&mut config, &repos)?;
@@ -285,8 +312,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.web.listen = addr;
             }
             config.validate(cli.config.as_deref())?;
-            serve::serve(config, until_idle).await
+            let role = if no_worker { Role::FrontEnd } else { Role::Both };
+            serve::serve(config, until_idle, role).await
         }
+        Command::Worker { name, labels, max_runs } => {
+            let mut config = config;
+            if let Some(name) = name {
+                config.worker.name = name;
+            }
+            if !labels.is_empty() {
+                config.worker.labels = labels;
+            }
+            if let Some(n) = max_runs {
+                config.max_concurrent_runs = n;
+            }
+            config.validate(cli.config.as_deref())?;
+            serve::worker(config).await
+        }
+        Command::Workers { json } => inspect::workers(&config, json).await,
         Command::Shell { pipeline, agent } => shell::shell(config, &pipeline, agent.as_deref()).await,
         Command::Run(args) => {
             let orch = open(config).await?;

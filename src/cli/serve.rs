@@ -5,9 +5,41 @@ use std::process::ExitCode;
 
 use super::open;
 use crate::config::Config;
-use crate::orchestrator::Scope;
+use crate::orchestrator::{Role, Scope};
 
-pub(super) async fn serve(config: Config, until_idle: bool) -> anyhow::Result<ExitCode> {
+/// `threadline worker`: executes runs until SIGINT or SIGTERM.
+pub(super) async fn worker(config: Config) -> anyhow::Result<ExitCode> {
+    let orch = open(config).await?;
+    if orch.config().database_url().starts_with("sqlite") {
+        eprintln!(
+            "threadline: note: the database is SQLite ({}): workers on other hosts cannot share it; set database_url to a PostgreSQL server to scale out",
+            orch.config().database_url()
+        );
+    }
+    orch.start_as(Scope::All, Role::Worker).await?;
+    let labels = &orch.config().worker.labels;
+    eprintln!(
+        "threadline: worker {} executing runs on this host's Docker engine, at most {} at once{}; Ctrl-C stops",
+        orch.worker_name(),
+        orch.config().max_concurrent_runs,
+        if labels.is_empty() {
+            String::new()
+        } else {
+            format!(" (labels: {})", labels.join(", "))
+        }
+    );
+    let signal = stop_signal().await;
+    eprintln!("threadline: {signal}: stopping; running agents keep going and the next start adopts them");
+    orch.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn serve(config: Config, until_idle: bool, role: Role) -> anyhow::Result<ExitCode> {
+    if role == Role::FrontEnd && !config.database_url().starts_with("postgres") {
+        anyhow::bail!(
+            "`serve --no-worker` needs database_url to be a PostgreSQL server shared with the workers: a front end learns of the runs they execute through PostgreSQL's notifications"
+        );
+    }
     if until_idle {
         let orch = open(config).await?;
         orch.start(Scope::All).await?;
@@ -20,7 +52,11 @@ pub(super) async fn serve(config: Config, until_idle: bool) -> anyhow::Result<Ex
     }
     // Bound first: a bad or unsafe address fails before anything starts.
     let listeners = crate::daemon::Listeners::bind(&config).await?;
-    let orch = open(config).await?;
+    let orch = if role == Role::FrontEnd {
+        crate::orchestrator::Orchestrator::open_front_end(std::sync::Arc::new(config)).await?
+    } else {
+        open(config).await?
+    };
     match listeners.web_addr() {
         Some(addr) => {
             let repos = orch.config().repos.keys().cloned().collect::<Vec<_>>().join(", ");
@@ -38,15 +74,21 @@ pub(super) async fn serve(config: Config, until_idle: bool) -> anyhow::Result<Ex
     if let Some(addr) = listeners.slack_events_addr() {
         eprintln!("threadline: Slack Events API on http://{addr}/slack/events (point your public URL there)");
     }
-    eprintln!(
-        "threadline: at most {} runs at once; running agents keep going across restarts",
-        orch.config().max_concurrent_runs
-    );
+    if role == Role::FrontEnd {
+        eprintln!(
+            "threadline: executing no runs here (--no-worker): `threadline worker` processes on this database do"
+        );
+    } else {
+        eprintln!(
+            "threadline: at most {} runs at once; running agents keep going across restarts",
+            orch.config().max_concurrent_runs
+        );
+    }
     let shutdown = async {
         let signal = stop_signal().await;
         eprintln!("threadline: {signal}: stopping; running agents keep going and the next start adopts them");
     };
-    crate::daemon::serve(orch, listeners, shutdown).await?;
+    crate::daemon::serve_as(orch, listeners, role, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

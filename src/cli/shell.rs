@@ -30,6 +30,13 @@ pub(super) async fn shell(config: Config, pipeline: &str, agent: Option<&str>) -
             active.id
         );
     }
+    if let Some((name, host)) = orch.workspace_elsewhere(&p.id).await? {
+        anyhow::bail!(
+            "pipeline {}'s workspace is on worker {name} (host {host}): run `threadline shell {}` there",
+            p.id,
+            p.id
+        );
+    }
     let ws = orch.workspace_path(&p.id);
     if !ws.exists() {
         anyhow::bail!("pipeline {} has no workspace yet: its first run has not started", p.id);

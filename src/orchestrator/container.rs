@@ -24,6 +24,8 @@ pub const CONTEXT_MOUNT: &str = "/threadline";
 pub const OBJECTS_MOUNT: &str = "/threadline/objects";
 pub const LABEL_RUN: &str = "threadline.run";
 pub const LABEL_PIPELINE: &str = "threadline.pipeline";
+/// The worker (home) whose agent a container is.
+pub const LABEL_WORKER: &str = "threadline.worker";
 /// The port of an allowlisted agent's egress proxy, so a restart listens there again.
 pub const LABEL_EGRESS_PORT: &str = "threadline.egress.port";
 
@@ -211,6 +213,36 @@ impl AgentSpec {
     }
 }
 
+/// Which of a run's containers [`ContainerRuntime::remove_run_container`] removes, by the
+/// worker its `threadline.worker` label names.
+#[derive(Debug, Clone, Copy)]
+pub enum Whose<'a> {
+    /// Made by a worker other than this one: a lost attempt, on an engine workers share.
+    Others(&'a str),
+    /// This worker's own, or one without the label (made before workers had labels).
+    Own(&'a str),
+}
+
+impl Whose<'_> {
+    fn matches(self, worker: Option<&str>) -> bool {
+        match self {
+            Whose::Others(me) => worker.is_some_and(|w| w != me),
+            Whose::Own(me) => worker.is_none_or(|w| w == me),
+        }
+    }
+}
+
+/// A container found by name: what deciding about it needs.
+struct Named {
+    id: String,
+    worker: Option<String>,
+    /// Docker is removing it, or it is dead: it cannot be started any more.
+    going: bool,
+}
+
+/// How long a removal another caller began is waited for.
+const REMOVAL_WAIT: Duration = Duration::from_secs(30);
+
 /// What Docker says of a run's container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerStatus {
@@ -292,18 +324,32 @@ impl ContainerRuntime {
             ..Default::default()
         };
         let options = CreateContainerOptionsBuilder::new().name(&spec.name).build();
-        let id = match self.docker.create_container(Some(options), body).await {
+        let created = match self.docker.create_container(Some(options.clone()), body.clone()).await {
+            // The name is taken. By this worker's container a crash left: it is used. By
+            // one Docker is removing, or by another worker's (on an engine workers share:
+            // that worker lost the run and, not yet aware, made it meanwhile): that one
+            // goes, by its id, and the name is tried once more.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                let mine = spec.labels.get(LABEL_WORKER).map(String::as_str);
+                match self.named(&spec.name).await? {
+                    Some(c) if !c.going && (mine.is_none() || c.worker.as_deref() == mine) => return Ok(c.id),
+                    Some(c) => {
+                        let _ = self.stop(&c.id, Duration::from_secs(2)).await;
+                        self.remove(&c.id).await?;
+                        self.docker.create_container(Some(options), body).await
+                    }
+                    None => self.docker.create_container(Some(options), body).await,
+                }
+            }
+            created => created,
+        };
+        let id = match created {
             Ok(created) => created.id,
             Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
-                match self.status(&spec.name).await? {
-                    Some(_) => spec.name.clone(),
-                    None => {
-                        return Err(ContainerError::Docker {
-                            action: "create the container",
-                            detail: format!("a container named {} is in the way", spec.name),
-                        });
-                    }
-                }
+                return Err(ContainerError::Docker {
+                    action: "create the container",
+                    detail: format!("a container named {} is in the way", spec.name),
+                });
             }
             Err(DockerError::DockerResponseServerError {
                 status_code: 404,
@@ -359,18 +405,38 @@ impl ContainerRuntime {
             ("label".to_owned(), vec![format!("{LABEL_PIPELINE}={pipeline_id}")]),
             ("status".to_owned(), vec!["running".to_owned()]),
         ]);
-        let options = ListContainersOptionsBuilder::new().all(false).filters(&filters).build();
-        let found = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(docker_err("list the containers"))?;
-        Ok(found
+        Ok(self
+            .list(filters, false)
+            .await?
             .into_iter()
             .flat_map(|c| c.names.unwrap_or_default())
             .map(|n| n.trim_start_matches('/').to_owned())
             .filter(|n| n != except)
             .collect())
+    }
+
+    /// The run ids of every agent container (running or not) this worker made.
+    pub async fn runs_of_worker(&self, worker_id: &str) -> Result<Vec<String>, ContainerError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{LABEL_WORKER}={worker_id}")])]);
+        Ok(self
+            .list(filters, true)
+            .await?
+            .into_iter()
+            .filter_map(|c| c.labels.and_then(|mut l| l.remove(LABEL_RUN)))
+            .collect())
+    }
+
+    /// The containers matching Docker's list `filters` (stopped ones too with `all`).
+    async fn list(
+        &self,
+        filters: HashMap<String, Vec<String>>,
+        all: bool,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, ContainerError> {
+        let options = ListContainersOptionsBuilder::new().all(all).filters(&filters).build();
+        self.docker
+            .list_containers(Some(options))
+            .await
+            .map_err(docker_err("list the containers"))
     }
 
     /// The container's output from its start, following until it exits.
@@ -409,14 +475,64 @@ impl ContainerRuntime {
         }
     }
 
+    /// Removes a container, running or not. When this returns Ok it is gone, also when
+    /// someone else (another worker, `docker rm`) had begun removing it: its name is free.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let options = RemoveContainerOptionsBuilder::new().force(true).build();
         match self.docker.remove_container(id, Some(options)).await {
             Ok(()) => Ok(()),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            // 409: removal already in progress.
-            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            // 409: a removal is already in progress; it is waited for.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => self.wait_removed(id).await,
             Err(e) => Err(docker_err("remove the container")(e)),
+        }
+    }
+
+    async fn wait_removed(&self, id: &str) -> Result<(), ContainerError> {
+        let deadline = tokio::time::Instant::now() + REMOVAL_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            match self.docker.inspect_container(id, None).await {
+                Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
+                Err(e) => return Err(docker_err("remove the container")(e)),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        Err(ContainerError::Docker {
+            action: "remove the container",
+            detail: format!("{id} is still being removed after {} s", REMOVAL_WAIT.as_secs()),
+        })
+    }
+
+    /// Stops and removes the container named `name` when `whose` says so of the worker its
+    /// label names. Decided on one inspection and done by the id it gave, so a container
+    /// of that name another worker makes meanwhile is never touched. True when one went.
+    pub async fn remove_run_container(
+        &self,
+        name: &str,
+        whose: Whose<'_>,
+        grace: Duration,
+    ) -> Result<bool, ContainerError> {
+        let Some(c) = self.named(name).await?.filter(|c| whose.matches(c.worker.as_deref())) else {
+            return Ok(false);
+        };
+        let _ = self.stop(&c.id, grace).await;
+        self.remove(&c.id).await?;
+        Ok(true)
+    }
+
+    async fn named(&self, name: &str) -> Result<Option<Named>, ContainerError> {
+        use bollard::models::ContainerStateStatusEnum as S;
+        match self.docker.inspect_container(name, None).await {
+            Ok(info) => Ok(info.id.map(|id| Named {
+                id,
+                worker: info
+                    .config
+                    .and_then(|c| c.labels)
+                    .and_then(|mut l| l.remove(LABEL_WORKER)),
+                going: matches!(info.state.and_then(|s| s.status), Some(S::REMOVING | S::DEAD)),
+            })),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(docker_err("inspect the container")(e)),
         }
     }
 }

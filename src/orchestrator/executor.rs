@@ -12,7 +12,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::agent_events::{self, AgentState};
 use super::container::{
-    AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_EGRESS_PORT, LABEL_PIPELINE, LABEL_RUN, container_name,
+    AgentSpec, CONTEXT_MOUNT, ContainerStatus, LABEL_EGRESS_PORT, LABEL_PIPELINE, LABEL_RUN, LABEL_WORKER, Whose,
+    container_name,
 };
 use super::workspace::{self, CommitInfo, PushState, SUMMARY_FILE};
 use super::{Inner, RunUpdate, log_path, run_dir};
@@ -33,11 +34,23 @@ const LOG_TAIL_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 enum ExecError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
+    /// Another process owns the run now: this one must let it go.
+    #[error(transparent)]
+    LeaseLost(StoreError),
     #[error("run {0} lost its pipeline")]
     NoPipeline(String),
     #[error("run {id} was moved to {state} by someone else")]
     Raced { id: String, state: RunState },
+}
+
+impl From<StoreError> for ExecError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::LeaseLost { .. } => ExecError::LeaseLost(e),
+            e => ExecError::Store(e),
+        }
+    }
 }
 
 /// Drives `run` to a terminal state (or until shutdown detaches it). When the database
@@ -46,19 +59,41 @@ enum ExecError {
 /// after a crash, and the agent's container keeps running meanwhile.
 pub(super) async fn execute(inner: Arc<Inner>, run: Run) {
     let run_id = run.id.clone();
+    let taken = inner
+        .executing
+        .lock()
+        .unwrap()
+        .get(&run_id)
+        .cloned()
+        .unwrap_or_default();
     let mut run = Some(run);
     let mut backoff = Duration::from_millis(250);
     loop {
-        let attempt = match run.take() {
-            Some(run) => drive(&inner, run).await,
-            None => match inner.store.run(&run_id).await {
-                Ok(Some(stored)) => drive(&inner, stored).await,
-                Ok(None) => Err(ExecError::NoPipeline(run_id.clone())),
-                Err(e) => Err(e.into()),
-            },
+        let attempt = async {
+            match run.take() {
+                Some(run) => drive(&inner, run).await,
+                None => match inner.store.run(&run_id).await {
+                    Ok(Some(stored)) => drive(&inner, stored).await,
+                    Ok(None) => Err(ExecError::NoPipeline(run_id.clone())),
+                    Err(e) => Err(e.into()),
+                },
+            }
+        };
+        let attempt = tokio::select! {
+            done = attempt => done,
+            // The heartbeat found the lease had been lost and the run taken over.
+            _ = taken.cancelled(), if !inner.shutdown.is_cancelled() => Err(ExecError::LeaseLost(StoreError::LeaseLost {
+                run: run_id.clone(),
+                owner: None,
+            })),
         };
         match attempt {
             Ok(()) => break,
+            Err(ExecError::LeaseLost(e)) => {
+                tracing::warn!(run_id = %run_id, error = %e, "another worker took the run over: it is let go here, and what it left here is set aside");
+                let_go(&inner, &run_id).await;
+                break;
+            }
             Err(ExecError::Store(e)) if !inner.shutdown.is_cancelled() => {
                 tracing::warn!(run_id = %run_id, error = %e, retry_in_ms = backoff.as_millis() as u64, "the database failed during the run; trying again");
                 tokio::select! {
@@ -78,6 +113,8 @@ pub(super) async fn execute(inner: Arc<Inner>, run: Run) {
 }
 
 async fn drive(inner: &Arc<Inner>, mut run: Run) -> Result<(), ExecError> {
+    // Fenced from the start: a run another process took over is not touched.
+    inner.store.check_owner(&run.id, &inner.instance_id).await?;
     let pipeline = inner
         .store
         .pipeline(&run.pipeline_id)
@@ -124,7 +161,10 @@ async fn transition(
     to: RunState,
     detail: &str,
 ) -> Result<bool, StoreError> {
-    let moved = inner.store.transition(run_id, from, to, detail).await?;
+    let moved = inner
+        .store
+        .transition_owned(&inner.instance_id, run_id, from, to, detail)
+        .await?;
     if moved {
         tracing::info!(run_id, from = %from, state = %to, detail, "run state");
         inner.publish_moved(run_id).await?;
@@ -169,7 +209,7 @@ async fn prepare(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(
                 end_reason: Some(EndReason::NotStarted),
                 ..Default::default()
             };
-            inner.store.update_run(&run.id, &patch).await?;
+            inner.update_owned(&run.id, &patch).await?;
             (RunState::Failed, message)
         }
     };
@@ -183,7 +223,13 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
     let name = container_name(&run.id);
     // A container already exists when the last process died after creating it: one
     // never started is started now (its agent has not run), any other is followed.
-    match inner.runtime.status(&name).await {
+    // Only this worker's: one another worker made (on a Docker engine several workers
+    // share) is that worker's attempt, which lost the run, and goes.
+    let status = match inner.runtime.status(&name).await {
+        Ok(Some(_)) if remove_foreign_container(inner, run, &name).await? => Ok(None),
+        status => status,
+    };
+    match status {
         Ok(Some(ContainerStatus::Created)) => {
             inner.runtime.start(&name).await.map_err(failed)?;
             mark_running(inner, run, name, "container found again, not started yet: started").await?;
@@ -215,22 +261,57 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
     let (uid, gid) = agent_owner(&profile, inner.me).map_err(failed)?;
     refuse_if_in_use(inner, pipeline, &name).await.map_err(failed)?;
 
-    let prepared = {
-        let lock = mirror_lock(inner, &pipeline.remote_url);
-        let _guard = lock.lock().await;
-        let git = inner.git.clone();
-        let p = pipeline.clone();
-        tokio::task::spawn_blocking(move || git.prepare(&p))
-            .await
-            .expect("git prepare does not panic")
-            .map_err(failed)?
-    };
+    // The pipeline went on on another worker (its last run, or this run before it was
+    // taken over): what this one still has of it that the remote has not (files a
+    // killed agent left, a lost attempt's commit) is older than the branch and goes
+    // aside, never pushed, and the run starts from the remote.
+    let moved = run.head_commit.is_some()
+        || inner
+            .store
+            .previous_home(&pipeline.id, &run.id)
+            .await?
+            .is_some_and(|home| home != inner.worker.id);
+    if moved {
+        set_aside(inner, pipeline, run, "its pipeline went on on another worker").await;
+    }
+    let mut prepared = prepare_workspace(inner, pipeline).await.map_err(failed)?;
     crash::point(Step::Prepared);
+    // Taken over from a worker that was lost after saving this run's work: once the
+    // branch has it, the agent does not run again; the run ends as that worker saved
+    // it. A push that worker began before its lease ran out may still be landing.
+    if let (Some(head), Some(_)) = (&run.head_commit, &run.start_commit) {
+        let mut pushed = has_commit(inner, pipeline, head).await.map_err(failed)?;
+        if !pushed {
+            tracing::info!(run_id = %run.id, "waiting for a push the worker that lost this run may still be making");
+            tokio::select! {
+                _ = tokio::time::sleep(PUSH_SETTLE) => {}
+                _ = cancel_requested(inner, &run.id) => return Err(Unprepared::Cancelled),
+            }
+            prepared = prepare_workspace(inner, pipeline).await.map_err(failed)?;
+            pushed = has_commit(inner, pipeline, head).await.map_err(failed)?;
+        }
+        if pushed {
+            transition(
+                inner,
+                &run.id,
+                RunState::Preparing,
+                RunState::Saving,
+                "its work was pushed by the worker that lost it; not run again",
+            )
+            .await?;
+            return Ok(());
+        }
+    }
+    // Started again (taken over, or a restart here before the agent ran): what an
+    // earlier attempt left is not this one's.
+    if run.start_commit.is_some() {
+        inner.store.forget_attempt(&run.id, &inner.instance_id).await?;
+    }
     let patch = RunPatch {
         start_commit: Some(prepared.start_commit.clone()),
         ..Default::default()
     };
-    inner.store.update_run(&run.id, &patch).await?;
+    inner.update_owned(&run.id, &patch).await?;
     let context = write_context(inner, pipeline, run, &profile)
         .await
         .map_err(|e| failed(format!("cannot write the run's context files: {e}")))?;
@@ -249,7 +330,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
             resumed: Some(true),
             ..Default::default()
         };
-        inner.store.update_run(&run.id, &patch).await?;
+        inner.update_owned(&run.id, &patch).await?;
     }
     // An ask reads the workspace as it is: it stays the daemon's.
     if (uid, gid) != inner.me && !ask {
@@ -307,6 +388,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
         labels: HashMap::from([
             (LABEL_RUN.to_owned(), run.id.clone()),
             (LABEL_PIPELINE.to_owned(), pipeline.id.clone()),
+            (LABEL_WORKER.to_owned(), inner.worker.id.clone()),
         ])
         .into_iter()
         .chain(
@@ -391,7 +473,7 @@ async fn environment_image(
             progress: Some(Progress::default()),
             ..Default::default()
         };
-        inner.store.update_run(&run.id, &patch).await?;
+        inner.update_owned(&run.id, &patch).await?;
     }
     match image {
         Some(image) => image.map_err(failed),
@@ -417,7 +499,7 @@ async fn show_environment_build(inner: Arc<Inner>, run_id: String, building: Arc
                 }),
                 ..Default::default()
             };
-            if inner.store.update_run(&run_id, &patch).await.is_err() {
+            if inner.update_owned(&run_id, &patch).await.is_err() {
                 continue;
             }
         }
@@ -503,7 +585,7 @@ async fn mark_running(inner: &Inner, run: &Run, container_id: String, detail: &s
         container_id: Some(container_id),
         ..Default::default()
     };
-    inner.store.update_run(&run.id, &patch).await?;
+    inner.update_owned(&run.id, &patch).await?;
     transition(inner, &run.id, RunState::Preparing, RunState::Running, detail).await?;
     Ok(())
 }
@@ -607,8 +689,7 @@ async fn follow(inner: &Arc<Inner>, run: &Run) -> Result<bool, ExecError> {
     };
     inner.egress.lock().unwrap().remove(&run.id);
     inner
-        .store
-        .update_run(
+        .update_owned(
             &run.id,
             &RunPatch {
                 exit_code,
@@ -763,7 +844,7 @@ async fn stream_logs(inner: Arc<Inner>, run_id: String, container: String, forma
                 .map(String::as_str)
                 .collect::<Vec<_>>()
                 .join("\n");
-            if let Err(e) = inner.store.set_log_tail(&run_id, &text).await {
+            if let Err(e) = inner.store.set_log_tail(&inner.instance_id, &run_id, &text).await {
                 tracing::warn!(run_id, error = %e, "cannot store the log tail");
             }
             dirty = false;
@@ -825,7 +906,7 @@ async fn report(inner: &Inner, run_id: &str, agent: &AgentState, reporting: &Rep
         session_cost_usd: agent.reported_cost(),
         ..Default::default()
     };
-    match inner.store.update_run(run_id, &patch).await {
+    match inner.update_owned(run_id, &patch).await {
         Ok(()) => {
             let _ = inner.publish_stored(run_id).await;
         }
@@ -873,35 +954,76 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
             .map(|a| a.exclude.clone())
             .unwrap_or_default();
         let owner = Some(inner.me);
-        let job = tokio::task::spawn_blocking(move || {
-            let saved = git.save(
-                &p,
-                &start,
-                &CommitInfo {
-                    exclude: &exclude,
-                    run_id: &run_id,
-                    prompt: &prompt,
-                    agent: &agent,
-                    outcome: &outcome,
-                },
-                owner,
-            )?;
-            crash::point(Step::Committed);
-            let state = git.push_state(&p)?;
-            let push = (state == PushState::Needed).then(|| git.push(&p));
-            if let Some(Ok(())) = push {
-                crash::point(Step::Pushed);
-            }
-            // Pushed already: by a save that a crash interrupted before its outcome was stored.
-            let pushed_before = state == PushState::Pushed;
-            Ok::<_, workspace::GitError>((saved, push, pushed_before))
+        // A task of its own: a save cut short by the limit or a cancel still ends (its
+        // commit, then its push if the run is still ours).
+        let (me, id) = (inner.clone(), run.id.clone());
+        let job = tokio::spawn(async move {
+            let (git2, p2) = (git.clone(), p.clone());
+            let saved = tokio::task::spawn_blocking(move || {
+                let saved = git2.save(
+                    &p2,
+                    &start,
+                    &CommitInfo {
+                        exclude: &exclude,
+                        run_id: &run_id,
+                        prompt: &prompt,
+                        agent: &agent,
+                        outcome: &outcome,
+                    },
+                    owner,
+                )?;
+                crash::point(Step::Committed);
+                Ok::<_, workspace::GitError>(saved)
+            })
+            .await
+            .expect("git save does not panic")
+            .map_err(|e| SaveStop::Git(e.to_string()))?;
+            // Fencing: nothing leaves this host unless the run is still this process's.
+            // The commit is recorded first, so a worker that takes the run over after
+            // the push finds it on the branch and does not run the agent again.
+            let patch = RunPatch {
+                head_commit: Some(saved.head.clone()),
+                ..Default::default()
+            };
+            me.update_owned(&id, &patch).await.map_err(SaveStop::Store)?;
+            // A push the lease did not let begin is tried again once it is renewed.
+            let mut tries = 0;
+            let (push, pushed_before) = loop {
+                tries += 1;
+                let may_send = me.fence_push(&id).await.map_err(SaveStop::Store)?;
+                let (git, p) = (git.clone(), p.clone());
+                let pushed = tokio::task::spawn_blocking(move || {
+                    let state = git.push_state(&p)?;
+                    let push = (state == PushState::Needed).then(|| git.push(&p, &may_send));
+                    if let Some(Ok(())) = push {
+                        crash::point(Step::Pushed);
+                    }
+                    // Pushed already: by a save that a crash interrupted before its outcome was stored.
+                    Ok::<_, workspace::GitError>((push, state == PushState::Pushed))
+                })
+                .await
+                .expect("git push does not panic")
+                .map_err(|e| SaveStop::Git(e.to_string()))?;
+                match pushed {
+                    (Some(Err(workspace::GitError::PushTooLate { .. })), _) if tries < PUSH_TRIES => {
+                        tokio::time::sleep(super::scheduler::HEARTBEAT).await;
+                        continue;
+                    }
+                    pushed => break pushed,
+                }
+            };
+            Ok((saved, push, pushed_before))
         });
         // Whatever the agent left, saving ends: within its time limit, or when the run
         // is cancelled. A save cut short finishes on its own thread under the pipeline's
         // git lock, so the next run waits for it rather than racing it.
         let limit = Duration::from_secs(inner.config.save_timeout_secs);
         let result = tokio::select! {
-            done = job => done.expect("git save does not panic").map_err(|e| SaveOutcome::Failed(e.to_string())),
+            done = job => match done.expect("saving does not panic") {
+                Ok(done) => Ok(done),
+                Err(SaveStop::Git(e)) => Err(SaveOutcome::Failed(e)),
+                Err(SaveStop::Store(e)) => return Err(e.into()),
+            },
             _ = tokio::time::sleep(limit) => Err(SaveOutcome::TimedOut { limit: limit.as_millis() as i64 }),
             _ = cancel_requested(inner, &run.id) => Err(SaveOutcome::Cancelled),
         };
@@ -947,7 +1069,7 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     if let Some(e) = &error {
         patch.error = Some(inner.redactor.redact(e));
     }
-    inner.store.update_run(&run.id, &patch).await?;
+    inner.update_owned(&run.id, &patch).await?;
     let mut detail = match &saved {
         Some(s) if s.changed => format!("{} at {}", s.diffstat, workspace::short(&s.head)),
         Some(_) => "no changes".to_owned(),
@@ -966,6 +1088,164 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     transition(inner, &run.id, RunState::Saving, to, &detail).await?;
     crash::point(Step::Stored);
     Ok(())
+}
+
+/// Removes the run's container if another worker made it (on a Docker engine several
+/// workers share): that worker's attempt, which lost the run. True when one went.
+async fn remove_foreign_container(inner: &Arc<Inner>, run: &Run, name: &str) -> Result<bool, Unprepared> {
+    let others = Whose::Others(&inner.worker.id);
+    let removed = inner
+        .runtime
+        .remove_run_container(name, others, Duration::from_secs(2))
+        .await
+        .map_err(failed)?;
+    if removed {
+        tracing::warn!(run_id = %run.id, "removed the run's container left by the worker that lost it");
+    }
+    Ok(removed)
+}
+
+/// How long a worker that took a run over waits for a push the lost worker may have
+/// begun (before its lease ran out) to land, before it runs the agent again.
+pub(super) const PUSH_SETTLE: Duration = Duration::from_secs(10);
+
+/// Fetches the pipeline's branch and checks out its work tree (under the mirror's lock).
+async fn prepare_workspace(
+    inner: &Arc<Inner>,
+    pipeline: &Pipeline,
+) -> Result<workspace::Prepared, workspace::GitError> {
+    let lock = mirror_lock(inner, &pipeline.remote_url);
+    let _guard = lock.lock().await;
+    let (git, p) = (inner.git.clone(), pipeline.clone());
+    tokio::task::spawn_blocking(move || git.prepare(&p))
+        .await
+        .expect("git prepare does not panic")
+}
+
+/// Whether the pipeline's branch here holds `commit`.
+async fn has_commit(inner: &Arc<Inner>, pipeline: &Pipeline, commit: &str) -> Result<bool, workspace::GitError> {
+    let (git, p, commit) = (inner.git.clone(), pipeline.clone(), commit.to_owned());
+    tokio::task::spawn_blocking(move || git.has_commit(&p, &commit))
+        .await
+        .expect("has_commit does not panic")
+}
+
+/// How many times a push the lease did not let begin is tried, a heartbeat apart: the
+/// lease is renewed meanwhile, or found lost (then the run is another's, or fenced anew).
+const PUSH_TRIES: u32 = 10;
+
+/// Why saving stopped before its end.
+enum SaveStop {
+    /// Git failed: the run ends failed with this sentence.
+    Git(String),
+    /// The store failed, or the lease is lost: the executor decides.
+    Store(StoreError),
+}
+
+/// Lets a run go that another process took over: its agent here is stopped (when it is
+/// this worker's container) and what it left in the workspace is set aside, so nothing
+/// of it is pushed or stored and the pipeline's next run here starts from the remote.
+async fn let_go(inner: &Arc<Inner>, run_id: &str) {
+    let name = container_name(run_id);
+    let own = Whose::Own(&inner.worker.id);
+    if let Err(e) = inner
+        .runtime
+        .remove_run_container(&name, own, Duration::from_secs(2))
+        .await
+    {
+        tracing::warn!(run_id, error = %e, "cannot remove the container of a run taken over by another worker");
+    }
+    // Its egress proxy stops when dropped.
+    inner.egress.lock().unwrap().remove(run_id);
+    let Ok(Some(run)) = inner.store.run(run_id).await else {
+        return;
+    };
+    let Ok(Some(pipeline)) = inner.store.pipeline(&run.pipeline_id).await else {
+        return;
+    };
+    // The work tree is read only once no agent can write it: its container gone, and no
+    // other one running on the pipeline (as `save` requires).
+    if !matches!(inner.runtime.status(&name).await, Ok(None))
+        || refuse_if_in_use(inner, &pipeline, &name).await.is_err()
+    {
+        tracing::warn!(
+            run_id,
+            "an agent may still be running on the workspace: what the lost run left stays there as it is"
+        );
+        return;
+    }
+    set_aside(inner, &pipeline, &run, "taken over by another worker").await;
+}
+
+/// Sets aside what the pipeline's workspace here has that the remote has not (see
+/// [`workspace::Git::set_aside`]), named after `run`. No agent may be running on it.
+async fn set_aside(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run, outcome: &'static str) {
+    let lock = mirror_lock(inner, &pipeline.remote_url);
+    let _guard = lock.lock().await;
+    let (git, me, p) = (inner.git.clone(), inner.me, pipeline.clone());
+    let prompt = inner.redactor.redact(&run.prompt);
+    let exclude = inner
+        .config
+        .agent(&run.agent)
+        .map(|a| a.exclude.clone())
+        .unwrap_or_default();
+    let (id, agent) = (run.id.clone(), run.agent.clone());
+    let aside = tokio::task::spawn_blocking(move || {
+        git.set_aside(
+            &p,
+            &CommitInfo {
+                exclude: &exclude,
+                run_id: &id,
+                prompt: &prompt,
+                agent: &agent,
+                outcome,
+            },
+            Some(me),
+        )
+    })
+    .await;
+    let run_id = &run.id;
+    match aside {
+        Ok(Ok(Some(aside))) => tracing::warn!(
+            run_id,
+            commit = %workspace::short(&aside.commit),
+            "work this worker had that the branch has not is kept at {} (never pushed): {outcome}",
+            aside.reference
+        ),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::warn!(run_id, error = %e, "cannot set aside what this worker had of the pipeline"),
+        Err(e) => tracing::warn!(run_id, error = %e, "setting aside a pipeline's old work panicked"),
+    }
+}
+
+/// At start: the agents this worker left behind whose runs another worker (another
+/// home) took over while it was away are stopped and removed, and their work set aside.
+/// A run still of this home is left alone, whichever of its processes owns it: a
+/// sibling process (`threadline run` beside `serve`) runs it, or it waits to be adopted
+/// here once its dead owner's lease expires.
+pub(super) async fn let_go_of_left_agents(inner: &Arc<Inner>) {
+    let runs = match inner.runtime.runs_of_worker(&inner.worker.id).await {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the agents this worker left");
+            return;
+        }
+    };
+    for run_id in runs {
+        if inner.executing.lock().unwrap().contains_key(&run_id) {
+            continue;
+        }
+        let taken = match inner.store.home_of_run(&run_id).await {
+            Ok(Some(home)) => home != inner.worker.id,
+            // Unknown here, or from before workers had homes.
+            Ok(None) => false,
+            Err(_) => continue,
+        };
+        if taken {
+            tracing::warn!(run_id, "another worker took this run over while this one was away");
+            let_go(inner, &run_id).await;
+        }
+    }
 }
 
 /// How many of an agent's last lines stand for its answer when it gave none.
@@ -1302,6 +1582,12 @@ async fn fetch_attachments(
         let cap = super::MAX_ATTACHMENT_BYTES.min(super::MAX_RUN_ATTACHMENT_BYTES.saturating_sub(total));
         let got = match &a.source {
             AttachmentSource::File { path } => read_upload(path, cap).await,
+            AttachmentSource::Stored { key } => match inner.store.upload(key).await {
+                Ok(Some(bytes)) if bytes.len() <= cap => Ok(bytes),
+                Ok(Some(bytes)) => Err(format!("{} bytes, over the limit of {cap}", bytes.len())),
+                Ok(None) => Err("the uploaded file is no longer kept".to_owned()),
+                Err(e) => Err(format!("cannot read the uploaded file ({e})")),
+            },
             AttachmentSource::Url { url, auth } => download(inner, url, auth, cap).await,
         };
         match got {

@@ -19,7 +19,7 @@ pub mod workspace;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -33,7 +33,7 @@ use crate::redact::Redactor;
 use crate::store::{NewRun, Store};
 use crate::untrusted;
 
-pub use crate::store::{PipelineSummary, StoreError, ThreadMessage};
+pub use crate::store::{InstanceInfo, LEASE_MILLIS, PipelineSummary, StoreError, ThreadMessage};
 
 /// The most of one thread message kept as context.
 pub const MAX_THREAD_MESSAGE_BYTES: usize = 4096;
@@ -42,7 +42,7 @@ pub use ports::{Containers, Workspaces};
 pub use pulls::{NextStep, PullRequestError, PullRequestOutcome, PullRequestView};
 pub use queries::{Queries, copy_store};
 pub use reviews::{HookOutcome, WebhookError};
-pub use scheduler::Scope;
+pub use scheduler::{Role, Scope};
 pub use workspace::{Git, GitError};
 
 /// What happened to a run, for whoever is watching in this process.
@@ -186,6 +186,31 @@ pub struct Cancelled {
     pub stopping: Vec<String>,
 }
 
+/// This process's lease, as it knows it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lease {
+    /// When it was last renewed (on [`boot_clock`], when the renewal was asked). None:
+    /// it holds none, as in tests that drive an executor alone.
+    renewed: Option<std::time::Duration>,
+    /// How many times it was found expired (and taken again).
+    lost: u64,
+}
+
+/// How long before its lease could run out a push must have begun sending: the time a
+/// remote needs to take in a pack and update its branch, and the clocks' drift.
+const PUSH_MARGIN: std::time::Duration = std::time::Duration::from_millis(1_000);
+
+/// Whether a push may begin sending now (see [`Inner::fence_push`]).
+type PushFence = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Time since the host booted, suspended time included (`CLOCK_BOOTTIME`): the lease is
+/// timed on it, because std's `Instant` stands still while the host sleeps, and the
+/// database's clock, which the lease really runs on, does not.
+fn boot_clock() -> std::time::Duration {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    std::time::Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
 #[derive(Clone)]
 pub struct Orchestrator {
     inner: Arc<Inner>,
@@ -200,10 +225,19 @@ pub(crate) struct Inner {
     events: broadcast::Sender<RunUpdate>,
     wake: Notify,
     instance_id: String,
+    /// This worker: its home on this host, its name and labels.
+    worker: WorkerIdentity,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    /// Runs executing in this process.
-    executing: Mutex<HashSet<String>>,
+    /// Runs executing in this process, each with what stops its executor when another
+    /// process has taken the run over.
+    executing: Mutex<HashMap<String, CancellationToken>>,
+    /// This process's lease as it knows it.
+    lease: Mutex<Lease>,
+    /// Cancelled once the process gives its lease up, as it stops: no renewal after.
+    released: CancellationToken,
+    /// Relays runs other processes execute to this process's watchers (a front end).
+    relay: std::sync::atomic::AtomicBool,
     /// One git fetch into a mirror at a time.
     mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// The forges' HTTP client, made on the first Open PR (not at start-up).
@@ -242,6 +276,14 @@ impl Orchestrator {
         Ok(Self::new(config, store, runtime))
     }
 
+    /// Opens the store for a process that executes no runs (`serve --no-worker`): no
+    /// Docker engine is needed.
+    pub async fn open_front_end(config: Arc<Config>) -> Result<Self, OpenError> {
+        let store = Store::open(&config.database_url()).await?;
+        let git = Arc::new(Git::new(&config));
+        Ok(Self::with_ports(config, store, Arc::new(ports::NoContainers), git))
+    }
+
     /// An orchestrator on other containers and workspaces than Docker and libgit2 (the
     /// tests' fakes, another executor).
     pub fn with_ports(
@@ -251,6 +293,7 @@ impl Orchestrator {
         git: Arc<dyn Workspaces>,
     ) -> Self {
         let (events, _) = broadcast::channel(1024);
+        let worker = WorkerIdentity::of(&config);
         let env_home = environment::home_id(&config.data_dir);
         let redactor = Redactor::new(config.secret_values());
         let repo_keys = config
@@ -274,9 +317,13 @@ impl Orchestrator {
                 events,
                 wake: Notify::new(),
                 instance_id: uuid::Uuid::new_v4().simple().to_string(),
+                worker,
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
-                executing: Mutex::new(HashSet::new()),
+                executing: Mutex::new(HashMap::new()),
+                lease: Mutex::new(Lease::default()),
+                released: CancellationToken::new(),
+                relay: std::sync::atomic::AtomicBool::new(false),
                 mirror_locks: Mutex::new(HashMap::new()),
                 http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
@@ -304,6 +351,29 @@ impl Orchestrator {
 
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// This process's worker name (people see it on `threadline workers`).
+    pub fn worker_name(&self) -> &str {
+        &self.inner.worker.name
+    }
+
+    /// The worker holding the pipeline's workspace when it is another one than this
+    /// process's: (name, host).
+    pub async fn workspace_elsewhere(&self, pipeline_id: &str) -> Result<Option<(String, String)>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .holder(pipeline_id)
+            .await?
+            .filter(|(id, _, _)| *id != self.inner.worker.id)
+            .map(|(_, name, host)| (name, host)))
+    }
+
+    /// Makes this process the one that keeps the run's chat status message, unless
+    /// another live front end is: with several `serve` processes, one posts per run.
+    pub async fn claim_status_message(&self, run_id: &str) -> Result<bool, StoreError> {
+        self.inner.store.claim_poster(run_id, &self.inner.instance_id).await
     }
 
     pub fn redactor(&self) -> &Redactor {
@@ -380,6 +450,7 @@ impl Orchestrator {
             created_at: now_millis(),
         };
         let new_run = NewRun {
+            requires: self.inner.required_labels(&agent, &pipeline),
             prompt,
             agent,
             requested_by: req.requested_by,
@@ -414,6 +485,7 @@ impl Orchestrator {
             .ok_or_else(|| SubmitError::UnknownPipeline(req.pipeline_id.clone()))?;
         let agent = self.check_agent(Some(req.agent.as_deref().unwrap_or(&pipeline.agent)))?;
         let new_run = NewRun {
+            requires: self.inner.required_labels(&agent, &pipeline),
             prompt,
             agent,
             requested_by: req.requested_by,
@@ -465,15 +537,10 @@ impl Orchestrator {
         .await
     }
 
-    /// Gives attachments safe, unique names and keeps uploads in `data_dir/uploads`.
+    /// Gives attachments safe, unique names and keeps uploads in the store.
     async fn keep_attachments(&self, attachments: Vec<NewAttachment>) -> Result<Vec<Attachment>, SubmitError> {
         let mut kept: Vec<Attachment> = Vec::new();
-        let dir = self
-            .inner
-            .config
-            .data_dir
-            .join("uploads")
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let batch = uuid::Uuid::new_v4().simple().to_string();
         for a in attachments {
             let wanted = match &a {
                 NewAttachment::Source(a) => a.name.clone(),
@@ -489,17 +556,12 @@ impl Orchestrator {
             let source = match a {
                 NewAttachment::Source(a) => a.source,
                 NewAttachment::Upload { bytes, .. } => {
-                    let path = dir.join(&name);
-                    let written = async {
-                        tokio::fs::create_dir_all(&dir).await?;
-                        tokio::fs::write(&path, &bytes).await
-                    };
-                    written.await.map_err(|e| {
+                    // In the database, so a worker on any host gives it to its agent.
+                    let key = format!("{batch}/{name}");
+                    self.inner.store.put_upload(&key, &bytes).await.map_err(|e| {
                         SubmitError::Attachments(format!("cannot keep the attached file {name:?}: {e}"))
                     })?;
-                    AttachmentSource::File {
-                        path: path.display().to_string(),
-                    }
+                    AttachmentSource::Stored { key }
                 }
             };
             kept.push(Attachment { name, source });
@@ -513,10 +575,8 @@ impl Orchestrator {
             return;
         }
         for a in &run.attachments {
-            if let AttachmentSource::File { path } = &a.source
-                && path.starts_with(&self.inner.config.data_dir.join("uploads").display().to_string())
-            {
-                let _ = tokio::fs::remove_file(path).await;
+            if let AttachmentSource::Stored { key } = &a.source {
+                let _ = self.inner.store.remove_upload(key).await;
             }
         }
     }
@@ -571,7 +631,10 @@ impl Orchestrator {
                 && now.state.is_active()
             {
                 out.stopping.push(run.id.clone());
-                if now.state == RunState::Running {
+                // Its executor sees the request within a moment wherever it runs; here,
+                // the container is stopped at once.
+                let here = self.inner.executing.lock().unwrap().contains_key(&run.id);
+                if now.state == RunState::Running && here {
                     self.stop_container_soon(&now);
                 }
             }
@@ -732,17 +795,29 @@ impl Orchestrator {
         self.inner.shutdown.cancel();
         self.inner.tracker.close();
         // Executors stop at once but for a git step under way (a preparation or a save),
-        // which is left a moment to finish; whatever is cut short, the next start
-        // resumes from the stored state (the same path as a crash).
+        // which is left a moment to finish, the lease still renewed so that a save may
+        // push; whatever is cut short, the next start resumes from the stored state (the
+        // same path as a crash).
         if tokio::time::timeout(std::time::Duration::from_secs(10), self.inner.tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!("runs still preparing or saving after 10 s; the next start resumes them");
         }
-        let _ = self.inner.store.remove_instance(&self.inner.instance_id).await;
+        self.inner.released.cancel();
+        // Agents left running are this worker's to resume: its restart adopts them at
+        // once; other workers take them over only if it is not back within the grace.
+        let _ = self
+            .inner
+            .store
+            .release_instance(&self.inner.instance_id, STOP_GRACE_MILLIS)
+            .await;
     }
 }
+
+/// How long a worker that stopped gracefully with agents running keeps its runs from
+/// other workers (a restart, an upgrade), on top of the lease.
+pub const STOP_GRACE_MILLIS: crate::model::Millis = 30_000;
 
 /// Everything Threadline keeps about one run besides the database.
 pub fn run_dir(data_dir: &Path, run_id: &str) -> PathBuf {
@@ -768,6 +843,54 @@ impl Inner {
             .map_or(("NAME", &*UNCONFIGURED), |(n, r)| (n.as_str(), r))
     }
 
+    /// The labels a run of `agent` on `pipeline` needs of its worker.
+    fn required_labels(&self, agent: &str, pipeline: &Pipeline) -> String {
+        let profile = self
+            .config
+            .agent(agent)
+            .map(|a| a.requires.as_slice())
+            .unwrap_or_default();
+        let repo = self.repo_settings(pipeline).1.requires.as_slice();
+        crate::config::required_labels([profile, repo])
+    }
+
+    /// This process as a claimer of runs.
+    fn claimer(&self) -> crate::store::Claimer<'_> {
+        crate::store::Claimer {
+            instance: &self.instance_id,
+            worker_id: &self.worker.id,
+            labels: &self.config.worker.labels,
+            limit: self.config.max_concurrent_runs,
+        }
+    }
+
+    /// Fences a push, which the database cannot: checks that the run is still this
+    /// process's own and returns what the push asks, last in its negotiation, whether
+    /// it may begin sending: while the lease checked here was never lost since (a lease
+    /// lost and taken again voids what was checked before) and was renewed recently
+    /// enough that it cannot run out within [`PUSH_MARGIN`]. No other process can take
+    /// the run over before then: the lease runs from the renewal, measured on the
+    /// database's clock, which was asked later. The answer follows each renewal, so
+    /// waiting for locks or a slow remote costs nothing while the lease is kept.
+    async fn fence_push(self: &Arc<Self>, run_id: &str) -> Result<PushFence, StoreError> {
+        let epoch = self.lease.lock().unwrap().lost;
+        self.store.check_owner(run_id, &self.instance_id).await?;
+        let me = Arc::clone(self);
+        let lease = std::time::Duration::from_millis(crate::store::LEASE_MILLIS as u64);
+        Ok(Box::new(move || {
+            let now = *me.lease.lock().unwrap();
+            now.lost == epoch
+                && now
+                    .renewed
+                    .is_none_or(|at| boot_clock().saturating_sub(at) + PUSH_MARGIN < lease)
+        }))
+    }
+
+    /// Stores what the executor learned of a run it owns (fenced on that ownership).
+    async fn update_owned(&self, run_id: &str, patch: &crate::store::RunPatch) -> Result<(), StoreError> {
+        self.store.update_run_owned(&self.instance_id, run_id, patch).await
+    }
+
     /// Tells every watcher (chat status messages, the web's live stream) a run as it is.
     fn publish(&self, run: Run) {
         let _ = self.events.send(RunUpdate::State(Box::new(run)));
@@ -790,6 +913,40 @@ impl Inner {
             self.publish(run);
         }
         Ok(())
+    }
+}
+
+/// Who this process is as a worker. The id names its home (the data folder on this
+/// host, where its workspaces and mirrors are): it is kept in `data_dir/worker-id`, so a
+/// restarted worker is the same worker, and two hosts with the same path are not.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerIdentity {
+    pub id: String,
+    pub name: String,
+    pub hostname: String,
+}
+
+impl WorkerIdentity {
+    fn of(config: &Config) -> WorkerIdentity {
+        let hostname = gethostname::gethostname().to_string_lossy().into_owned();
+        let path = config.data_dir.join("worker-id");
+        let id = match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() && id.trim().len() <= 64 => id.trim().to_owned(),
+            _ => {
+                let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+                let _ = std::fs::create_dir_all(&config.data_dir);
+                if let Err(e) = std::fs::write(&path, &id) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot keep this worker's id; a restart will be another worker");
+                }
+                id
+            }
+        };
+        let name = if config.worker.name.is_empty() {
+            hostname.clone()
+        } else {
+            config.worker.name.clone()
+        };
+        WorkerIdentity { id, name, hostname }
     }
 }
 

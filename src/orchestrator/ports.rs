@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
 use super::container::{
-    AgentSpec, ContainerError, ContainerRuntime, ContainerStatus, EnvImage, ImageConfig, SetupSpec,
+    AgentSpec, ContainerError, ContainerRuntime, ContainerStatus, EnvImage, ImageConfig, SetupSpec, Whose,
 };
-use super::workspace::{BaseFiles, CommitInfo, Git, GitError, Prepared, PullRequestCheck, PushState, Saved};
+use super::workspace::{BaseFiles, CommitInfo, Git, GitError, Prepared, PullRequestCheck, PushState, Saved, SetAside};
 use crate::model::Pipeline;
 
 /// Where agents run.
@@ -29,6 +29,10 @@ pub trait Containers: Send + Sync + 'static {
     async fn status(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, ContainerError>;
     /// Running containers of the pipeline other than `except`.
     async fn running_on_pipeline(&self, pipeline_id: &str, except: &str) -> Result<Vec<String>, ContainerError>;
+    /// The runs whose agent containers this worker made and Docker still has.
+    async fn runs_of_worker(&self, _worker_id: &str) -> Result<Vec<String>, ContainerError> {
+        Ok(Vec::new())
+    }
     /// The output from the start, following until the container exits.
     fn logs(&self, id: &str) -> BoxStream<'static, Result<bytes::Bytes, ContainerError>>;
     /// The exit code once it exits; None when the container is gone.
@@ -36,6 +40,22 @@ pub trait Containers: Send + Sync + 'static {
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), ContainerError>;
     async fn remove(&self, id: &str) -> Result<(), ContainerError>;
+    /// Stops and removes the run's container named `name` when `whose` matches the worker
+    /// that made it, never one of that name made meanwhile. True when one went.
+    /// Runtimes without worker labels count every container as this worker's own.
+    async fn remove_run_container(
+        &self,
+        name: &str,
+        whose: Whose<'_>,
+        grace: Duration,
+    ) -> Result<bool, ContainerError> {
+        if matches!(whose, Whose::Others(_)) || self.status(name).await?.is_none() {
+            return Ok(false);
+        }
+        let _ = self.stop(name, grace).await;
+        self.remove(name).await?;
+        Ok(true)
+    }
 
     // Environments and the egress network: runtimes without them refuse.
 
@@ -87,6 +107,48 @@ pub trait Containers: Send + Sync + 'static {
     }
 }
 
+/// The containers of a process that executes no runs (`serve --no-worker`): it needs no
+/// Docker engine, and anything that would start or stop an agent here says why not.
+pub struct NoContainers;
+
+fn not_here() -> ContainerError {
+    ContainerError::Docker {
+        action: "reach Docker",
+        detail: "this process executes no runs (serve --no-worker); its workers do".into(),
+    }
+}
+
+#[async_trait]
+impl Containers for NoContainers {
+    async fn ensure_image(&self, _image: &str) -> Result<(), ContainerError> {
+        Err(not_here())
+    }
+    async fn start_agent(&self, _spec: &AgentSpec) -> Result<String, ContainerError> {
+        Err(not_here())
+    }
+    async fn start(&self, _id: &str) -> Result<(), ContainerError> {
+        Err(not_here())
+    }
+    async fn status(&self, _id_or_name: &str) -> Result<Option<ContainerStatus>, ContainerError> {
+        Ok(None)
+    }
+    async fn running_on_pipeline(&self, _pipeline_id: &str, _except: &str) -> Result<Vec<String>, ContainerError> {
+        Ok(Vec::new())
+    }
+    fn logs(&self, _id: &str) -> BoxStream<'static, Result<bytes::Bytes, ContainerError>> {
+        Box::pin(futures_util::stream::once(async { Err(not_here()) }))
+    }
+    async fn wait(&self, _id: &str) -> Result<Option<i64>, ContainerError> {
+        Ok(None)
+    }
+    async fn stop(&self, _id: &str, _grace: Duration) -> Result<(), ContainerError> {
+        Ok(())
+    }
+    async fn remove(&self, _id: &str) -> Result<(), ContainerError> {
+        Ok(())
+    }
+}
+
 fn unsupported(action: &'static str) -> ContainerError {
     ContainerError::Docker {
         action,
@@ -108,7 +170,21 @@ pub trait Workspaces: Send + Sync + 'static {
         owner: Option<(u32, u32)>,
     ) -> Result<Saved, GitError>;
     fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError>;
-    fn push(&self, pipeline: &Pipeline) -> Result<(), GitError>;
+    /// Whether the pipeline's branch here holds `commit` (see [`Git::has_commit`]).
+    fn has_commit(&self, _pipeline: &Pipeline, _commit: &str) -> Result<bool, GitError> {
+        Ok(false)
+    }
+    /// Keeps a lost run's work aside and goes back to the remote (see [`Git::set_aside`]).
+    fn set_aside(
+        &self,
+        _pipeline: &Pipeline,
+        _info: &CommitInfo<'_>,
+        _owner: Option<(u32, u32)>,
+    ) -> Result<Option<SetAside>, GitError> {
+        Ok(None)
+    }
+    /// Pushes the branch; nothing is sent unless `may_send` says so (see [`Git::push`]).
+    fn push(&self, pipeline: &Pipeline, may_send: &(dyn Fn() -> bool + Sync)) -> Result<(), GitError>;
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError>;
     /// `paths` on the base branch as the mirror has it (see [`Git::base_files`]).
     fn base_files(&self, _remote_url: &str, _base: &str, paths: &[String]) -> Result<BaseFiles, GitError> {
@@ -141,6 +217,9 @@ impl Containers for ContainerRuntime {
     async fn running_on_pipeline(&self, pipeline_id: &str, except: &str) -> Result<Vec<String>, ContainerError> {
         ContainerRuntime::running_on_pipeline(self, pipeline_id, except).await
     }
+    async fn runs_of_worker(&self, worker_id: &str) -> Result<Vec<String>, ContainerError> {
+        ContainerRuntime::runs_of_worker(self, worker_id).await
+    }
     fn logs(&self, id: &str) -> BoxStream<'static, Result<bytes::Bytes, ContainerError>> {
         Box::pin(ContainerRuntime::logs(self, id))
     }
@@ -152,6 +231,14 @@ impl Containers for ContainerRuntime {
     }
     async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         ContainerRuntime::remove(self, id).await
+    }
+    async fn remove_run_container(
+        &self,
+        name: &str,
+        whose: Whose<'_>,
+        grace: Duration,
+    ) -> Result<bool, ContainerError> {
+        ContainerRuntime::remove_run_container(self, name, whose, grace).await
     }
     async fn image_id(&self, image: &str) -> Result<Option<String>, ContainerError> {
         ContainerRuntime::image_id(self, image).await
@@ -224,8 +311,19 @@ impl Workspaces for Git {
     fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError> {
         Git::push_state(self, pipeline)
     }
-    fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
-        Git::push(self, pipeline)
+    fn has_commit(&self, pipeline: &Pipeline, commit: &str) -> Result<bool, GitError> {
+        Git::has_commit(self, pipeline, commit)
+    }
+    fn set_aside(
+        &self,
+        pipeline: &Pipeline,
+        info: &CommitInfo<'_>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Option<SetAside>, GitError> {
+        Git::set_aside(self, pipeline, info, owner)
+    }
+    fn push(&self, pipeline: &Pipeline, may_send: &(dyn Fn() -> bool + Sync)) -> Result<(), GitError> {
+        Git::push(self, pipeline, may_send)
     }
     fn check_pull_request(&self, pipeline: &Pipeline) -> Result<PullRequestCheck, GitError> {
         Git::check_pull_request(self, pipeline)

@@ -83,6 +83,16 @@ impl Queries {
     }
 
     /// How many runs are in each state.
+    /// The worker that executes (or last executed) a run: (name, host).
+    pub async fn worker_of_run(&self, run_id: &str) -> Result<Option<(String, String)>> {
+        self.store.worker_of_run(run_id).await
+    }
+
+    /// The processes sharing the database (workers and front ends).
+    pub async fn instances(&self) -> Result<Vec<crate::store::InstanceInfo>> {
+        self.store.instances().await
+    }
+
     pub async fn count_by_state(&self) -> Result<Vec<(RunState, i64)>> {
         self.store.count_by_state().await
     }

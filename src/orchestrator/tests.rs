@@ -103,6 +103,8 @@ struct FakeWorkspaces {
     push_error: Option<String>,
     /// How long saving takes (a huge tree, a slow disk).
     save_takes: Duration,
+    /// Commits the pipeline's branch has (pushed by another worker).
+    on_branch: Mutex<Vec<String>>,
 }
 
 impl FakeWorkspaces {
@@ -158,7 +160,10 @@ impl Workspaces for FakeWorkspaces {
     fn push_state(&self, _: &Pipeline) -> Result<PushState, GitError> {
         Ok(PushState::Needed)
     }
-    fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
+    fn has_commit(&self, _: &Pipeline, commit: &str) -> Result<bool, GitError> {
+        Ok(self.on_branch.lock().unwrap().iter().any(|c| c == commit))
+    }
+    fn push(&self, pipeline: &Pipeline, _may_send: &(dyn Fn() -> bool + Sync)) -> Result<(), GitError> {
         self.record("push");
         match &self.push_error {
             Some(detail) => Err(GitError::Push {
@@ -223,6 +228,7 @@ async fn story_saving(
         prepare_error: prepare_error.map(str::to_owned),
         push_error: push_error.map(str::to_owned),
         save_takes,
+        on_branch: Mutex::default(),
     });
     let orch = Orchestrator::with_ports(Arc::new(config), store, containers.clone(), workspaces.clone());
     Story {
@@ -263,7 +269,7 @@ fn prompt() -> NewPipeline {
 }
 
 async fn until(orch: &Orchestrator, run_id: &str, done: impl Fn(&Run) -> bool) -> Run {
-    for _ in 0..500 {
+    for _ in 0..3000 {
         let run = orch.store().run(run_id).await.unwrap().unwrap();
         if done(&run) {
             return run;
@@ -366,6 +372,82 @@ async fn a_preparation_that_fails_starts_no_agent() {
     s.orch.shutdown().await;
 }
 
+/// A run a process of another worker (another home, another host) claimed and saved,
+/// its commit recorded, before its lease was lost.
+async fn lost_elsewhere(s: &Story, head: &str) -> Run {
+    let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
+    let store = s.orch.store();
+    let lost = "lost-process";
+    let claimer = crate::store::Claimer {
+        instance: lost,
+        worker_id: "another-home",
+        labels: &[],
+        limit: 4,
+    };
+    let claimed = store.claim_next(&claimer, None).await.unwrap().unwrap();
+    assert_eq!(claimed.id, sub.run.id);
+    let attempt = crate::store::RunPatch {
+        start_commit: Some("a".repeat(40)),
+        head_commit: Some(head.to_owned()),
+        exit_code: Some(0),
+        end_reason: Some(EndReason::Exited),
+        summary: Some("what the lost attempt did".into()),
+        push_error: Some(Some("the lost attempt's push failed".into())),
+        ..Default::default()
+    };
+    store.update_run_owned(lost, &claimed.id, &attempt).await.unwrap();
+    for (from, to) in [
+        (RunState::Preparing, RunState::Running),
+        (RunState::Running, RunState::Saving),
+    ] {
+        store.transition_owned(lost, &claimed.id, from, to, "").await.unwrap();
+    }
+    claimed
+}
+
+#[tokio::test]
+async fn a_run_lost_after_its_push_landed_ends_as_saved_without_its_agent_again() {
+    let s = story(exits(0), None, None, 60).await;
+    let head = "c".repeat(40);
+    s.workspaces.on_branch.lock().unwrap().push(head.clone());
+    let lost = lost_elsewhere(&s, &head).await;
+    s.orch.start(Scope::All).await.unwrap();
+    let run = until(&s.orch, &lost.id, |r| r.state.is_terminal()).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let calls = s.containers.calls();
+    assert!(!calls.iter().any(|c| c.starts_with("start_agent")), "{calls:?}");
+    assert_eq!(run.summary.as_deref(), Some("what the lost attempt did"));
+    s.orch.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_run_lost_before_its_push_landed_runs_again_and_forgets_the_lost_attempt() {
+    let s = story(exits(0), None, None, 60).await;
+    let lost = lost_elsewhere(&s, &"c".repeat(40)).await;
+    s.orch.start(Scope::All).await.unwrap();
+    let waited = std::time::Instant::now();
+    let run = until(&s.orch, &lost.id, |r| r.state.is_terminal()).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    assert!(
+        waited.elapsed() >= super::executor::PUSH_SETTLE,
+        "it waited for a push that may still have been landing"
+    );
+    let calls = s.containers.calls();
+    assert!(calls.iter().any(|c| c.starts_with("start_agent")), "{calls:?}");
+    assert_eq!(
+        run.summary.as_deref(),
+        Some("the fake agent works"),
+        "this attempt's summary"
+    );
+    assert_eq!(run.push_error, None, "the lost attempt's push error is forgotten");
+    assert_eq!(
+        run.head_commit.as_deref(),
+        Some("b".repeat(40).as_str()),
+        "this attempt's commit"
+    );
+    s.orch.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_container_a_crash_left_created_is_started_not_counted_as_run() {
     let s = story(exits(0), None, None, 60).await;
@@ -374,7 +456,15 @@ async fn a_container_a_crash_left_created_is_started_not_counted_as_run() {
     let claimed = s
         .orch
         .store()
-        .claim_next("dead-process", 4, None)
+        .claim_next(
+            &crate::store::Claimer {
+                instance: "dead-process",
+                worker_id: &s.orch.inner.worker.id,
+                labels: &[],
+                limit: 4,
+            },
+            None,
+        )
         .await
         .unwrap()
         .unwrap();

@@ -19,6 +19,8 @@ const TABLES: &[&str] = &[
     "thread_messages",
     "attachments",
     "forge_requests",
+    "uploads",
+    "workers",
 ];
 
 /// One value of any column, as the two backends share them.
@@ -26,6 +28,7 @@ enum Value {
     Int(Option<i64>),
     Float(Option<f64>),
     Text(Option<String>),
+    Bytes(Option<Vec<u8>>),
 }
 
 impl Store {
@@ -67,6 +70,7 @@ impl Store {
                         Value::Int(v) => insert.bind(v),
                         Value::Float(v) => insert.bind(v),
                         Value::Text(v) => insert.bind(v),
+                        Value::Bytes(v) => insert.bind(v),
                     };
                 }
                 insert.execute(&mut *tx).await?;
@@ -95,6 +99,8 @@ fn value(row: &sqlx::any::AnyRow, i: usize) -> Result<Value> {
         Value::Int(row.try_get(i)?)
     } else if ["REAL", "DOUBLE", "FLOAT"].iter().any(|t| declared.contains(t)) {
         Value::Float(row.try_get(i)?)
+    } else if ["BLOB", "BYTEA"].iter().any(|t| declared.contains(t)) {
+        Value::Bytes(row.try_get(i)?)
     } else {
         Value::Text(row.try_get(i)?)
     })

@@ -52,12 +52,21 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "forge reviews",
         include_str!("migrations/sqlite/0011_forge_reviews.sql"),
     ),
+    (12, "workers", include_str!("migrations/sqlite/0012_workers.sql")),
+    (
+        13,
+        "queue order",
+        include_str!("migrations/sqlite/0013_queue_order.sql"),
+    ),
 ];
 
 /// PostgreSQL's migrations: SQLite's, translated where the dialects differ (the same
 /// versions and names, so both stores have the same schema after the same migrations).
 fn postgres() -> Vec<(i64, &'static str, Cow<'static, str>)> {
-    const DIALECT: &[(&str, &str)] = &[("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")];
+    const DIALECT: &[(&str, &str)] = &[
+        ("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY"),
+        (" BLOB ", " BYTEA "),
+    ];
     SQLITE
         .iter()
         .map(|&(version, name, sql)| {

@@ -4,6 +4,9 @@
 
 mod copy;
 mod migrations;
+mod workers;
+
+pub use workers::{Claimer, InstanceInfo, LEASE_MILLIS, NewInstance, NextQueued, Orphan, label_subsets};
 
 use std::path::Path;
 use std::sync::LazyLock;
@@ -31,6 +34,9 @@ pub enum StoreError {
     Sql(#[from] SqlError),
     #[error("the stored value {value:?} in {column} is not valid")]
     Corrupt { column: &'static str, value: String },
+    /// The run is no longer this process's: its lease expired and another took it over.
+    #[error("run {run} is no longer this process's (its owner now: {}); its lease was lost", .owner.as_deref().unwrap_or("none"))]
+    LeaseLost { run: String, owner: Option<String> },
     #[error("a run cannot go from {from} to {to}")]
     InvalidTransition { from: RunState, to: RunState },
     /// A prefix that matches more than one id: `matches` lists the first ones, `more`
@@ -107,6 +113,8 @@ pub struct NewRun {
     pub attachments: Vec<Attachment>,
     /// The review comment that asked for it, recorded in the same transaction.
     pub forge_request: Option<ForgeRequest>,
+    /// The labels its worker must have (see [`crate::config::required_labels`]).
+    pub requires: String,
 }
 
 /// A run asked for by a review comment on a pipeline's pull request.
@@ -162,14 +170,6 @@ pub struct RunPatch {
     pub session_cost_usd: Option<f64>,
 }
 
-/// A Threadline process's lease, as recorded in the store (its host and pid are kept in
-/// the row for people; liveness is the lease alone).
-#[derive(Debug, Clone)]
-pub struct Instance {
-    pub id: String,
-    pub heartbeat_at: Millis,
-}
-
 /// The most thread messages kept per pipeline.
 pub const MAX_THREAD_MESSAGES: i64 = 200;
 
@@ -184,6 +184,8 @@ pub struct Store {
 /// The PostgreSQL channel a run's arrival or end is told on, so every process claims at
 /// once instead of at its next poll.
 const RUNS_CHANNEL: &str = "threadline_runs";
+/// The PostgreSQL channel every change of a run is told on, with its id.
+const UPDATES_CHANNEL: &str = "threadline_run_updates";
 
 /// Which database a store is on, where the two differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +265,13 @@ impl Store {
     /// On PostgreSQL: calls `wake` whenever any process queues a run or ends one (the
     /// moments a claim may succeed), until `stop`. The connection is remade when it
     /// drops. On SQLite there is nothing to listen to: returns at once.
-    pub async fn on_run_changes(&self, wake: impl Fn() + Send + 'static, stop: tokio_util::sync::CancellationToken) {
+    /// With `updated`, it is also called with the id of every run any process changes.
+    pub async fn on_run_changes(
+        &self,
+        wake: impl Fn() + Send + 'static,
+        updated: Option<Box<dyn Fn(String) + Send + Sync>>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         if self.backend != Backend::Postgres {
             return;
         }
@@ -271,11 +279,19 @@ impl Store {
             let listener = async {
                 let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
                 listener.listen(RUNS_CHANNEL).await?;
+                if updated.is_some() {
+                    listener.listen(UPDATES_CHANNEL).await?;
+                }
                 // Whatever happened while not listening.
                 wake();
                 loop {
-                    listener.recv().await?;
-                    wake();
+                    let n = listener.recv().await?;
+                    match &updated {
+                        Some(updated) if n.channel() == UPDATES_CHANNEL => {
+                            updated(crate::untrusted::prefix(n.payload(), 64).to_owned())
+                        }
+                        _ => wake(),
+                    }
                 }
                 #[allow(unreachable_code)]
                 Ok::<(), sqlx::Error>(())
@@ -293,6 +309,23 @@ impl Store {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
+    }
+
+    /// Tells the front ends of other processes (PostgreSQL) that a run changed, so the
+    /// one keeping its status message shows it at once.
+    async fn notify_update<'e>(
+        &self,
+        executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+        run_id: &str,
+    ) -> Result<()> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(UPDATES_CHANNEL)
+                .bind(run_id)
+                .execute(executor)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Tells the other processes (PostgreSQL) that runs changed, when `tx` commits.
@@ -564,71 +597,133 @@ impl Store {
     // ---- the lifecycle ------------------------------------------------------------
 
     /// Takes the oldest queued run that may start now: its pipeline has no active run and
-    /// no older queued run, and fewer than `limit` runs are active everywhere. One
-    /// statement, so two processes can never take the same run or exceed the limit.
-    pub async fn claim_next(&self, owner: &str, limit: u32, pipeline: Option<&str>) -> Result<Option<Run>> {
-        let now = now_millis();
+    /// no older queued run, and the claimer executes fewer than `limit` runs. One
+    /// statement, so two processes can never take the same run, nor one exceed its limit.
+    ///
+    /// A worker takes only runs whose required labels it has, at most `limit` of its own
+    /// at once, and a pipeline whose workspace another live worker holds is left to that
+    /// worker; a local-only pipeline waits for its worker whatever happens (its branch
+    /// lives in that worker's mirror).
+    pub async fn claim_next(&self, claimer: &Claimer<'_>, pipeline: Option<&str>) -> Result<Option<Run>> {
         let scope = if pipeline.is_some() {
             "AND r.pipeline_id = $4"
         } else {
             ""
         };
         let mut tx = self.pool.begin().await?;
-        // SQLite runs one writer at a time. PostgreSQL runs them at once: claims take a
-        // transaction-scoped advisory lock, so each sees the ones before it (the limit
-        // holds, no two claimers pick the same run and come away empty), and the candidate
-        // is locked with SKIP LOCKED so a row another transaction holds is passed over.
+        // SQLite runs one writer at a time. PostgreSQL runs them at once: the candidate is
+        // locked with SKIP LOCKED, so a run another claimer is taking is passed over, and
+        // its pipeline's later runs with it (the older one is still queued, or active, as
+        // this statement sees it). One process's claims go one at a time, under an
+        // advisory lock of its own, so its limit holds; a claimer at its limit locks no
+        // candidate, which another would then pass over and come away empty.
         let skip_locked = if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock(7243001)")
+            sqlx::query("SELECT pg_advisory_xact_lock(7243001, hashtext($1))")
+                .bind(claimer.instance)
                 .execute(&mut *tx)
                 .await?;
+            let active: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM runs WHERE state IN {active} AND owner = $1",
+                active = *ACTIVE_STATES
+            ))
+            .bind(claimer.instance)
+            .fetch_one(&mut *tx)
+            .await?;
+            if active >= claimer.limit as i64 {
+                return Ok(None);
+            }
             "FOR UPDATE SKIP LOCKED"
         } else {
             ""
         };
-        let claimed: Option<String> = sqlx::query_scalar(&format!(
-            "UPDATE runs SET state = '{preparing}', owner = $1, started_at = $3 \
+        // After the lock: a run queued while this claim waited is seen, and started after.
+        let now = now_millis();
+        let claimed = sqlx::query(&format!(
+            "UPDATE runs SET state = '{preparing}', owner = $1, started_at = $3, worker_id = $5 \
              WHERE state = '{queued}' AND id = ( \
                  SELECT r.id FROM runs r WHERE r.state = '{queued}' {scope} \
+                 AND r.requires IN {satisfied} \
                  AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.pipeline_id = r.pipeline_id AND a.state IN {active}) \
                  AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.pipeline_id = r.pipeline_id AND q.state = '{queued}' AND q.seq < r.seq) \
+                 AND EXISTS (SELECT 1 FROM pipelines p WHERE p.id = r.pipeline_id AND \
+                     (p.holder IS NULL OR p.holder = $5 OR (p.local_only = 0 AND NOT {holder_alive}))) \
                  ORDER BY r.created_at, r.seq LIMIT 1 {skip_locked}) \
-             AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {active}) < $2 \
-             RETURNING id",
+             AND (SELECT COUNT(*) FROM runs c WHERE c.state IN {active} AND c.owner = $1) < $2 \
+             RETURNING {RUN_COLUMNS}",
             preparing = RunState::Preparing.as_str(),
             queued = RunState::Queued.as_str(),
-            active = *ACTIVE_STATES
+            active = *ACTIVE_STATES,
+            satisfied = workers::sql_strings(&workers::label_subsets(claimer.labels)),
+            holder_alive = self.worker_alive_sql("p.holder"),
         ))
-        .bind(owner)
-        .bind(limit as i64)
+        .bind(claimer.instance)
+        .bind(claimer.limit as i64)
         .bind(now)
         .bind(pipeline.unwrap_or_default())
+        .bind(claimer.worker_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(id) = claimed else {
+        let Some(row) = claimed else {
             return Ok(None);
         };
-        insert_event(&mut tx, &id, RunState::Preparing, now, "").await?;
+        let run = run_from_row(&row)?;
+        // The pipeline's workspace is (about to be) on this worker's disk.
+        sqlx::query("UPDATE pipelines SET holder = $1 WHERE id = $2")
+            .bind(claimer.worker_id)
+            .bind(&run.pipeline_id)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(&mut tx, &run.id, RunState::Preparing, now, "").await?;
         tx.commit().await?;
-        self.run(&id).await
+        Ok(Some(run))
     }
 
     /// Moves a run from `from` to `to` if it is still in `from`; records the event.
     /// Returns false when another actor moved it first.
     pub async fn transition(&self, run_id: &str, from: RunState, to: RunState, detail: &str) -> Result<bool> {
+        self.transition_in(None, run_id, from, to, detail).await
+    }
+
+    /// [`Store::transition`] by the run's executor: only while `owner` owns the run
+    /// (fencing), else [`StoreError::LeaseLost`].
+    pub async fn transition_owned(
+        &self,
+        owner: &str,
+        run_id: &str,
+        from: RunState,
+        to: RunState,
+        detail: &str,
+    ) -> Result<bool> {
+        let moved = self.transition_in(Some(owner), run_id, from, to, detail).await?;
+        if !moved {
+            self.check_owner(run_id, owner).await?;
+        }
+        Ok(moved)
+    }
+
+    async fn transition_in(
+        &self,
+        owner: Option<&str>,
+        run_id: &str,
+        from: RunState,
+        to: RunState,
+        detail: &str,
+    ) -> Result<bool> {
         if !from.can_transition_to(to) {
             return Err(StoreError::InvalidTransition { from, to });
         }
         let now = now_millis();
         let mut tx = self.pool.begin().await?;
         let finished = if to.is_terminal() { Some(now) } else { None };
-        let done = sqlx::query(
-            "UPDATE runs SET state = $1, finished_at = COALESCE($2, finished_at) WHERE id = $3 AND state = $4",
-        )
+        let fence = if owner.is_some() { "AND owner = $5" } else { "" };
+        let done = sqlx::query(&format!(
+            "UPDATE runs SET state = $1, finished_at = COALESCE($2, finished_at) WHERE id = $3 AND state = $4 {fence}"
+        ))
         .bind(to.as_str())
         .bind(finished)
         .bind(run_id)
         .bind(from.as_str())
+        .bind(owner.unwrap_or_default())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -639,12 +734,27 @@ impl Store {
             if to.is_terminal() {
                 self.notify_in(&mut tx).await?;
             }
+            self.notify_update(&mut *tx, run_id).await?;
             tx.commit().await?;
         }
         Ok(done)
     }
 
+    /// Stores what an executor learned of its run, only while `owner` owns it (fencing):
+    /// else [`StoreError::LeaseLost`], and nothing is written.
+    pub async fn update_run_owned(&self, owner: &str, run_id: &str, patch: &RunPatch) -> Result<()> {
+        if !self.update_run_in(Some(owner), run_id, patch).await? {
+            self.check_owner(run_id, owner).await?;
+        }
+        Ok(())
+    }
+
     pub async fn update_run(&self, run_id: &str, patch: &RunPatch) -> Result<()> {
+        self.update_run_in(None, run_id, patch).await.map(|_| ())
+    }
+
+    /// Whether a row was written.
+    async fn update_run_in(&self, owner: Option<&str>, run_id: &str, patch: &RunPatch) -> Result<bool> {
         let mut sets: Vec<(&str, Bind)> = Vec::new();
         if let Some(v) = patch.exit_code {
             sets.push(("exit_code", Bind::Int(Some(v))));
@@ -697,7 +807,7 @@ impl Store {
             sets.push(("progress", Bind::Text(serde_json::to_string(p).ok())));
         }
         if sets.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let assignments = sets
             .iter()
@@ -705,7 +815,11 @@ impl Store {
             .map(|(i, (col, _))| format!("{col} = ${}", i + 1))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = format!("UPDATE runs SET {assignments} WHERE id = ${}", sets.len() + 1);
+        let fence = match owner {
+            Some(_) => format!("AND owner = ${}", sets.len() + 2),
+            None => String::new(),
+        };
+        let sql = format!("UPDATE runs SET {assignments} WHERE id = ${} {fence}", sets.len() + 1);
         let mut q = sqlx::query(&sql);
         for (_, b) in sets {
             q = match b {
@@ -713,8 +827,15 @@ impl Store {
                 Bind::Text(v) => q.bind(v),
             };
         }
-        q.bind(run_id).execute(&self.pool).await?;
-        Ok(())
+        q = q.bind(run_id);
+        if let Some(owner) = owner {
+            q = q.bind(owner);
+        }
+        let written = q.execute(&self.pool).await?.rows_affected() == 1;
+        if written {
+            self.notify_update(&self.pool, run_id).await?;
+        }
+        Ok(written)
     }
 
     pub async fn attachments(&self, run_id: &str) -> Result<Vec<Attachment>> {
@@ -727,6 +848,7 @@ impl Store {
                 let location: String = r.try_get("location")?;
                 let source = match r.try_get::<String, _>("source")?.as_str() {
                     "file" => AttachmentSource::File { path: location },
+                    "stored" => AttachmentSource::Stored { key: location },
                     "url" => AttachmentSource::Url {
                         url: location,
                         auth: r.try_get("auth")?,
@@ -815,10 +937,12 @@ impl Store {
         Ok(v.unwrap_or(0) != 0)
     }
 
-    pub async fn set_log_tail(&self, run_id: &str, tail: &str) -> Result<()> {
-        sqlx::query("UPDATE runs SET log_tail = $1 WHERE id = $2")
+    /// The run's latest log lines, stored by its executor while `owner` owns it.
+    pub async fn set_log_tail(&self, owner: &str, run_id: &str, tail: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET log_tail = $1 WHERE id = $2 AND owner = $3")
             .bind(tail)
             .bind(run_id)
+            .bind(owner)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -1045,90 +1169,6 @@ impl Store {
             })
             .collect()
     }
-
-    // ---- process leases -----------------------------------------------------------
-
-    pub async fn register_instance(&self, id: &str, hostname: &str, pid: i64) -> Result<()> {
-        let now = now_millis();
-        sqlx::query("INSERT INTO instances (id, hostname, pid, started_at, heartbeat_at) VALUES ($1, $2, $3, $4, $4)")
-            .bind(id)
-            .bind(hostname)
-            .bind(pid)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn heartbeat(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE instances SET heartbeat_at = $1 WHERE id = $2")
-            .bind(now_millis())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Forgets the processes whose lease expired before `before`: they are dead, and
-    /// their runs are adopted by whoever finds them.
-    pub async fn remove_instances_silent_since(&self, before: Millis) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM instances WHERE heartbeat_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    pub async fn remove_instance(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM instances WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn instance(&self, id: &str) -> Result<Option<Instance>> {
-        let row = sqlx::query("SELECT id, heartbeat_at FROM instances WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| {
-            Ok(Instance {
-                id: r.try_get("id")?,
-                heartbeat_at: r.try_get("heartbeat_at")?,
-            })
-        })
-        .transpose()
-    }
-
-    /// Active runs and the instance that owns each (None when never owned).
-    pub async fn active_runs_with_owner(&self) -> Result<Vec<(Run, Option<String>)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLUMNS}, owner FROM runs WHERE state IN {active} ORDER BY created_at, seq",
-            active = *ACTIVE_STATES
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((run_from_row(r)?, r.try_get("owner")?)))
-            .collect()
-    }
-
-    /// Takes over a run from a dead owner, unless another process did first.
-    pub async fn adopt(&self, run_id: &str, dead_owner: Option<&str>, owner: &str) -> Result<bool> {
-        let rows = sqlx::query(&format!(
-            "UPDATE runs SET owner = $1 WHERE id = $2 AND state NOT IN {terminal} \
-             AND (owner = $3 OR (owner IS NULL AND $3 = ''))",
-            terminal = *TERMINAL_STATES
-        ))
-        .bind(owner)
-        .bind(run_id)
-        .bind(dead_owner.unwrap_or_default())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(rows == 1)
-    }
 }
 
 enum Bind {
@@ -1141,8 +1181,8 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     // The write comes first: a SQLite transaction that reads before writing cannot wait
     // for another writer and fails with "database is locked".
     let id: String = sqlx::query_scalar(
-        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, mode) \
-         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5, $6 \
+        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, mode, requires) \
+         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5, $6, $7 \
          FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM runs WHERE pipeline_id = $1) AS next \
          RETURNING id",
     )
@@ -1152,6 +1192,7 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     .bind(&run.requested_by)
     .bind(now)
     .bind(run.mode.as_str())
+    .bind(&run.requires)
     .fetch_one(&mut **tx)
     .await?;
     if let Some(key) = &run.idempotency_key {
@@ -1198,6 +1239,7 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     for a in &run.attachments {
         let (source, location, auth) = match &a.source {
             AttachmentSource::File { path } => ("file", path.as_str(), "none"),
+            AttachmentSource::Stored { key } => ("stored", key.as_str(), "none"),
             AttachmentSource::Url { url, auth } => ("url", url.as_str(), auth.as_str()),
         };
         sqlx::query(

@@ -889,13 +889,49 @@ fn only_a_pipeline_branch_is_ever_pushed() {
     for branch in ["main", "feature/x", "threadline/"] {
         pipeline.branch = branch.into();
         assert!(
-            matches!(git.push(&pipeline), Err(GitError::ForbiddenBranch { .. })),
+            matches!(git.push(&pipeline, &|| true), Err(GitError::ForbiddenBranch { .. })),
             "{branch} must be refused"
         );
     }
     pipeline.base_branch = "threadline/base".into();
     pipeline.branch = "threadline/base".into();
-    assert!(matches!(git.push(&pipeline), Err(GitError::ForbiddenBranch { .. })));
+    assert!(matches!(
+        git.push(&pipeline, &|| true),
+        Err(GitError::ForbiddenBranch { .. })
+    ));
+}
+
+#[test]
+fn a_push_too_late_for_its_lease_sends_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use threadline::orchestrator::{Git, GitError};
+    let env = TestEnv::new();
+    let daemon = Git::new(&env.config);
+    let pipeline = crate::harness::pipeline_on("late", &env.origin_url());
+    let ws = daemon.prepare(&pipeline).unwrap().workspace;
+    std::fs::write(ws.join("late.txt"), "late\n").unwrap();
+    let gitdir = daemon.gitdir_path(&pipeline.id).display().to_string();
+    let daemon_git = |args: &[&str]| {
+        git(
+            &ws,
+            &[&["--git-dir", gitdir.as_str(), "--work-tree", "."], args].concat(),
+        )
+    };
+    daemon_git(&["add", "late.txt"]);
+    daemon_git(&["commit", "-q", "-m", "late"]);
+
+    // A worker whose lease may run out pushes nothing: asked before the push, and last
+    // in its negotiation, when the remote is connected and the pack about to be sent.
+    for allowed_asks in [0, 1] {
+        let asked = AtomicUsize::new(0);
+        let result = daemon.push(&pipeline, &|| asked.fetch_add(1, Ordering::SeqCst) < allowed_asks);
+        assert!(matches!(result, Err(GitError::PushTooLate { .. })), "{result:?}");
+        assert_eq!(asked.load(Ordering::SeqCst), allowed_asks + 1, "asked until refused");
+        assert_eq!(env.origin_head(&pipeline.branch), None, "nothing reached the remote");
+    }
+    // With its lease, it pushes.
+    daemon.push(&pipeline, &|| true).unwrap();
+    assert_eq!(env.origin_file(&pipeline.branch, "late.txt").as_deref(), Some("late\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,6 +166,25 @@ impl TestEnv {
         Orchestrator::new(Arc::new(self.config.clone()), store, runtime)
     }
 
+    /// A worker or front end in this process, on its own home, sharing the environment's
+    /// database. Its agents say who ran them (`$WORKER`).
+    pub async fn in_process(&self, name: &str, labels: &[&str], role: threadline::orchestrator::Role) -> Orchestrator {
+        let mut config = self.config.clone();
+        config.database_url = self.config.database_url();
+        config.data_dir = self.dir.path().join(format!("home-{name}"));
+        config.worker.name = name.into();
+        config.worker.labels = labels.iter().map(|l| l.to_string()).collect();
+        for agent in config.agents.values_mut() {
+            agent.env_set.insert("WORKER".into(), name.into());
+        }
+        config.validate(None).unwrap();
+        let store = threadline::store::Store::open(&config.database_url()).await.unwrap();
+        let runtime = threadline::orchestrator::ContainerRuntime::connect().await.unwrap();
+        let orch = Orchestrator::new(std::sync::Arc::new(config), store, runtime);
+        orch.start_as(Scope::All, role).await.unwrap();
+        orch
+    }
+
     /// The real daemon on this configuration: `daemon::serve`, what `threadline serve`
     /// runs, on listeners bound on free ports.
     pub async fn daemon(&self) -> Daemon {
@@ -236,6 +255,20 @@ pub fn follow_up(pipeline: &str, prompt: &str) -> FollowUp {
         idempotency_key: None,
         mode: Default::default(),
         attachments: Vec::new(),
+    }
+}
+
+/// A run of the "sh" agent to insert into a store directly.
+pub fn new_run(prompt: &str, key: Option<String>) -> threadline::store::NewRun {
+    threadline::store::NewRun {
+        prompt: prompt.into(),
+        agent: "sh".into(),
+        requested_by: "t".into(),
+        idempotency_key: key,
+        mode: Default::default(),
+        attachments: Vec::new(),
+        forge_request: None,
+        requires: String::new(),
     }
 }
 
@@ -423,4 +456,62 @@ pub fn one_channel(
         ..Default::default()
     };
     [(id.to_owned(), binding)].into()
+}
+
+/// A TCP forwarder the test can cut: every connection through it dropped, and new ones
+/// refused, until healed. A network partition between Threadline and its database.
+pub struct Cuttable {
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cuttable {
+    pub async fn start(target: std::net::SocketAddr) -> Cuttable {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let (is_cut, cuts) = (cut.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let mut cuts = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cuts.changed() => {} // the partition: both ends dropped
+                    }
+                });
+            }
+        });
+        Cuttable { addr, cut, generation }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A PostgreSQL URL through a new [`Cuttable`] forwarder: (the forwarder, the URL).
+pub async fn cuttable_database(url: &str) -> (Cuttable, String) {
+    let (credentials, rest) = url.split_once('@').expect("a URL with user@host");
+    let (host_port, db) = rest.split_once('/').unwrap();
+    let target: std::net::SocketAddr = tokio::net::lookup_host(host_port).await.unwrap().next().unwrap();
+    let proxy = Cuttable::start(target).await;
+    let through = format!("{credentials}@{}/{db}", proxy.addr);
+    (proxy, through)
 }

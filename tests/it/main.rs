@@ -22,3 +22,4 @@ mod pr_events;
 mod slack;
 mod store;
 mod web;
+mod workers;

@@ -11,7 +11,6 @@ use threadline::bots::web::{WebState, listen_addr, router};
 use threadline::config::Secret;
 use threadline::model::RunState;
 use threadline::orchestrator::Orchestrator;
-use threadline::store::NewRun;
 use tower::ServiceExt;
 
 use crate::harness::{TestEnv, one_channel};
@@ -599,15 +598,7 @@ async fn ambiguous_ids_list_their_candidates_and_match_literally() {
     let web = Web::unstarted(&mut env, None).await;
     let store = web.orch.store();
     for id in ["dd01aaaa", "dd02bbbb", "ee03cccc"] {
-        let run = NewRun {
-            prompt: "echo hi".into(),
-            agent: "sh".into(),
-            requested_by: "t".into(),
-            idempotency_key: None,
-            mode: Default::default(),
-            attachments: Vec::new(),
-            forge_request: None,
-        };
+        let run = crate::harness::new_run("echo hi", None);
         store
             .insert_pipeline(&crate::harness::pipeline_on(id, &env.origin_url()), &run)
             .await

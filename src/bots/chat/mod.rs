@@ -478,7 +478,7 @@ fn sentence(e: &SubmitError) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::status::EDIT_INTERVAL;
+    use super::status::{EDIT_INTERVAL, REFRESH_EVERY};
     use super::testing::{CallKind, RecordingSurface};
     use super::*;
 
@@ -561,6 +561,20 @@ mod tests {
             thread: "T".into(),
         };
         deliver(rec.as_ref(), &thread, None, rx, |_| async {}, || {}, || async { None }).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_fresh_card_edits_nothing() {
+        // The store cannot be read, or another front end keeps the message now: the card
+        // shown is not sent again over what that one may have shown since.
+        let rec = Arc::new(RecordingSurface::new("test"));
+        let (tx, rx) = watch::channel(card("running", false));
+        let task = tokio::spawn(run_deliver(rec.clone(), rx));
+        tokio::time::sleep(REFRESH_EVERY * 4).await;
+        assert_eq!(rec.calls().len(), 1, "only the post: {:?}", rec.calls());
+        tx.send(card("succeeded", true)).unwrap();
+        task.await.unwrap();
+        assert_eq!(rec.calls().last().unwrap().card.headline, "succeeded");
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,17 +43,66 @@ const MAX_FAILURES: u32 = 8;
 pub struct StatusUpdater<S: ChatSurface> {
     core: ChatCore,
     surface: Arc<S>,
+    /// Runs whose status message another live front end keeps, and when that was last
+    /// asked (it is asked again now and then: that front end may die).
+    elsewhere: std::sync::Mutex<BTreeMap<String, tokio::time::Instant>>,
+}
+
+/// How often a front end asks again whether the one keeping a run's status message is
+/// still alive, and whether it still keeps the ones it delivers.
+const POSTER_RECHECK: Duration = Duration::from_secs(3);
+
+/// A run's status message this process delivers: the latest card, and when it last made
+/// sure the message is still its own.
+struct Delivery {
+    tx: watch::Sender<StatusCard>,
+    checked: tokio::time::Instant,
 }
 
 impl<S: ChatSurface> StatusUpdater<S> {
     pub fn new(core: ChatCore, surface: Arc<S>) -> Self {
-        StatusUpdater { core, surface }
+        StatusUpdater {
+            core,
+            surface,
+            elsewhere: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Whether this process keeps the run's status message: with several front ends on
+    /// one database, exactly one does (the store decides, and a dead one's runs pass on).
+    /// An end is always asked about: the front end that kept the message may have died
+    /// just before it, and the end must be shown. None: the store cannot tell now.
+    async fn mine(&self, run_id: &str, terminal: bool) -> Option<bool> {
+        if !terminal
+            && let Some(at) = self.elsewhere.lock().unwrap().get(run_id)
+            && at.elapsed() < POSTER_RECHECK
+        {
+            return Some(false);
+        }
+        match self.core.orch.claim_status_message(run_id).await {
+            Ok(true) => {
+                self.elsewhere.lock().unwrap().remove(run_id);
+                Some(true)
+            }
+            Ok(false) => {
+                let mut elsewhere = self.elsewhere.lock().unwrap();
+                if elsewhere.len() >= 4096 {
+                    elsewhere.retain(|_, at| at.elapsed() < POSTER_RECHECK);
+                }
+                elsewhere.insert(run_id.to_owned(), tokio::time::Instant::now());
+                Some(false)
+            }
+            Err(e) => {
+                tracing::warn!(run_id, error = %e, "cannot tell which front end keeps the status message");
+                None
+            }
+        }
     }
 
     /// Runs until `shutdown`: follows the orchestrator's updates, one worker per run.
     pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
         let mut events = self.core.orch.subscribe();
-        let mut workers: BTreeMap<String, watch::Sender<StatusCard>> = BTreeMap::new();
+        let mut workers: BTreeMap<String, Delivery> = BTreeMap::new();
         // Runs already underway (a restart) get their card again.
         if let Ok(active) = self
             .core
@@ -84,21 +133,46 @@ impl<S: ChatSurface> StatusUpdater<S> {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
-            workers.retain(|_, tx| !tx.is_closed());
+            workers.retain(|_, d| !d.tx.is_closed());
         }
     }
 
-    async fn push(&self, workers: &mut BTreeMap<String, watch::Sender<StatusCard>>, run: &Run) {
+    async fn push(&self, workers: &mut BTreeMap<String, Delivery>, run: &Run) {
         let Some((thread, card)) = self.core.card(run).await else {
             return;
         };
-        if let Some(tx) = workers.get(&run.id)
-            && tx.send(card.clone()).is_ok()
-        {
+        let terminal = run.state.is_terminal();
+        if let Some(d) = workers.get_mut(&run.id) {
+            // Still this process's message? Asked again now and then, and at the end:
+            // cut off from the database a while, it may have passed to another. When
+            // the store cannot tell, it stays this process's.
+            if d.checked.elapsed() >= POSTER_RECHECK || terminal {
+                match self.mine(&run.id, terminal).await {
+                    Some(false) => {
+                        workers.remove(&run.id);
+                        return;
+                    }
+                    Some(true) => d.checked = tokio::time::Instant::now(),
+                    None => {}
+                }
+            }
+            if d.tx.send(card.clone()).is_ok() {
+                return;
+            }
+        } else if self.mine(&run.id, terminal).await != Some(true) {
             return;
         }
+        if terminal {
+            self.elsewhere.lock().unwrap().remove(&run.id);
+        }
         let (tx, rx) = watch::channel(card);
-        workers.insert(run.id.clone(), tx);
+        workers.insert(
+            run.id.clone(),
+            Delivery {
+                tx,
+                checked: tokio::time::Instant::now(),
+            },
+        );
         let known = self
             .core
             .orch
@@ -140,6 +214,10 @@ impl<S: ChatSurface> StatusUpdater<S> {
                     let id = refresh_id.clone();
                     async move {
                         let run = core.orch.queries().run(&id).await.ok()??;
+                        // Not refreshed once the message is another front end's.
+                        if !matches!(core.orch.claim_status_message(&id).await, Ok(true)) {
+                            return None;
+                        }
                         core.card(&run).await.map(|(_, c)| c)
                     }
                 },
@@ -209,17 +287,25 @@ pub async fn deliver<S, Posted, PostedFut, Refresh, RefreshFut>(
             }
         }
         // Wait for a change, refreshing the elapsed time of an unfinished run meanwhile.
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    // The updater went away (shutdown): the next start picks the run up.
-                    return;
+        // No fresh card (the store cannot be read, or another front end keeps the
+        // message now): nothing is edited, least of all with the card shown already,
+        // which may be older than what another front end showed since.
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        // The updater went away (shutdown, or the message is another
+                        // front end's now): the next start picks the run up.
+                        return;
+                    }
+                    card = rx.borrow_and_update().clone();
+                    break;
                 }
-                card = rx.borrow_and_update().clone();
-            }
-            _ = tokio::time::sleep(REFRESH_EVERY), if !card.terminal => {
-                if let Some(fresh) = refresh().await {
-                    card = fresh;
+                _ = tokio::time::sleep(REFRESH_EVERY), if !card.terminal => {
+                    if let Some(fresh) = refresh().await {
+                        card = fresh;
+                        break;
+                    }
                 }
             }
         }

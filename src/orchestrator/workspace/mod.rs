@@ -69,6 +69,8 @@ pub enum GitError {
     PushRejected { remote: String, reason: String },
     #[error("push to {remote} failed: {detail}")]
     Push { remote: String, detail: String },
+    #[error("did not push to {remote}: this worker's lease could run out before the push ends")]
+    PushTooLate { remote: String },
     #[error("git: {0}")]
     Git(#[from] LibGitError),
     #[error("another git operation on this repository is still running after {0} s; try again when it has finished")]
@@ -212,6 +214,15 @@ pub struct Prepared {
     pub start_commit: String,
     /// Something the user should know (a fast-forward to a remote push).
     pub note: Option<String>,
+}
+
+/// Work kept aside by [`Git::set_aside`].
+#[derive(Debug, Clone)]
+pub struct SetAside {
+    /// `refs/threadline/set-aside/RUN`, or `…/RUN-2` and on when a run's work was set
+    /// aside before.
+    pub reference: String,
+    pub commit: String,
 }
 
 /// The result of saving a run's work.
@@ -726,6 +737,73 @@ impl Git {
         result.map(|()| Some(tip)).map_err(passed_over)
     }
 
+    /// Whether the pipeline's branch here holds `commit` (is it or descends from it).
+    pub fn has_commit(&self, pipeline: &Pipeline, commit: &str) -> Result<bool, GitError> {
+        let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
+        let Ok(wanted) = Oid::from_str(commit) else {
+            return Ok(false);
+        };
+        let head = repo.refname_to_id(&format!("refs/heads/{}", pipeline.branch))?;
+        Ok(head == wanted || repo.graph_descendant_of(head, wanted).unwrap_or(false))
+    }
+
+    /// Keeps what a run left here after its worker lost the run to another one: the
+    /// work tree's changes and any commit not on the remote go to
+    /// `refs/threadline/set-aside/RUN` (never pushed), and the branch and work tree go
+    /// back to what the remote has, so the pipeline's next run here starts clean from
+    /// the branch as the new owner pushed it. Returns the set-aside commit, if any.
+    pub fn set_aside(
+        &self,
+        pipeline: &Pipeline,
+        info: &CommitInfo<'_>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Option<SetAside>, GitError> {
+        if !self.gitdir_path(&pipeline.id).exists() {
+            return Ok(None);
+        }
+        let repo = self.open_pipeline(&pipeline.id)?;
+        let branch_ref = format!("refs/heads/{}", pipeline.branch);
+        let Ok(head) = repo.refname_to_id(&branch_ref) else {
+            return Ok(None);
+        };
+        drop(repo);
+        let saved = self.save(pipeline, &head.to_string(), info, owner)?;
+        let _held = DirLock::acquire(&self.gitdir_path(&pipeline.id))?;
+        let repo = self.open_pipeline(&pipeline.id)?;
+        let tip = Oid::from_str(&saved.head)?;
+        let keep = repo
+            .refname_to_id(&format!("refs/remotes/origin/{}", pipeline.branch))
+            .or_else(|_| repo.refname_to_id(&format!("refs/remotes/origin/{}", pipeline.base_branch)))?;
+        if tip == keep {
+            return Ok(None);
+        }
+        // Never over an earlier one (a run set aside again, by another cause).
+        let name = (1..)
+            .map(|n| match n {
+                1 => format!("refs/threadline/set-aside/{}", info.run_id),
+                n => format!("refs/threadline/set-aside/{}-{n}", info.run_id),
+            })
+            .find(|name| repo.find_reference(name).is_err())
+            .expect("some name is free");
+        repo.reference(&name, tip, false, "threadline: work here kept aside, never pushed")?;
+        let commit = repo.find_commit(keep)?;
+        let mut how = CheckoutBuilder::new();
+        // Everything the work tree held is in the set-aside commit.
+        how.force().remove_untracked(false);
+        repo.checkout_tree(commit.as_object(), Some(&mut how))?;
+        repo.reference(
+            &branch_ref,
+            keep,
+            true,
+            "threadline: back to the remote after a lost lease",
+        )?;
+        repo.set_head(&branch_ref)?;
+        Ok(Some(SetAside {
+            reference: name,
+            commit: tip.to_string(),
+        }))
+    }
+
     /// Where the branch stands against the remote, as of the last fetch or push.
     pub fn push_state(&self, pipeline: &Pipeline) -> Result<PushState, GitError> {
         let repo = Repository::open_bare(self.gitdir_path(&pipeline.id))?;
@@ -744,8 +822,10 @@ impl Git {
 
     /// Pushes the pipeline's branch, and nothing else, without force, from the daemon's
     /// own git directory to the URL in the store. A local-only pipeline pushes into
-    /// Threadline's mirror, never into the user's checkout.
-    pub fn push(&self, pipeline: &Pipeline) -> Result<(), GitError> {
+    /// Threadline's mirror, never into the user's checkout. `may_send` is asked before
+    /// and, last, in the push's negotiation (the remote's branches are known, the pack
+    /// not yet sent): a worker whose lease may run out pushes nothing.
+    pub fn push(&self, pipeline: &Pipeline, may_send: &(dyn Fn() -> bool + Sync)) -> Result<(), GitError> {
         let branch = &pipeline.branch;
         if !branch.starts_with(&self.branch_prefix)
             || *branch == pipeline.base_branch
@@ -775,13 +855,24 @@ impl Git {
             }
             Ok(())
         });
+        cb.push_negotiation(move |_updates| {
+            if !may_send() {
+                return Err(git2::Error::from_str(TOO_LATE));
+            }
+            Ok(())
+        });
         let mut opts = PushOptions::new();
         opts.remote_callbacks(cb);
         // No leading '+': the remote refuses anything but a fast-forward.
         let spec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        if !may_send() {
+            return Err(GitError::PushTooLate { remote: target });
+        }
         remote.push(&[spec.as_str()], Some(&mut opts)).map_err(|e| {
             let detail = e.message().to_owned();
-            if detail.contains("non-fast-forward") || detail.contains("fetch first") {
+            if detail.contains(TOO_LATE) {
+                GitError::PushTooLate { remote: target.clone() }
+            } else if detail.contains("non-fast-forward") || detail.contains("fetch first") {
                 GitError::PushRejected {
                     remote: target.clone(),
                     reason: "the remote branch has commits this pipeline does not; nothing was overwritten".into(),
@@ -807,6 +898,9 @@ impl Git {
         Ok(())
     }
 }
+
+/// What the push negotiation answers when the lease may run out before the push ends.
+const TOO_LATE: &str = "threadline: the lease may run out before this push ends";
 
 /// Removes the links in the work tree that the index does not track as links (ones the
 /// agent left ignored, which saving keeps): a checkout that adds a file where such a
