@@ -285,7 +285,7 @@ async fn start(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(),
             tracing::info!(run_id = %run.id, "waiting for a push the worker that lost this run may still be making");
             tokio::select! {
                 _ = tokio::time::sleep(PUSH_SETTLE) => {}
-                _ = cancel_requested(inner, &run.id) => return Err(Unprepared::Cancelled),
+                _ = cancel_requested(inner, &run.id, 0) => return Err(Unprepared::Cancelled),
             }
             prepared = prepare_workspace(inner, pipeline).await.map_err(failed)?;
             pushed = has_commit(inner, pipeline, head).await.map_err(failed)?;
@@ -932,6 +932,9 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
     // The agent must be gone before its work tree is read: a live one could swap a file
     // for a link between the daemon's check and its use.
     let container = run.container_id.clone().unwrap_or_else(|| container_name(&run.id));
+    // A cancel cuts the save short only when asked of it: not the one that stopped the
+    // agent, whose work is saved and pushed like any other.
+    let stopped_by = inner.store.cancel_requests(&run.id).await?;
     let in_use = match inner.runtime.remove(&container).await {
         Ok(()) => refuse_if_in_use(inner, pipeline, &container).await.err(),
         Err(e) => Some(format!("the agent's container could not be removed ({e})")),
@@ -1025,7 +1028,7 @@ async fn save(inner: &Arc<Inner>, pipeline: &Pipeline, run: &Run) -> Result<(), 
                 Err(SaveStop::Store(e)) => return Err(e.into()),
             },
             _ = tokio::time::sleep(limit) => Err(SaveOutcome::TimedOut { limit: limit.as_millis() as i64 }),
-            _ = cancel_requested(inner, &run.id) => Err(SaveOutcome::Cancelled),
+            _ = cancel_requested(inner, &run.id, stopped_by) => Err(SaveOutcome::Cancelled),
         };
         match result {
             Ok((saved, push, pushed_before)) => {
@@ -1273,12 +1276,13 @@ async fn refuse_if_in_use(inner: &Inner, pipeline: &Pipeline, own: &str) -> Resu
     }
 }
 
-/// Resolves once a cancel of the run has been requested, by any process.
-async fn cancel_requested(inner: &Inner, run_id: &str) {
+/// Resolves once a cancel of the run has been requested, by any process, beyond the
+/// `seen` requests already acted on.
+async fn cancel_requested(inner: &Inner, run_id: &str, seen: i64) {
     let mut poll = tokio::time::interval(CANCEL_POLL);
     loop {
         poll.tick().await;
-        if inner.store.cancel_requested(run_id).await.unwrap_or(false) {
+        if inner.store.cancel_requests(run_id).await.is_ok_and(|n| n > seen) {
             return;
         }
     }

@@ -336,7 +336,8 @@ async fn a_failed_push_fails_the_run_and_says_why() {
 
 #[tokio::test]
 async fn cancel_stops_a_running_agent_and_saves_its_work() {
-    let s = story(FakeContainers::default(), None, None, 60).await;
+    // A save that takes a while: the cancel that stopped the agent does not cut it.
+    let s = story_saving(FakeContainers::default(), None, None, 60, Duration::from_secs(1), 300).await;
     s.orch.start(Scope::All).await.unwrap();
     let sub = s.orch.submit_pipeline(prompt()).await.unwrap();
     until(&s.orch, &sub.run.id, |r| r.state == RunState::Running).await;
@@ -344,6 +345,8 @@ async fn cancel_stops_a_running_agent_and_saves_its_work() {
     let run = until(&s.orch, &sub.run.id, |r| r.state.is_terminal()).await;
     assert_eq!(run.state, RunState::Cancelled);
     assert_eq!(run.end_reason, Some(EndReason::Cancelled));
+    assert!(run.pushed, "{:?}", run.error);
+    assert!(run.error.is_none_or(|e| !e.contains("being saved")));
     assert!(s.containers.calls().iter().any(|c| c.starts_with("stop ")));
     assert_eq!(s.workspaces.calls(), ["prepare", "save cancelled", "push"]);
     s.orch.shutdown().await;

@@ -919,9 +919,10 @@ impl Store {
     }
 
     /// Marks a run for cancellation. A queued run is cancelled at once (returns true);
-    /// an active one is stopped by whichever process owns it.
+    /// an active one is stopped by whichever process owns it. Requests are counted, so a
+    /// save can tell a cancel asked of it from the one that stopped the agent before it.
     pub async fn request_cancel(&self, run_id: &str) -> Result<bool> {
-        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = $1")
+        sqlx::query("UPDATE runs SET cancel_requested = cancel_requested + 1 WHERE id = $1")
             .bind(run_id)
             .execute(&self.pool)
             .await?;
@@ -930,11 +931,16 @@ impl Store {
     }
 
     pub async fn cancel_requested(&self, run_id: &str) -> Result<bool> {
+        Ok(self.cancel_requests(run_id).await? != 0)
+    }
+
+    /// How many times a cancel of the run has been asked for.
+    pub async fn cancel_requests(&self, run_id: &str) -> Result<i64> {
         let v: Option<i64> = sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = $1")
             .bind(run_id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(v.unwrap_or(0) != 0)
+        Ok(v.unwrap_or(0))
     }
 
     /// The run's latest log lines, stored by its executor while `owner` owns it.

@@ -186,7 +186,9 @@ async fn cancel_works_while_queued_and_while_running() {
     assert!(r.duration_millis().unwrap() < 30_000);
     assert_eq!(
         env.origin_file(&running.pipeline.branch, "x.txt").as_deref(),
-        Some("x\n")
+        Some("x\n"),
+        "the cancelled run's work is pushed: {:?}",
+        (&r.error, &r.push_error, r.pushed, &r.head_commit, &r.summary)
     );
     assert!(env.origin_head(&queued.pipeline.branch).is_none());
     orch.shutdown().await;
