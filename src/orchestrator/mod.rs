@@ -458,6 +458,7 @@ impl Orchestrator {
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
             forge_request: None,
+            poster: Some(self.inner.instance_id.clone()),
         };
         let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;
@@ -493,6 +494,7 @@ impl Orchestrator {
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
             forge_request,
+            poster: Some(self.inner.instance_id.clone()),
         };
         let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;

@@ -115,6 +115,10 @@ pub struct NewRun {
     pub forge_request: Option<ForgeRequest>,
     /// The labels its worker must have (see [`crate::config::required_labels`]).
     pub requires: String,
+    /// The process that took the prompt: it keeps the run's chat status message while it
+    /// lives (see [`Store::claim_poster`]), so the message comes from the front end that
+    /// answered, not from whichever saw the run first.
+    pub poster: Option<String>,
 }
 
 /// A run asked for by a review comment on a pipeline's pull request.
@@ -1187,8 +1191,8 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     // The write comes first: a SQLite transaction that reads before writing cannot wait
     // for another writer and fails with "database is locked".
     let id: String = sqlx::query_scalar(
-        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, mode, requires) \
-         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5, $6, $7 \
+        "INSERT INTO runs (id, pipeline_id, seq, prompt, agent, requested_by, state, created_at, mode, requires, poster) \
+         SELECT $1 || '-' || CAST(next.n AS TEXT), $1, next.n, $2, $3, $4, 'queued', $5, $6, $7, $8 \
          FROM (SELECT COALESCE(MAX(seq), 0) + 1 AS n FROM runs WHERE pipeline_id = $1) AS next \
          RETURNING id",
     )
@@ -1199,6 +1203,7 @@ async fn insert_run_in(tx: &mut sqlx::Transaction<'_, sqlx::Any>, pipeline_id: &
     .bind(now)
     .bind(run.mode.as_str())
     .bind(&run.requires)
+    .bind(&run.poster)
     .fetch_one(&mut **tx)
     .await?;
     if let Some(key) = &run.idempotency_key {

@@ -269,6 +269,7 @@ pub fn new_run(prompt: &str, key: Option<String>) -> threadline::store::NewRun {
         attachments: Vec::new(),
         forge_request: None,
         requires: String::new(),
+        poster: None,
     }
 }
 

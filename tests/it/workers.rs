@@ -436,6 +436,35 @@ async fn a_local_only_pipeline_waits_for_its_worker_and_says_so() {
     }
 }
 
+/// The front end that took a prompt keeps its status message from the start: another
+/// one that sees the run first (through the database) does not post it. Its follow-ups
+/// too; the other may take a run over only once the first is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_end_that_took_the_prompt_keeps_its_status_message() {
+    let env = TestEnv::new();
+    let f1 = env.in_process("f1", &[], Role::FrontEnd).await;
+    let f2 = env.in_process("f2", &[], Role::FrontEnd).await;
+    let origin = env.origin_url();
+    let first = f1.submit_pipeline(prompt_on(&origin, "sh", "true")).await.unwrap();
+    assert!(
+        !f2.claim_status_message(&first.run.id).await.unwrap(),
+        "f2 took f1's prompt's message"
+    );
+    assert!(f1.claim_status_message(&first.run.id).await.unwrap());
+    let next = f2
+        .submit_follow_up(follow_up(&first.pipeline.id, "true"))
+        .await
+        .unwrap();
+    assert!(
+        !f1.claim_status_message(&next.run.id).await.unwrap(),
+        "f1 took f2's follow-up's message"
+    );
+    // The poster gone, the other front end keeps its messages.
+    f1.shutdown().await;
+    assert!(f2.claim_status_message(&first.run.id).await.unwrap());
+    f2.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_front_end_keeps_each_status_message_and_another_takes_over_when_it_dies() {
     use threadline::bots::chat::testing::{CallKind, RecordingSurface};
