@@ -238,6 +238,9 @@ pub(crate) struct Inner {
     released: CancellationToken,
     /// Relays runs other processes execute to this process's watchers (a front end).
     relay: std::sync::atomic::AtomicBool,
+    /// The chat surfaces whose status messages this process keeps (its front ends'
+    /// status updaters): runs it submits from their threads are its own to post.
+    posting: Mutex<std::collections::BTreeSet<String>>,
     /// One git fetch into a mirror at a time.
     mirror_locks: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     /// The forges' HTTP client, made on the first Open PR (not at start-up).
@@ -324,6 +327,7 @@ impl Orchestrator {
                 lease: Mutex::new(Lease::default()),
                 released: CancellationToken::new(),
                 relay: std::sync::atomic::AtomicBool::new(false),
+                posting: Mutex::new(std::collections::BTreeSet::new()),
                 mirror_locks: Mutex::new(HashMap::new()),
                 http: std::sync::OnceLock::new(),
                 pr_locks: Mutex::new(HashMap::new()),
@@ -374,6 +378,22 @@ impl Orchestrator {
     /// another live front end is: with several `serve` processes, one posts per run.
     pub async fn claim_status_message(&self, run_id: &str) -> Result<bool, StoreError> {
         self.inner.store.claim_poster(run_id, &self.inner.instance_id).await
+    }
+
+    /// Says that this process keeps the status messages of runs from `surface`'s threads
+    /// (a front end's status updater says so as it starts). A run it then submits from
+    /// such a thread is its own to post from the start, so the message comes from the
+    /// front end that answered the prompt, not from whichever saw the run first.
+    pub fn posts_status_on(&self, surface: &str) {
+        self.inner.posting.lock().unwrap().insert(surface.to_owned());
+    }
+
+    /// This process, when it keeps the status messages of the pipeline's thread.
+    fn poster_for(&self, pipeline: &Pipeline) -> Option<String> {
+        let posting = self.inner.posting.lock().unwrap();
+        posting
+            .contains(&pipeline.origin.surface)
+            .then(|| self.inner.instance_id.clone())
     }
 
     pub fn redactor(&self) -> &Redactor {
@@ -458,7 +478,7 @@ impl Orchestrator {
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
             forge_request: None,
-            poster: Some(self.inner.instance_id.clone()),
+            poster: self.poster_for(&pipeline),
         };
         let inserted = self.inner.store.insert_pipeline(&pipeline, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;
@@ -494,7 +514,7 @@ impl Orchestrator {
             mode: req.mode,
             attachments: self.keep_attachments(req.attachments).await?,
             forge_request,
-            poster: Some(self.inner.instance_id.clone()),
+            poster: self.poster_for(&pipeline),
         };
         let inserted = self.inner.store.insert_run(&pipeline.id, &new_run).await?;
         self.drop_unused_uploads(&new_run, inserted.created).await;

@@ -115,9 +115,9 @@ pub struct NewRun {
     pub forge_request: Option<ForgeRequest>,
     /// The labels its worker must have (see [`crate::config::required_labels`]).
     pub requires: String,
-    /// The process that took the prompt: it keeps the run's chat status message while it
-    /// lives (see [`Store::claim_poster`]), so the message comes from the front end that
-    /// answered, not from whichever saw the run first.
+    /// The front end that took the prompt, when it keeps status messages on the thread's
+    /// surface: the run's chat status message is its own while it lives (see
+    /// [`Store::claim_poster`]); otherwise the first front end to claim it keeps it.
     pub poster: Option<String>,
 }
 

@@ -438,14 +438,22 @@ async fn a_local_only_pipeline_waits_for_its_worker_and_says_so() {
 
 /// The front end that took a prompt keeps its status message from the start: another
 /// one that sees the run first (through the database) does not post it. Its follow-ups
-/// too; the other may take a run over only once the first is gone.
+/// too; the other may take a run over only once the first is gone. A front end that
+/// posts nothing on the thread's surface (a web-only `serve`) leaves it to one that does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_front_end_that_took_the_prompt_keeps_its_status_message() {
     let env = TestEnv::new();
     let f1 = env.in_process("f1", &[], Role::FrontEnd).await;
     let f2 = env.in_process("f2", &[], Role::FrontEnd).await;
+    let web_only = env.in_process("web", &[], Role::FrontEnd).await;
+    for f in [&f1, &f2] {
+        f.posts_status_on("slack");
+    }
     let origin = env.origin_url();
-    let first = f1.submit_pipeline(prompt_on(&origin, "sh", "true")).await.unwrap();
+    let mut prompt = prompt_on(&origin, "sh", "true");
+    prompt.origin.surface = "slack".into();
+    prompt.origin.thread = "C1/1.0".into();
+    let first = f1.submit_pipeline(prompt).await.unwrap();
     assert!(
         !f2.claim_status_message(&first.run.id).await.unwrap(),
         "f2 took f1's prompt's message"
@@ -459,10 +467,20 @@ async fn the_front_end_that_took_the_prompt_keeps_its_status_message() {
         !f1.claim_status_message(&next.run.id).await.unwrap(),
         "f1 took f2's follow-up's message"
     );
+    let retried = web_only
+        .submit_follow_up(follow_up(&first.pipeline.id, "true"))
+        .await
+        .unwrap();
+    assert!(
+        f1.claim_status_message(&retried.run.id).await.unwrap(),
+        "a web-only front end kept a Slack message"
+    );
     // The poster gone, the other front end keeps its messages.
     f1.shutdown().await;
     assert!(f2.claim_status_message(&first.run.id).await.unwrap());
-    f2.shutdown().await;
+    for f in [f2, web_only] {
+        f.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

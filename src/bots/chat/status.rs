@@ -60,7 +60,10 @@ struct Delivery {
 }
 
 impl<S: ChatSurface> StatusUpdater<S> {
+    /// From now on, runs this process submits from `surface`'s threads are its own to
+    /// post (see [`crate::orchestrator::Orchestrator::posts_status_on`]).
     pub fn new(core: ChatCore, surface: Arc<S>) -> Self {
+        core.orch.posts_status_on(surface.name());
         StatusUpdater {
             core,
             surface,
