@@ -158,22 +158,9 @@ async fn scale_out(reps: usize) {
         );
         acks.push(ms(t.elapsed()));
     }
-    let store = front.store().clone();
-    loop {
-        let t = Instant::now();
-        let ack = front
-            .submit_follow_up(follow_up(&probe.pipeline.id, "true"))
-            .await
-            .unwrap();
-        acks.push(ms(t.elapsed()));
-        front.cancel(&ack.run.id).await.unwrap();
-        if all_done(&store, &ids).await {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    probe_until_done(&front, &probe.pipeline.id, &ids, &mut acks).await;
     for id in &ids {
-        let run = store.run(id).await.unwrap().unwrap();
+        let run = front.store().run(id).await.unwrap().unwrap();
         assert_eq!(run.state, RunState::Succeeded, "{id}: {:?}", run.error);
     }
     println!(
@@ -453,28 +440,15 @@ async fn concurrent_runs(cores: usize, rss_before: f64) {
             acks.push(ms(t.elapsed()));
         }
         // Prompts arriving while the 50 run: acknowledged (queued), then withdrawn.
-        let store = orch.store().clone();
         let ids: Vec<String> = subs.iter().map(|s| s.run.id.clone()).collect();
-        loop {
-            let t = Instant::now();
-            let ack = orch
-                .submit_follow_up(follow_up(&probe.pipeline.id, "true"))
-                .await
-                .unwrap();
-            acks.push(ms(t.elapsed()));
-            orch.cancel(&ack.run.id).await.unwrap();
-            if all_done(&store, &ids).await {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        probe_until_done(&orch, &probe.pipeline.id, &ids, &mut acks).await;
         let total = started.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         sampler.await.unwrap();
         let peak_mb = peak.load(Ordering::Relaxed) as f64 / 1024.0;
         peak_rss = peak_rss.max(peak_mb);
         for id in &ids {
-            let run = store.run(id).await.unwrap().unwrap();
+            let run = orch.store().run(id).await.unwrap().unwrap();
             assert_eq!(run.state, RunState::Succeeded, "{id}: {:?}", run.error);
         }
         println!(
@@ -601,6 +575,21 @@ async fn bare_runs(n: usize, limit: usize) -> f64 {
         task.await.unwrap();
     }
     t.elapsed().as_secs_f64()
+}
+
+/// Prompts arriving while `ids` run, every 50 ms until they end: each one's
+/// acknowledgment (queued) is timed into `acks`, then it is withdrawn.
+async fn probe_until_done(orch: &Orchestrator, pipeline_id: &str, ids: &[String], acks: &mut Vec<f64>) {
+    loop {
+        let t = Instant::now();
+        let ack = orch.submit_follow_up(follow_up(pipeline_id, "true")).await.unwrap();
+        acks.push(ms(t.elapsed()));
+        orch.cancel(&ack.run.id).await.unwrap();
+        if all_done(orch.store(), ids).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn all_done(store: &Store, ids: &[String]) -> bool {
